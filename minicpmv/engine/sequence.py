@@ -1,0 +1,55 @@
+"""One request as the engine tracks it: its prompt, its vision inputs, its sampling settings,
+its model state and what it has generated so far."""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import SamplingParams
+from .state import SequenceState
+
+_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class VisionInputs:
+    """Packed crops for one modality plus the placeholder token they replace."""
+
+    token_id: int
+    pixel_values: torch.Tensor
+    target_sizes: torch.Tensor
+    downsample_mode: str | None = None
+    extra: dict = field(default_factory=dict)  # family-specific (e.g. temporal ids for 4.5)
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    vision: list[VisionInputs] = field(default_factory=list)
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    state: SequenceState | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    def seen_ids(self) -> torch.Tensor:
+        return torch.tensor(self.prompt_ids + self.output_ids, dtype=torch.long)

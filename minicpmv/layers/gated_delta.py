@@ -1,0 +1,59 @@
+"""The gated delta rule (Gated DeltaNet) in plain PyTorch.
+
+State per value head: S in R^{dk x dv}. Per token t:
+    S <- exp(g_t) * S;  S <- S + k_t (beta_t (v_t - S^T k_t))^T;  o_t = S^T q_t
+Prefill uses the chunked (WY) form: the intra-chunk part becomes small matmuls and a unit
+lower-triangular solve, only the chunk-to-chunk state update is sequential. Decode (one token)
+uses the recurrence directly. All math is float32 whatever the model dtype.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk_size: int = 64):
+    """q, k [B, H, T, dk]; v [B, H, T, dv]; g, beta [B, H, T]; state [B, H, dk, dv] (fp32).
+    q and k are already l2-normalised and q scaled. Returns (o [B, H, T, dv], new state)."""
+    B, H, T, dk = k.shape
+    dv = v.shape[-1]
+    pad = (-T) % chunk_size
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
+    n = (T + pad) // chunk_size
+    q, k, v = (x.reshape(B, H, n, chunk_size, x.shape[-1]) for x in (q, k, v))
+    g = g.reshape(B, H, n, chunk_size).cumsum(-1)  # inclusive log-decay within each chunk
+    beta = beta.reshape(B, H, n, chunk_size, 1)
+    k_beta, v_beta = k * beta, v * beta
+
+    # decay[i, j] = exp(G_i - G_j) for j <= i, else 0
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+    decay = (g.unsqueeze(-1) - g.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()
+    # (I + L) with L the strictly lower part of (k_beta k^T) * decay; the solve uses the unit diagonal
+    system = (k_beta @ k.transpose(-1, -2)) * decay
+    u = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(system, k_beta * g.exp().unsqueeze(-1), upper=False, unitriangular=True)
+    intra = (q @ k.transpose(-1, -2)) * decay
+    q_decayed = q * g.exp().unsqueeze(-1)
+    k_to_end = k * (g[..., -1:] - g).exp().unsqueeze(-1)
+    chunk_decay = g[..., -1].exp()[..., None, None]
+
+    out = torch.empty(B, H, n, chunk_size, dv, dtype=v.dtype, device=v.device)
+    for i in range(n):
+        v_new = u[:, :, i] - w[:, :, i] @ state
+        out[:, :, i] = q_decayed[:, :, i] @ state + intra[:, :, i] @ v_new
+        state = state * chunk_decay[:, :, i] + k_to_end[:, :, i].transpose(-1, -2) @ v_new
+    return out.reshape(B, H, n * chunk_size, dv)[:, :, :T], state
+
+
+def recurrent_gated_delta_step(q, k, v, g, beta, state):
+    """One token. q, k [B, H, dk]; v [B, H, dv]; g, beta [B, H]; state [B, H, dk, dv] (fp32).
+    Returns (o [B, H, dv], new state)."""
+    state = state * g.exp()[..., None, None]
+    kv_mem = (state * k.unsqueeze(-1)).sum(-2)
+    delta = (v - kv_mem) * beta.unsqueeze(-1)
+    state = state + k.unsqueeze(-1) * delta.unsqueeze(-2)
+    return (state * q.unsqueeze(-1)).sum(-2), state

@@ -1,0 +1,59 @@
+"""`minicpmv.load(...)`: resolve the checkpoint, build the right family from config.json on the
+meta device, stream the weights in, and wrap everything in the chat-ready `MiniCPMV`."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .hub import DEFAULT_MODEL, resolve_model_path
+from .models.registry import build_model
+from .weights import load_weights
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype, device: torch.device, num_params: int) -> torch.dtype:
+    """'auto': bf16 on GPUs; on CPUs float32 while the model stays small (CPUs without native
+    bf16 matmul run bf16 several times slower), bf16 for big models to halve their memory."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.float32 if num_params <= 4e9 else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(sorted(_DTYPES))}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def load_model(folder, dtype="auto", device=None, progress: bool = True):
+    """Build and load just the torch model (no tokenizer); returns (model, config dict)."""
+    config = json.loads((folder / "config.json").read_text())
+    device = pick_device(device)
+    with torch.device("meta"):
+        model = build_model(config)
+    num_params = sum(p.numel() for p in model.parameters())
+    dtype = pick_dtype(dtype, device, num_params)
+    load_weights(model, folder, model.checkpoint_key, dtype, device, getattr(model, "keep_dtype", lambda n: False),
+                 progress=progress)
+    model.tie_weights()
+    return model.eval(), config
+
+
+def load(model: str | os.PathLike = DEFAULT_MODEL, dtype="auto", device=None, revision: str | None = None,
+         progress: bool = True):
+    """Load a MiniCPM-V checkpoint (local folder or hub id) ready for `.chat(...)`."""
+    from .chat import MiniCPMV
+
+    folder = resolve_model_path(model, revision)
+    net, config = load_model(folder, dtype, device, progress)
+    return MiniCPMV.from_parts(folder, net, config)

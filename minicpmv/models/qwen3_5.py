@@ -1,0 +1,221 @@
+"""Qwen3.5 hybrid text tower (the language model of MiniCPM-V 4.6): gated DeltaNet layers
+interleaved with gated softmax-attention layers, zero-centred RMSNorm, partial RoPE."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine.state import AttentionSpec, ForwardBatch, LinearSpec
+from ..layers.attention import cached_attention
+from ..layers.gated_delta import chunk_gated_delta_rule, l2_normalize, recurrent_gated_delta_step
+from ..layers.norm import GatedRMSNorm, ZeroCenteredRMSNorm
+from ..layers.rotary import apply_rope, rope_cos_sin, rope_inv_freq
+
+
+@dataclass
+class Qwen35TextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    layer_types: list
+    rms_norm_eps: float
+    rope_theta: float
+    partial_rotary_factor: float
+    linear_conv_kernel_dim: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_dict(cls, d: dict, tie_word_embeddings: bool) -> "Qwen35TextConfig":
+        rope = d.get("rope_parameters") or {}
+        n = d["num_hidden_layers"]
+        layer_types = d.get("layer_types") or [
+            "full_attention" if (i + 1) % d.get("full_attention_interval", 4) == 0 else "linear_attention"
+            for i in range(n)
+        ]
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=n, num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d["num_key_value_heads"], head_dim=d.get("head_dim", 256),
+            layer_types=list(layer_types), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            partial_rotary_factor=float(rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.25))),
+            linear_conv_kernel_dim=d.get("linear_conv_kernel_dim", 4),
+            linear_key_head_dim=d.get("linear_key_head_dim", 128),
+            linear_value_head_dim=d.get("linear_value_head_dim", 128),
+            linear_num_key_heads=d.get("linear_num_key_heads", 16),
+            linear_num_value_heads=d.get("linear_num_value_heads", 32),
+            max_position_embeddings=d.get("max_position_embeddings", 32768),
+            tie_word_embeddings=tie_word_embeddings,
+        )
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: Qwen35TextConfig):
+        super().__init__()
+        self.num_k_heads, self.num_v_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.k_dim, self.v_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.key_size = self.num_k_heads * self.k_dim
+        self.value_size = self.num_v_heads * self.v_dim
+        self.conv_dim = 2 * self.key_size + self.value_size
+        self.kernel = cfg.linear_conv_kernel_dim
+        D = cfg.hidden_size
+        self.in_proj_qkv = nn.Linear(D, self.conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(D, self.value_size, bias=False)
+        self.in_proj_b = nn.Linear(D, self.num_v_heads, bias=False)
+        self.in_proj_a = nn.Linear(D, self.num_v_heads, bias=False)
+        # stored as the checkpoint does: Conv1d weight [C, 1, K] (depthwise)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
+        self.norm = GatedRMSNorm(self.v_dim, eps=cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_size, D, bias=False)
+
+    def state_spec(self) -> LinearSpec:
+        return LinearSpec(self.conv_dim, self.kernel, self.num_v_heads, self.k_dim, self.v_dim)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, layer_idx: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        states = [s.layers[layer_idx] for s in batch.states]
+        qkv = self.in_proj_qkv(x).transpose(1, 2)  # [B, C, T]
+        z = self.in_proj_z(x).view(B, T, self.num_v_heads, self.v_dim)
+        beta = self.in_proj_b(x).sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+
+        # short causal conv, continuing from the cached window of previous inputs
+        window = torch.cat([torch.stack([s.conv for s in states]), qkv], dim=-1)
+        for s, w in zip(states, window[..., -(self.kernel - 1):]):
+            s.conv.copy_(w)
+        w = self.conv1d.weight
+        qkv = F.silu(F.conv1d(window.to(w.dtype), w, groups=self.conv_dim)).to(x.dtype).transpose(1, 2)
+
+        q, k, v = torch.split(qkv, [self.key_size, self.key_size, self.value_size], dim=-1)
+        q = q.reshape(B, T, self.num_k_heads, self.k_dim)
+        k = k.reshape(B, T, self.num_k_heads, self.k_dim)
+        v = v.reshape(B, T, self.num_v_heads, self.v_dim)
+        if self.num_v_heads != self.num_k_heads:  # each key head serves consecutive value heads
+            rep = self.num_v_heads // self.num_k_heads
+            q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
+        q = l2_normalize(q.float()) * self.k_dim ** -0.5
+        k = l2_normalize(k.float())
+        v = v.float()
+
+        recurrent = torch.stack([s.recurrent for s in states])
+        if T == 1:
+            o, recurrent = recurrent_gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0],
+                                                      beta[:, 0].float(), recurrent)
+            o = o.unsqueeze(1)  # [B, 1, H, dv]
+        else:
+            o, recurrent = chunk_gated_delta_rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  g.transpose(1, 2), beta.float().transpose(1, 2), recurrent)
+            o = o.transpose(1, 2)
+        for s, r in zip(states, recurrent):
+            s.recurrent.copy_(r)
+
+        o = self.norm(o.to(x.dtype), z)
+        return self.out_proj(o.reshape(B, T, self.value_size))
+
+
+class GatedAttention(nn.Module):
+    """Softmax attention whose output is gated per channel by sigmoid(gate); the gate comes from
+    the second half of each head's q_proj rows."""
+
+    def __init__(self, cfg: Qwen35TextConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        D, H, Hkv, hd = cfg.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        self.q_proj = nn.Linear(D, 2 * H * hd, bias=False)
+        self.k_proj = nn.Linear(D, Hkv * hd, bias=False)
+        self.v_proj = nn.Linear(D, Hkv * hd, bias=False)
+        self.o_proj = nn.Linear(H * hd, D, bias=False)
+        self.q_norm = ZeroCenteredRMSNorm(hd, eps=cfg.rms_norm_eps)
+        self.k_norm = ZeroCenteredRMSNorm(hd, eps=cfg.rms_norm_eps)
+
+    def state_spec(self) -> AttentionSpec:
+        return AttentionSpec(self.num_kv_heads, self.head_dim)
+
+    def forward(self, x, batch: ForwardBatch, layer_idx: int, rope) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, gate = self.q_proj(x).view(B, T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q = self.q_norm(q).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = cached_attention(q, k, v, batch, layer_idx, self.head_dim ** -0.5)
+        o = o.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate.reshape(B, T, -1))
+        return self.o_proj(o)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen35TextConfig, layer_type: str):
+        super().__init__()
+        self.layer_type = layer_type
+        if layer_type == "linear_attention":
+            self.linear_attn = GatedDeltaNet(cfg)
+        elif layer_type == "full_attention":
+            self.self_attn = GatedAttention(cfg)
+        else:
+            raise ValueError(f"unknown Qwen3.5 layer type {layer_type!r}")
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    @property
+    def mixer(self) -> nn.Module:
+        return self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
+
+    def forward(self, x, batch: ForwardBatch, layer_idx: int, rope):
+        h = self.input_layernorm(x)
+        if self.layer_type == "linear_attention":
+            h = self.linear_attn(h, batch, layer_idx)
+        else:
+            h = self.self_attn(h, batch, layer_idx, rope)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen35TextModel(nn.Module):
+    def __init__(self, cfg: Qwen35TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, t) for t in cfg.layer_types)
+        self.norm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        rotary_dim = int(cfg.head_dim * cfg.partial_rotary_factor)
+        # a plain attribute, not a buffer: the model is built on the meta device and this is
+        # derived from the config, not loaded
+        self.inv_freq = rope_inv_freq(rotary_dim, cfg.rope_theta).to("cpu")
+
+    def state_spec(self) -> list:
+        return [layer.mixer.state_spec() for layer in self.layers]
+
+    def forward(self, inputs_embeds: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """inputs_embeds [B, T, D] -> final hidden states [B, T, D] (after the last norm)."""
+        rope = rope_cos_sin(batch.positions, self.inv_freq, inputs_embeds.dtype)
+        x = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, batch, i, rope)
+        return self.norm(x)
