@@ -1,0 +1,18 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# 2-core CI machines shared with other jobs: one thread keeps tiny-model timings steady and
+# avoids OpenMP barrier stalls when a neighbour holds a core.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny46_dir(tmp_path_factory):
+    from tiny46 import build_tiny_46
+
+    return build_tiny_46(tmp_path_factory.mktemp("tiny46"), seed=0)
