@@ -1,0 +1,14 @@
+"""Per-family glue between chat messages and the engine: which preprocessing, which defaults,
+which stop tokens. One small module per family; `adapter_for(config)` picks it."""
+from __future__ import annotations
+
+from ..models.registry import family_of
+
+
+def adapter_for(folder, config: dict, tokenizer):
+    family = family_of(config)
+    if family == "minicpmv4_6":
+        from .v46 import Family46
+
+        return Family46(folder, config, tokenizer)
+    raise NotImplementedError(f"chat for {family} is not wired in yet")
