@@ -50,7 +50,8 @@ def run_chat(args) -> int:
     import minicpmv
 
     model = minicpmv.load(args.model, dtype=args.dtype, device=args.device)
-    content = [*args.image, *({"type": "video", "video": v} for v in args.video), args.question]
+    content = [*({"type": "image", "image": i} for i in args.image),
+               *({"type": "video", "video": v} for v in args.video), args.question]
     options = {"max_slice_nums": args.max_slice_nums, "downsample_mode": args.downsample_mode,
                "max_num_frames": args.max_num_frames, "stack_frames": args.stack_frames}
     stream = model.chat(msgs=[{"role": "user", "content": content}], stream=True, enable_thinking=args.think,
