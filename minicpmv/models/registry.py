@@ -21,4 +21,12 @@ def build_model(config: dict):
         from .minicpmv4_6 import MiniCPMV46, MiniCPMV46Config
 
         return MiniCPMV46(MiniCPMV46Config.from_dict(config))
+    if family == "minicpmv4_0":
+        from .minicpmv4_0 import MiniCPMV40
+
+        return MiniCPMV40.from_config(config)
+    if family == "minicpmv4_5":
+        from .minicpmv4_5 import MiniCPMV45
+
+        return MiniCPMV45.from_config(config)
     raise NotImplementedError(f"{family} is not wired in yet")
