@@ -12,9 +12,14 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PromptTooLongError
+from .encoder_cache import EncoderCache, content_key
 from .sampling import sample_next
 from .sequence import Sequence, Status
 from .state import ForwardBatch, SequenceState
+
+# KV slots reserved past the prompt at prefill; caches grow by doubling beyond it, so a large
+# max_tokens does not pin memory for tokens that may never be generated.
+KV_RESERVE = 256
 
 
 @dataclass
@@ -25,7 +30,7 @@ class StepOutput:
 
 
 class Engine:
-    def __init__(self, model, max_context: int, max_batch_size: int = 32):
+    def __init__(self, model, max_context: int, max_batch_size: int = 32, encoder_cache_bytes: int = 256 << 20):
         self.model = model
         self.max_context = max_context
         self.max_batch_size = max_batch_size
@@ -33,6 +38,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.device = next(model.parameters()).device
         self.spec = model.state_spec()
+        self.encoder_cache = EncoderCache(encoder_cache_bytes)
 
     # -- requests -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> Sequence:
@@ -63,7 +69,12 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         if self.waiting and len(self.running) < self.max_batch_size:
-            return [self._prefill(self.waiting.popleft())]
+            seq = self.waiting.popleft()
+            try:
+                return [self._prefill(seq)]
+            except Exception:
+                self._finish(seq, "error")  # the caller can tell which request failed
+                raise
         if self.running:
             return self._decode(list(self.running))
         return []
@@ -73,16 +84,28 @@ class Engine:
         ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.device)
         features = {}
         for v in seq.vision:
-            feats = model.encode_vision(v.pixel_values.to(self.device), v.target_sizes, v.downsample_mode, **v.extra)
+            feats = self._encode(v)
             features[v.token_id] = torch.cat([features[v.token_id], feats]) if v.token_id in features else feats
+        seq.vision = []  # the pixels are not needed again; free them while the sequence decodes
         embeds = model.embed(ids, features)
-        seq.state = SequenceState.allocate(self.spec, len(seq.prompt_ids) + seq.params.max_new_tokens,
-                                           model.dtype, self.device)
+        capacity = len(seq.prompt_ids) + min(seq.params.max_new_tokens, KV_RESERVE)
+        seq.state = SequenceState.allocate(self.spec, capacity, model.dtype, self.device)
         positions = torch.arange(len(ids), device=self.device)[None]
         hidden = model(embeds, ForwardBatch([seq.state], positions))
         seq.status = Status.RUNNING
         self.running.append(seq)
         return self._accept(seq, model.logits(hidden[0, -1:])[0])
+
+    def _encode(self, v) -> torch.Tensor:
+        cache = self.encoder_cache
+        key = (v.cache_key or content_key(v)) if cache.max_bytes else None
+        feats = cache.get(key) if key else None
+        if feats is None:
+            feats = self.model.encode_vision(v.pixel_values.to(self.device), v.target_sizes, v.downsample_mode,
+                                             **v.extra)
+            if key:
+                cache.put(key, feats)
+        return feats
 
     def _decode(self, seqs: list[Sequence]) -> list[StepOutput]:
         model = self.model
@@ -95,6 +118,8 @@ class Engine:
 
     def _accept(self, seq: Sequence, logits: torch.Tensor) -> StepOutput:
         p = seq.params
+        for process in p.logits_processors:
+            logits = process(seq.output_ids, logits)
         seen = seq.seen_ids() if p.repetition_penalty != 1.0 else None
         token = sample_next(logits, p, seen, seq.generator)
         seq.output_ids.append(token)

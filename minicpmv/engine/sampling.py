@@ -17,6 +17,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    # callables (output_ids, logits [V]) -> logits, run before sampling (e.g. a JSON grammar mask)
+    logits_processors: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

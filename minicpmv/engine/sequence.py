@@ -29,6 +29,7 @@ class VisionInputs:
     target_sizes: torch.Tensor
     downsample_mode: str | None = None
     extra: dict = field(default_factory=dict)  # family-specific (e.g. temporal ids for 4.5)
+    cache_key: str | None = None  # content digest for the encoder cache; computed on first use if None
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     state: SequenceState | None = None
     generator: torch.Generator | None = None
 
