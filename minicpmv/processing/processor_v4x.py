@@ -20,10 +20,12 @@ from tokenizers import Tokenizer
 
 from ..engine.sequence import VisionInputs
 from ..errors import InputError, PromptTooLongError
+# The markers the message layer renders for 4.0/4.5 (string-content templates); VIDEO_MARKER stands for a
+# whole video and is expanded here into one IMAGE_MARKER per frame.
+from ..prompt.messages import IMAGE_MARKER, VIDEO_MARKER
 from .slicing_v4x import SliceConfigV4x, crop_to_strip, get_sliced_grid, grid_placeholder, slice_image
 
-IMAGE_MARKER = "(<image>./</image>)"
-VIDEO_MARKER = "(<video>./</video>)"  # one whole video; expanded into one IMAGE_MARKER per frame
+__all__ = ["IMAGE_MARKER", "VIDEO_MARKER", "ProcessedV4x", "ProcessorV4x", "VideoFrames"]
 
 
 @dataclass
