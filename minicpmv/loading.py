@@ -9,6 +9,7 @@ import torch
 
 from .hub import DEFAULT_MODEL, resolve_model_path
 from .models.registry import build_model
+from .quant.apply import plan_quantized_load
 from .weights import load_weights
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -41,11 +42,15 @@ def load_model(folder, dtype="auto", device=None, progress: bool = True):
     device = pick_device(device)
     with torch.device("meta"):
         model = build_model(config)
+    quant = plan_quantized_load(model, config, folder)  # GPTQ: swap the quantized linears (None if dense)
     num_params = sum(p.numel() for p in model.parameters())
     dtype = pick_dtype(dtype, device, num_params)
-    load_weights(model, folder, model.checkpoint_key, dtype, device, getattr(model, "keep_dtype", lambda n: False),
+    keep_dtype = getattr(model, "keep_dtype", lambda n: False)
+    load_weights(model, folder, model.checkpoint_key, dtype, device, quant.keep_dtype(keep_dtype) if quant else keep_dtype,
                  progress=progress)
     model.tie_weights()
+    if quant is not None:
+        quant.finish(model)
     return model.eval(), config
 
 
