@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -38,6 +39,7 @@ def pick_dtype(dtype, device: torch.device, num_params: int) -> torch.dtype:
 
 def load_model(folder, dtype="auto", device=None, progress: bool = True):
     """Build and load just the torch model (no tokenizer); returns (model, config dict)."""
+    folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     device = pick_device(device)
     with torch.device("meta"):
