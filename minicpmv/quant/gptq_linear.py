@@ -1,0 +1,197 @@
+"""GPTQLinear: a GPTQ-quantized linear layer whose buffers carry the checkpoint's names
+(`qweight`, `qzeros`, `scales`, `g_idx`, optional `bias`), so `load_weights` fills it like any
+other module. After loading, `prepare()` builds the runtime form once per layer:
+
+* "cpu_int4" (CPU, 4-bit): torch's AVX2/AVX-512 int4 weight-only kernel
+  (`_convert_weight_to_int4pack_for_cpu` + `_weight_int4pack_mm_for_cpu`). It computes
+  x @ ((q - 8) * scale + zero)^T, so GPTQ's (q - z) * s becomes zero = (8 - z) * s. Its fast
+  path wants bf16 activations: fp32 activations are cast to bf16 (`kernel_dtype`) and the result
+  cast back; fp16 activations stay fp16 like the reference, a ~25x slower path on AVX2
+  (measured: bench_gptq.py), so run GPTQ models in bf16 or fp32 on CPUs.
+  Act-order (a non-trivial g_idx) permutes the input rows once so every group is contiguous,
+  and each forward gathers x's columns in that order. Group sizes the kernel lacks (-1, 512, ...)
+  are split into kernel groups of 256/128/64/32 that repeat the same scale and zero.
+* "dequant": anything else (2/8-bit, out_features not a multiple of 16, CUDA): the weight is
+  dequantized per call from 8-bit codes kept for the layer (CPU) or straight from `qweight`
+  (GPU), then an ordinary F.linear in the activation dtype. Memory stays at the packed size.
+* "dense": opt-in; dequantize once and keep the float weight (fast prefill, 4-8x the memory).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gptq_format import GPTQSpec, default_g_idx, unpack_gptq
+
+_KERNEL_GROUPS = (256, 128, 64, 32)
+BACKENDS = ("auto", "cpu_int4", "dequant", "dense")
+
+
+def _has_cpu_int4_kernel() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
+        hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+class GPTQLinear(nn.Module):
+    """y = x @ dequant(qweight)^T (+ bias), with GPTQ's packed int layout."""
+
+    def __init__(self, in_features: int, out_features: int, spec: GPTQSpec, bias: bool = False,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        shapes = spec.shapes(in_features, out_features)
+        self.register_buffer("qweight", torch.zeros(shapes["qweight"], dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(shapes["qzeros"], dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(shapes["scales"], dtype=torch.float16, device=device))
+        self.register_buffer("g_idx", torch.zeros(shapes["g_idx"], dtype=torch.int32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device))
+        else:
+            self.bias = None
+        self.backend: str | None = None
+        # activation dtype fed to the CPU int4 kernel for fp32/bf16 inputs: bf16 is its fast path on
+        # AVX2/AVX-512; float32 is exact but ~25-40x slower. fp16 inputs always run in fp16.
+        self.kernel_dtype = torch.bfloat16
+        self._rt: dict[str, torch.Tensor] = {}
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, "
+                f"group_size={s.group_size}, sym={s.sym}, desc_act={s.desc_act}, format={s.format}, "
+                f"backend={self.backend}")
+
+    # -- weights ---------------------------------------------------------------------------
+    def codes_and_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes [K, N], true zero points [G, N]) as int32, unpacked from the buffers."""
+        return unpack_gptq(self.qweight, self.qzeros, self.spec.bits, self.spec.format)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight [N, K] this layer represents (fp32 math, then `dtype`)."""
+        codes, zeros = self.codes_and_zeros()
+        g = self.g_idx.long()
+        wt = self.scales.float()[g] * (codes.float() - zeros.float()[g])
+        return wt.t().contiguous().to(dtype)
+
+    def _contiguous_groups(self) -> tuple[torch.Tensor | None, int] | None:
+        """(input permutation or None, group length) making every group a contiguous run of
+        equal length; None when g_idx does not allow that."""
+        K, gl = self.in_features, self.spec.group_len(self.in_features)
+        if K % gl:
+            return None
+        g = self.g_idx.long().cpu()
+        if torch.equal(g, torch.arange(K) // gl):
+            return None, gl
+        perm = torch.argsort(g, stable=True)
+        if not torch.equal(g[perm], torch.arange(K) // gl):
+            return None
+        return perm, gl
+
+    def _cpu_int4_plan(self):
+        if self.spec.bits != 4 or self.out_features % 16 or not _has_cpu_int4_kernel():
+            return None
+        if self.qweight.device.type != "cpu":
+            return None
+        groups = self._contiguous_groups()
+        if groups is None:
+            return None
+        perm, gl = groups
+        kg = next((k for k in _KERNEL_GROUPS if gl % k == 0), None)
+        return None if kg is None else (perm, gl, kg)
+
+    def choose_backend(self, backend: str = "auto") -> str:
+        if backend not in BACKENDS:
+            raise ValueError(f"GPTQ backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "auto":
+            return "cpu_int4" if self._cpu_int4_plan() is not None else "dequant"
+        if backend == "cpu_int4" and self._cpu_int4_plan() is None:
+            raise ValueError(f"the CPU int4 kernel cannot run this layer ({self.extra_repr()}): it needs 4 bits, "
+                             f"weights on the CPU, out_features % 16 == 0 and equal contiguous groups of a "
+                             f"multiple of 32 inputs")
+        return backend
+
+    @torch.no_grad()
+    def prepare(self, backend: str = "auto") -> "GPTQLinear":
+        """Build the runtime form from the loaded buffers (call once, after loading)."""
+        if self.g_idx.is_meta:  # older checkpoints may omit g_idx: then it is the trivial one
+            self.g_idx = default_g_idx(self.in_features, self.spec.group_size).to(self.qweight.device)
+        if self.bias is not None and self.bias.is_meta:
+            raise ValueError("the checkpoint lacks the bias of a GPTQ linear that has one")
+        backend = self.choose_backend(backend)
+        self._rt = {}
+        codes, zeros = self.codes_and_zeros()  # [K, N], [G, N]
+        if backend == "cpu_int4":
+            perm, gl, kg = self._cpu_int4_plan()
+            g = self.g_idx.long()
+            if perm is not None:
+                codes = codes[perm]
+                self._rt["perm"] = perm.to(self.qweight.device)
+                g = g[perm]
+            # one (scale, zero) row per kernel group of kg inputs; the kernel's own dtype is set
+            # per call (see _sz)
+            rows = g[::kg]
+            self._rt["s"] = self.scales[rows].contiguous()
+            self._rt["z"] = zeros[rows].to(torch.int16).contiguous()
+            self._rt["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous(), 1)
+            self._rt["group"] = kg
+        elif backend == "dequant" and self.qweight.device.type == "cpu":
+            self._rt["codes"] = codes.t().to(torch.uint8 if self.spec.bits <= 8 else torch.int16).contiguous()
+            self._rt["zeros"] = zeros.t().float().contiguous()  # [N, G]
+            self._rt["scales"] = self.scales.t().float().contiguous()
+        elif backend == "dense":
+            self._rt["weight"] = self.dequantize(torch.float32)
+        self.backend = backend
+        return self
+
+    def _sz(self, dtype: torch.dtype) -> torch.Tensor:
+        """The kernel's [groups, N, 2] (scale, zero) table in `dtype`: scales are first rounded to
+        `dtype`, then zero = (8 - z) * scale in that dtype (as GPTQModel's aten path does)."""
+        key = f"sz_{dtype}"
+        if key not in self._rt:
+            s = self._rt["s"].to(dtype)
+            self._rt[key] = torch.stack([s, (8 - self._rt["z"]).to(dtype) * s], dim=-1).contiguous()
+        return self._rt[key]
+
+    def _dequant_now(self, dtype: torch.dtype) -> torch.Tensor:
+        rt = self._rt
+        if "codes" not in rt:  # GPU: unpack from the packed buffers on the device
+            return self.dequantize(dtype)
+        g = self.g_idx.long()
+        w = (rt["codes"].float() - rt["zeros"][:, g]).mul_(rt["scales"][:, g])
+        return w.to(dtype)
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend is None:
+            self.prepare()
+        shape = x.shape
+        if self.backend == "cpu_int4":
+            rt = self._rt
+            x2 = x.reshape(-1, self.in_features)
+            if "perm" in rt:
+                x2 = x2.index_select(1, rt["perm"])
+            kd = torch.float16 if x.dtype == torch.float16 else self.kernel_dtype
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(kd).contiguous(), rt["packed"], rt["group"],
+                                                          self._sz(kd))
+            y = y.to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
+            return y.view(*shape[:-1], self.out_features)
+        if self.backend == "dense":
+            w = self._rt["weight"]
+            if w.dtype != x.dtype:
+                w = self._rt["weight"] = w.to(x.dtype)
+        else:
+            w = self._dequant_now(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w, bias)
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], spec: GPTQSpec, in_features: int,
+                     out_features: int) -> "GPTQLinear":
+        """A layer holding the checkpoint tensors of `pack_gptq` (mostly for tests and tools)."""
+        layer = cls(in_features, out_features, spec, bias="bias" in tensors, device="cpu")
+        for name, t in tensors.items():
+            setattr(layer, name, t.clone())
+        return layer
