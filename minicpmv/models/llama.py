@@ -100,6 +100,8 @@ class RotaryEmbedding:
             self.attention_factor = float(attention_factor)
             self.short = 1.0 / (short * powers)
             self.long = 1.0 / (long * powers)
+            if torch.equal(short, long):  # MiniCPM-V 4.0 ships identical sets: no switch (and no sync) needed
+                self.original_max = None
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype):
         """positions [B, T] -> cos, sin [B, T, head_dim] in `dtype` (computed in fp32)."""
