@@ -128,6 +128,10 @@ def test_vision_and_prefill_logits(version, name):
     case, model = case_of(version, name), model_of(version)
     out, g = case.process(), case.tensors
     with torch.inference_mode():
+        vit = model.vpm(out.pixel_values, out.target_sizes, model.config.vision_batch_size)
+        lengths = [h * w for h, w in out.target_sizes.tolist()]
+        for i, rows in enumerate(torch.split(vit, lengths)):  # padded rows of the reference are garbage
+            torch.testing.assert_close(rows, g["vpm_last_hidden_state"][i, :len(rows)], atol=ATOL, rtol=0)
         feats = model.encode_vision(out.pixel_values, out.target_sizes, None,
                                     **({"temporal_ids": out.temporal_ids} if out.temporal_ids else {}))
         vision = feats.view(g["vision_embeddings"].shape)
@@ -165,3 +169,17 @@ def test_engine_greedy_tokens(version, name):
         del model.logits
     assert seq.output_ids == g["generated_ids"].tolist() == case.golden["generated_ids"]
     torch.testing.assert_close(torch.cat(recorded), g["generate_step_logits"], atol=ATOL, rtol=ATOL)
+
+
+def test_drop_vision_last_layer_ignores_that_layers_weights(tmp_path):
+    """drop_vision_last_layer: the reference truncates the tower before loading, so the checkpoint's
+    last-layer tensors are skipped and the tower output is the penultimate layer's (post-layernormed)."""
+    source = version_dir("4.5") / "model"
+    config = json.loads((source / "config.json").read_text())
+    config["drop_vision_last_layer"] = True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").symlink_to(source / "model.safetensors")
+    model, _ = load_model(tmp_path, "float32", "cpu", progress=False)
+    full = model_of("4.5")
+    assert len(model.vpm.encoder.layers) == len(full.vpm.encoder.layers) - 1
+    torch.testing.assert_close(model.vpm.encoder.layers[0].mlp.fc1.weight, full.vpm.encoder.layers[0].mlp.fc1.weight)
