@@ -125,7 +125,7 @@ class ProcessorV4x:
         groups = self._groups(temporal_ids, len(images))
 
         crops, units, skipped = [], [], set()
-        for _, members, unit_ids in groups:
+        for members, unit_ids in groups:
             sliced = [slice_image(images[i], self.slice_cfg, max_slice_nums)[0] for i in members]
             if len({len(s) for s in sliced}) != 1:
                 raise InputError("frames packed in one temporal group must have the same size")
@@ -199,10 +199,10 @@ class ProcessorV4x:
         return out_text, out_images, groups if timed else None
 
     @staticmethod
-    def _groups(temporal_ids, n_images: int) -> list[tuple[int, list[int], list[int]]]:
-        """(first image, member images, unit temporal ids) per group; one group per image without ids."""
+    def _groups(temporal_ids, n_images: int) -> list[tuple[list[int], list[int]]]:
+        """(member images, the unit's temporal ids) per group; one group per image without ids."""
         if temporal_ids is None:
-            return [(i, [i], [-1]) for i in range(n_images)]
+            return [([i], [-1]) for i in range(n_images)]
         temporal_ids = [[int(t) for t in group] for group in temporal_ids]
         if any(not group for group in temporal_ids):
             raise InputError("temporal_ids groups must not be empty")
@@ -211,7 +211,7 @@ class ProcessorV4x:
             raise InputError(f"temporal_ids cover {flat} frames but the prompt has {n_images} images")
         groups, start = [], 0
         for group in temporal_ids:
-            groups.append((start, list(range(start, start + len(group))), group))
+            groups.append((list(range(start, start + len(group))), group))
             start += len(group)
         return groups
 
@@ -225,6 +225,7 @@ class ProcessorV4x:
         if len(s) != len(e) or any(a > b for a, b in zip(s, e)):
             return None
         return list(zip(s, e))
+
 
 def _as_rgb(image) -> Image.Image:
     if isinstance(image, Image.Image):
