@@ -1,0 +1,219 @@
+"""The HTTP surface (Starlette): POST /v1/chat/completions, GET /v1/models, /health, /metrics.
+
+A request walks: API key -> JSON -> pydantic validation -> model name -> admission (429 when
+full) -> job building on the prepare pool (media, template, tokens) -> the engine thread ->
+decoded choices -> SSE or one JSON object. Every client mistake is a 4xx with a message that
+names it; the routes never touch a tensor.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .completions import Completion
+from .config import ServeConfig
+from .constrained import GrammarFactory
+from .errors import ApiError, bad_request, format_validation_error
+from .jobs import build_job
+from .media_policy import MediaPolicy
+from .metrics import Metrics
+from .protocol import ChatCompletionRequest, ModelCard, ModelList, completion_id
+from .worker import Worker
+
+log = logging.getLogger("minicpmv.server")
+
+
+class Server:
+    def __init__(self, model, config: ServeConfig):
+        self.model, self.config = model, config
+        self.metrics = Metrics()
+        model.engine.encoder_cache.max_bytes = config.encoder_cache_bytes
+        self.worker = Worker(model, self.metrics, config.max_concurrency, config.max_queue)
+        self.policy = MediaPolicy(config.allow_url_fetch, config.allowed_local_media_path, config.media_max_bytes,
+                                  config.media_fetch_timeout_s)
+        self.grammars = _grammar_factory(model)
+        self.pool = ThreadPoolExecutor(config.prepare_threads, thread_name_prefix="minicpmv-prepare")
+        self.started = int(time.time())
+
+    # -- routes -----------------------------------------------------------------------------
+    async def chat_completions(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        self._authorize(request)
+        chat = await self._parse(request)
+        self.worker.admit(chat.n)  # 429 / 503 when there is no room
+        release = True
+        try:
+            job = await asyncio.get_running_loop().run_in_executor(
+                self.pool, build_job, self.model, chat, self.policy, self.grammars, self.config.max_image_pixels)
+            handle = self.worker.submit(job, arrival)
+            completion = Completion(self.worker, handle, job, chat, completion_id(), chat.model)
+            if chat.stream:
+                release = False  # the stream releases its slots when it ends
+                return StreamingResponse(self._stream(completion), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache"})
+            return await self._collect(request, completion)
+        except ValueError as e:  # InputError and friends: bad media, too long a prompt, bad option
+            raise bad_request(str(e)) from e
+        finally:
+            if release:
+                self.worker.release(chat.n)
+
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
+        cards = [ModelCard(id=name, created=self.started, max_model_len=self.model.max_context)
+                 for name in self.config.served_model_names]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    async def health(self, request: Request) -> Response:
+        if not self.worker.alive:
+            return JSONResponse({"status": "engine not running"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def prometheus(self, request: Request) -> Response:
+        engine, cache = self.model.engine, self.model.engine.encoder_cache
+        gauges = {
+            "minicpmv_sequences_running": ("Sequences in the engine's decode batch", len(engine.running)),
+            "minicpmv_queue_depth": ("Sequences admitted but not yet running (preparing or waiting)",
+                                     self.worker.queue_depth()),
+            "minicpmv_sequences_admitted": ("Sequences admitted and not finished", self.worker.admitted),
+            "minicpmv_max_concurrency": ("Most sequences decoded together", self.config.max_concurrency),
+            "minicpmv_max_queue": ("Most sequences waiting beyond max_concurrency", self.config.max_queue),
+            "minicpmv_encoder_cache_hits": ("Vision encodings served from the cache", cache.hits),
+            "minicpmv_encoder_cache_misses": ("Vision encodings computed", cache.misses),
+            "minicpmv_encoder_cache_bytes": ("Bytes held by the vision-encoding cache", cache.nbytes),
+        }
+        return PlainTextResponse(self.metrics.render(gauges), media_type="text/plain; version=0.0.4")
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not secrets.compare_digest(token.encode(), key.encode()):
+            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>' with the key the "
+                                "server was started with (--api-key)", code="invalid_api_key")
+
+    async def _parse(self, request: Request) -> ChatCompletionRequest:
+        limit = self.config.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body is {int(declared)} bytes, over the limit of {limit} bytes")
+        body = await request.body()
+        if len(body) > limit:
+            raise ApiError(413, f"request body is {len(body)} bytes, over the limit of {limit} bytes")
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad_request(f"request body is not valid JSON: {e}") from e
+        if not isinstance(payload, dict):
+            raise bad_request(f"request body must be a JSON object, got {type(payload).__name__}")
+        try:
+            chat = ChatCompletionRequest.model_validate(payload)
+        except ValidationError as e:
+            raise bad_request(format_validation_error(e)) from e
+        if chat.model not in self.config.served_model_names:
+            raise ApiError(404, f"model {chat.model!r} does not exist on this server; it serves "
+                                f"{', '.join(map(repr, self.config.served_model_names))}", param="model",
+                           code="model_not_found")
+        return chat
+
+    async def _collect(self, request: Request, completion: Completion) -> Response:
+        result = asyncio.ensure_future(completion.collect())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            result.cancel()  # no-op once done; else the client left (or we are shutting down)
+            self.worker.cancel(completion.handle)  # no-op when every choice finished
+        if result.cancelled():
+            self.metrics.request_done("cancelled")
+            return Response(status_code=499)
+        reply = result.result()  # raises an engine error
+        self.metrics.request_done("ok")
+        return JSONResponse(reply.model_dump())
+
+    async def _stream(self, completion: Completion):
+        outcome = "cancelled"
+        try:
+            async for chunk in completion.sse():
+                yield chunk
+            outcome = "ok"
+        except (ApiError, ValueError) as e:  # failed after the stream began: say so in the stream
+            outcome = "error"
+            error = e if isinstance(e, ApiError) else bad_request(str(e))
+            yield f"data: {json.dumps(error.body())}\n\n"
+        except Exception:
+            outcome = "error"
+            log.exception("stream failed")
+            raise
+        finally:
+            self.worker.cancel(completion.handle)  # no-op when every choice finished
+            self.worker.release(completion.request.n)
+            self.metrics.request_done(outcome)
+
+    def shutdown(self) -> None:
+        self.worker.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _grammar_factory(model) -> GrammarFactory | None:
+    try:
+        import llguidance  # noqa: F401
+    except ImportError:
+        return None
+    factory = GrammarFactory(model.tokenizer, model.family.stop_token_ids)
+    threading.Thread(target=factory.warm_up, name="minicpmv-grammar-warmup", daemon=True).start()
+    return factory
+
+
+def create_app(model, config: ServeConfig) -> Starlette:
+    server = Server(model, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.worker.start(asyncio.get_running_loop())
+        yield
+        server.shutdown()
+
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        server.metrics.request_done("error" if exc.status >= 500 else "rejected")
+        return exc.response()
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").response()
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error in %s", request.url.path)
+        server.metrics.request_done("error")
+        return ApiError(500, f"internal server error: {type(exc).__name__}: {exc}").response()
+
+    routes = [Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+              Route("/v1/models", server.models, methods=["GET"]),
+              Route("/health", server.health, methods=["GET"]),
+              Route("/metrics", server.prometheus, methods=["GET"])]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: internal_error})
+    app.state.server = server
+    return app
+

@@ -1,0 +1,74 @@
+"""A validated request -> a Job the engine thread can run: vetted media, the rendered and
+tokenized prompt with its vision inputs, and one SamplingParams per choice.
+
+Everything here may block (downloads, image decoding, slicing, hashing pixels), so it runs on
+a small thread pool: never on the event loop, and not on the engine thread, which keeps
+decoding the running sequences meanwhile.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..engine.encoder_cache import content_key
+from ..engine.sampling import SamplingParams
+from ..errors import InputError, PromptTooLongError
+from .constrained import GrammarFactory
+from .media_policy import MediaPolicy
+from .protocol import ChatCompletionRequest
+
+TEMPLATE_KWARGS = ("enable_thinking",)
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    vision: list
+    starts_in_reasoning: bool
+    params: list[SamplingParams]  # one per choice
+    tools: list[dict] | None
+    stop: list[str]
+
+
+def build_job(model, request: ChatCompletionRequest, policy: MediaPolicy, grammars: GrammarFactory | None,
+              max_image_pixels: int) -> Job:
+    messages = policy.apply(request.messages)
+    tools = None
+    if request.tools and request.tool_choice != "none":
+        tools = [t.model_dump(exclude_none=True) for t in request.tools]
+    template_kwargs = dict(request.chat_template_kwargs or {})
+    unknown = sorted(set(template_kwargs) - set(TEMPLATE_KWARGS))
+    if unknown:
+        raise InputError(f"chat_template_kwargs: unknown key(s) {unknown}; supported: {list(TEMPLATE_KWARGS)}")
+    try:
+        prepared = model.prepare(messages, tools=tools, max_pixels=max_image_pixels, **template_kwargs,
+                                 **request.media_options())
+    except TypeError as e:  # the family adapter names the options it takes
+        if "unknown option" not in str(e):
+            raise
+        raise InputError(f"{model.family.name}: {e}") from e
+    n = len(prepared.input_ids)
+    if n >= model.max_context:
+        raise PromptTooLongError(f"the prompt is {n} tokens (text and vision placeholders) but the model's context "
+                                 f"is {model.max_context} tokens; shorten the text, send fewer/smaller images or "
+                                 f"frames, or lower max_slice_nums")
+    for v in prepared.vision:
+        v.cache_key = content_key(v)  # hashed here, off the engine thread
+    params = [_sampling(model, request, i, grammars, prepared.starts_in_reasoning) for i in range(request.n)]
+    return Job(prepared.input_ids, prepared.vision, prepared.starts_in_reasoning, params, tools, request.stop or [])
+
+
+def _sampling(model, request: ChatCompletionRequest, index: int, grammars, starts_in_reasoning) -> SamplingParams:
+    top_k = request.top_k if request.top_k is None else max(request.top_k, 0)
+    do_sample = None if request.temperature is None else request.temperature > 0
+    seed = None if request.seed is None else request.seed + index  # n choices: distinct, reproducible
+    try:
+        params = model.sampling_params(request.max_new_tokens, do_sample, request.temperature, request.top_p, top_k,
+                                       request.repetition_penalty, seed)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    constraint = request.constraint()
+    if constraint is not None:
+        if grammars is None:
+            raise InputError("constrained output needs llguidance, which is not installed on this server")
+        params.logits_processors.append(grammars.processor(*constraint, starts_in_reasoning))
+    return params
