@@ -15,6 +15,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0
+    # transformers penalises every token in input_ids; 4.0/4.5's remote code generates from
+    # embeddings, so only generated tokens count there
+    penalize_prompt: bool = True
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     # callables (output_ids, logits [V]) -> logits, run before sampling (e.g. a JSON grammar mask)

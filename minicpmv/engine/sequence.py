@@ -53,4 +53,6 @@ class Sequence:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
     def seen_ids(self) -> torch.Tensor:
-        return torch.tensor(self.prompt_ids + self.output_ids, dtype=torch.long)
+        """The tokens the repetition penalty applies to."""
+        ids = self.prompt_ids + self.output_ids if self.params.penalize_prompt else self.output_ids
+        return torch.tensor(ids, dtype=torch.long)

@@ -11,4 +11,8 @@ def adapter_for(folder, config: dict, tokenizer):
         from .v46 import Family46
 
         return Family46(folder, config, tokenizer)
+    if family in ("minicpmv4_0", "minicpmv4_5"):
+        from .v4x import FamilyV4x
+
+        return FamilyV4x(folder, config, tokenizer)
     raise NotImplementedError(f"chat for {family} is not wired in yet")

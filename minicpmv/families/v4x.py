@@ -57,9 +57,10 @@ class FamilyV4x:
     def generation_defaults(self, sampling: bool = True) -> dict:
         if sampling:
             return {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 100,
-                    "repetition_penalty": 1.03 if self.is_45 else 1.05, "max_new_tokens": 2048}
+                    "repetition_penalty": 1.03 if self.is_45 else 1.05, "max_new_tokens": 2048,
+                    "penalize_prompt": False}
         return {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.2,
-                "max_new_tokens": 2048}
+                "max_new_tokens": 2048, "penalize_prompt": False}
 
     def prepare(self, msgs, *, tools=None, enable_thinking: bool | None = None, system_prompt: str | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS, temporal_ids=None, **options) -> PreparedPrompt:
