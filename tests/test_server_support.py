@@ -57,8 +57,9 @@ class ServerProcess:
     def post(self, body, headers=None, **kwargs) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json", **(headers or {})}
         content = body if isinstance(body, (bytes, str)) else None
+        kwargs.setdefault("timeout", 300)
         return httpx.post(self.base + "/v1/chat/completions", content=content,
-                          json=None if content is not None else body, headers=headers, timeout=300, **kwargs)
+                          json=None if content is not None else body, headers=headers, **kwargs)
 
     def metrics(self) -> dict[str, float]:
         text = httpx.get(self.base + "/metrics", timeout=10).text

@@ -139,9 +139,11 @@ class Server:
             await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-            result.cancel()  # no-op once done; else the client left (or we are shutting down)
+            abandoned = not result.done()  # the client left (or we are shutting down)
+            if abandoned:
+                result.cancel()
             self.worker.cancel(completion.handle)  # no-op when every choice finished
-        if result.cancelled():
+        if abandoned:
             self.metrics.request_done("cancelled")
             return Response(status_code=499)
         reply = result.result()  # raises an engine error
