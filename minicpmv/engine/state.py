@@ -60,6 +60,13 @@ class KVCache:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
+    def fork(self) -> "KVCache":
+        """An independent copy with the same capacity (a beam branching off this one)."""
+        new = object.__new__(KVCache)
+        new.keys, new.values = self.keys.clone(), self.values.clone()
+        new.length = self.length
+        return new
+
 
 class LinearState:
     """Gated DeltaNet state of one layer for one sequence: the last (kernel-1) pre-conv inputs
@@ -71,6 +78,11 @@ class LinearState:
 
     def nbytes(self) -> int:
         return self.conv.nbytes + self.recurrent.nbytes
+
+    def fork(self) -> "LinearState":
+        new = object.__new__(LinearState)
+        new.conv, new.recurrent = self.conv.clone(), self.recurrent.clone()
+        return new
 
 
 class SequenceState:
@@ -93,6 +105,10 @@ class SequenceState:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def fork(self) -> "SequenceState":
+        """A deep copy: the two states then advance independently."""
+        return SequenceState([layer.fork() for layer in self.layers])
 
 
 @dataclass
