@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .hub import DEFAULT_MODEL, resolve_model_path
+from .layers.mixed import mixed_precision_plan
 from .models.registry import build_model
 from .quant.apply import plan_quantized_load
 from .weights import load_weights
@@ -47,9 +48,17 @@ def load_model(folder, dtype="auto", device=None, progress: bool = True):
     quant = plan_quantized_load(model, config, folder)  # GPTQ: swap the quantized linears (None if dense)
     num_params = sum(p.numel() for p in model.parameters())
     dtype = pick_dtype(dtype, device, num_params)
-    keep_dtype = getattr(model, "keep_dtype", lambda n: False)
-    load_weights(model, folder, model.checkpoint_key, dtype, device, quant.keep_dtype(keep_dtype) if quant else keep_dtype,
-                 progress=progress)
+    keep = quant.keep_dtype() if quant else (lambda name: False)
+    if device.type == "cpu" and dtype != torch.float32:
+        # half-precision matrices, fp32 everything else and fp32 compute (see layers/mixed.py)
+        half = mixed_precision_plan(model)
+
+        def dtype_for(name):
+            return None if keep(name) else dtype if name in half else torch.float32
+    else:
+        def dtype_for(name):
+            return None if keep(name) else dtype
+    load_weights(model, folder, model.checkpoint_key, dtype_for, device, progress=progress)
     model.tie_weights()
     if quant is not None:
         quant.finish(model)

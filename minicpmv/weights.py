@@ -21,11 +21,10 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_weights(model: torch.nn.Module, folder: Path, rename, dtype: torch.dtype, device,
-                 keep_dtype=lambda name: False, progress: bool = True) -> None:
+def load_weights(model: torch.nn.Module, folder: Path, rename, dtype_for, device, progress: bool = True) -> None:
     """Assign every checkpoint tensor to the parameter/buffer `rename(key)` names (None = skip).
-    Floating tensors are cast to `dtype` unless `keep_dtype(name)`; every parameter must be
-    covered, except ones tied to another (lm_head with tied embeddings)."""
+    Floating tensors are cast to `dtype_for(name)` (None = keep the checkpoint's dtype); every
+    parameter must be covered, except ones tied to another (lm_head with tied embeddings)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers()))
     expected = {n for n, _ in model.named_parameters()}
@@ -45,7 +44,8 @@ def load_weights(model: torch.nn.Module, folder: Path, rename, dtype: torch.dtyp
                 target = params[name]
                 if tuple(t.shape) != tuple(target.shape):
                     raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape {tuple(target.shape)}")
-                if t.is_floating_point() and not keep_dtype(name):
+                dtype = dtype_for(name) if t.is_floating_point() else None
+                if dtype is not None:
                     t = t.to(dtype)
                 _assign(model, name, t.to(device))
                 loaded.add(name)

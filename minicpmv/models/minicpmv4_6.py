@@ -183,7 +183,8 @@ class MiniCPMV46(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The activation (and cache) dtype; matrices may be stored narrower (layers/mixed.py)."""
+        return self.language_model.norm.weight.dtype
 
     def encode_vision(self, pixel_values: torch.Tensor, target_sizes: torch.Tensor,
                       downsample_mode: str | None = None) -> torch.Tensor:

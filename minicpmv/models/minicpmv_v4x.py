@@ -141,7 +141,8 @@ class MiniCPMVV4x(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.llm.lm_head.weight.dtype
+        """The activation (and cache) dtype; matrices may be stored narrower (layers/mixed.py)."""
+        return self.llm.model.norm.weight.dtype
 
     def encode_vision(self, pixel_values: torch.Tensor, target_sizes: torch.Tensor, downsample_mode: str | None = None,
                       temporal_ids: list[list[int]] | None = None) -> torch.Tensor:
