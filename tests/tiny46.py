@@ -52,12 +52,15 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * (1.5 / fan_in ** 0.5))
 
 
-def build_tiny_46(folder: Path, seed: int = 0, dtype=torch.float32, **text_overrides) -> Path:
+def build_tiny_46(folder: Path, seed: int = 0, dtype=torch.float32, tie_word_embeddings: bool = True,
+                  **text_overrides) -> Path:
     from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = MiniCPMV4_6Config(**tiny_config(**text_overrides))
+    raw = tiny_config(**text_overrides)
+    raw["tie_word_embeddings"] = raw["text_config"]["tie_word_embeddings"] = tie_word_embeddings
+    config = MiniCPMV4_6Config(**raw)
     torch.manual_seed(seed)
     model = MiniCPMV4_6ForConditionalGeneration(config).to(dtype)
     randomize_(model, seed)
