@@ -132,9 +132,10 @@ def calibration_items(source: str | Path | None, with_images: bool = True) -> li
     return items
 
 
-def prepare_samples(items: list, tokenizer, family=None, max_tokens: int = 512) -> list[dict]:
+def prepare_samples(items: list, tokenizer, family=None, max_tokens: int = 512, **media) -> list[dict]:
     """Items -> model inputs {"input_ids": LongTensor [T], "vision": [VisionInputs]}. Chat items need
-    a family adapter (the real chat preprocessing); without one they are skipped."""
+    a family adapter (the real chat preprocessing, `media` are its options such as max_slice_nums);
+    without one they are skipped."""
     samples = []
     for item in items:
         if "messages" in item or "image" in item:
@@ -145,7 +146,7 @@ def prepare_samples(items: list, tokenizer, family=None, max_tokens: int = 512) 
                 msgs = [{"role": "user", "content": [{"type": "image", "image": item["image"]}, item.get("text", DESCRIBE)]}]
                 if item.get("answer"):
                     msgs.append({"role": "assistant", "content": item["answer"]})
-            prepared = family.prepare(msgs)
+            prepared = family.prepare(msgs, **media)
             ids, vision = prepared.input_ids, prepared.vision
             if len(ids) > max_tokens and vision:  # never cut through image placeholders
                 max_len = len(ids)
