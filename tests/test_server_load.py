@@ -97,7 +97,8 @@ def test_load_128_streams_from_32_clients_and_memory_returns(server):
 def test_a_client_that_hangs_up_frees_its_slot(server):
     server.wait_idle()
     before = server.metrics()
-    body = {"model": MODEL_NAME, "messages": prompt(1), "max_tokens": 3000, "temperature": 0, "stream": True}
+    body = {"model": MODEL_NAME, "messages": prompt(1), "max_tokens": 3000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
     headers = {"Authorization": f"Bearer {server.api_key}"}
     with httpx.stream("POST", server.base + "/v1/chat/completions", json=body, headers=headers,
                       timeout=60) as response:

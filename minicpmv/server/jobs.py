@@ -66,6 +66,8 @@ def _sampling(model, request: ChatCompletionRequest, index: int, grammars, start
                                        request.repetition_penalty, seed)
     except ValueError as e:
         raise InputError(str(e)) from e
+    if request.ignore_eos:
+        params.stop_token_ids = []
     constraint = request.constraint()
     if constraint is not None:
         if grammars is None:

@@ -96,6 +96,7 @@ class ChatCompletionRequest(Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: off (vLLM spells "off" -1)
     repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False  # vLLM's knob: generate exactly max_tokens (benchmarks, load tests)
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=16)
