@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.state import ForwardBatch
+from .scatter import scatter_vision
 from .qwen3_5 import Qwen35TextConfig, Qwen35TextModel
 from .siglip import (SiglipAttention, SiglipEmbeddings, SiglipEncoder, bucketed_position_ids, pad_crops,
                      strip_to_patches, unpad_crops)
@@ -200,13 +201,7 @@ class MiniCPMV46(nn.Module):
     def embed(self, input_ids: torch.Tensor, vision: dict[int, torch.Tensor]) -> torch.Tensor:
         """input_ids [T] -> inputs_embeds [1, T, D]; vision maps a placeholder token id to the
         features that fill its positions, in order."""
-        x = self.language_model.embed_tokens(input_ids)
-        for token_id, feats in vision.items():
-            where = (input_ids == token_id).nonzero().squeeze(-1)
-            if len(where) != len(feats):
-                raise ValueError(f"{len(where)} placeholder tokens (id {token_id}) but {len(feats)} vision features")
-            x[where] = feats.to(x.dtype)
-        return x.unsqueeze(0)
+        return scatter_vision(self.language_model.embed_tokens(input_ids), input_ids, vision)
 
     def forward(self, inputs_embeds: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return self.language_model(inputs_embeds, batch)

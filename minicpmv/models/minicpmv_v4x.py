@@ -12,6 +12,7 @@ from torch import nn
 from ..engine.state import ForwardBatch
 from .llama import LlamaConfig, LlamaForCausalLM
 from .resampler import Resampler
+from .scatter import scatter_vision
 from .siglip import SiglipEmbeddings, SiglipEncoder, pad_crops, strip_to_patches, unpad_crops
 
 # MiniCPM-o checkpoints share this layout and add audio/TTS towers; a vision-language run skips them.
@@ -157,13 +158,7 @@ class MiniCPMVV4x(nn.Module):
     def embed(self, input_ids: torch.Tensor, vision: dict[int, torch.Tensor]) -> torch.Tensor:
         """input_ids [T] -> inputs_embeds [1, T, D]; vision maps the placeholder id (`<unk>`) to the
         features that fill its positions in order. No embedding scale: 4.0/4.5 have no muP."""
-        x = self.llm.model.embed_tokens(input_ids)
-        for token_id, feats in vision.items():
-            where = (input_ids == token_id).nonzero().squeeze(-1)
-            if len(where) != len(feats):
-                raise ValueError(f"{len(where)} placeholder tokens (id {token_id}) but {len(feats)} vision features")
-            x[where] = feats.to(x.dtype)
-        return x.unsqueeze(0)
+        return scatter_vision(self.llm.model.embed_tokens(input_ids), input_ids, vision)
 
     def forward(self, inputs_embeds: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return self.llm.model(inputs_embeds, batch)

@@ -11,6 +11,7 @@ from torch import nn
 from ..engine.state import AttentionSpec, ForwardBatch, LinearSpec
 from ..layers.attention import cached_attention
 from ..layers.gated_delta import chunk_gated_delta_rule, l2_normalize, recurrent_gated_delta_step
+from ..layers.mlp import GatedMLP
 from ..layers.norm import GatedRMSNorm, ZeroCenteredRMSNorm
 from ..layers.rotary import apply_rope, rope_cos_sin, rope_inv_freq
 
@@ -158,17 +159,6 @@ class GatedAttention(nn.Module):
         return self.o_proj(o)
 
 
-class MLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: Qwen35TextConfig, layer_type: str):
         super().__init__()
@@ -179,7 +169,7 @@ class DecoderLayer(nn.Module):
             self.self_attn = GatedAttention(cfg)
         else:
             raise ValueError(f"unknown Qwen3.5 layer type {layer_type!r}")
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
