@@ -1,0 +1,102 @@
+"""Shared pieces of the benchmarks: random real-size checkpoints, machine probes (GEMM rate,
+memory bandwidth, load), subprocess workers. Benchmarks are scripts, never timed tests."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the tiny-checkpoint helpers live with the tests
+SHARED = ROOT.parent / "shared"
+REAL_46_CONFIG = SHARED / "fixtures" / "minicpm-v-4.6" / "config.json"
+CACHE = Path(os.environ.get("MINICPMV_BENCH_CACHE", Path.home() / ".cache" / "minicpmv-bench"))
+
+
+def random_checkpoint_46(dtype=torch.bfloat16) -> Path:
+    """A random-weight checkpoint at the real 4.6 size (transformers builds and saves it, so the
+    layout is the released one), cached by config hash."""
+    import shutil
+
+    from tiny46 import FIXTURES, TOKENIZER_FILES
+
+    text = REAL_46_CONFIG.read_text()
+    key = hashlib.sha1((text + str(dtype)).encode()).hexdigest()[:12]
+    folder = CACHE / f"minicpmv46-random-{key}"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
+
+    print(f"building a random 4.6 checkpoint at the real size in {folder} (once) ...", flush=True)
+    torch.manual_seed(0)
+    model = MiniCPMV4_6ForConditionalGeneration(MiniCPMV4_6Config(**json.loads(text))).to(dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(FIXTURES / name, folder / name)
+    return folder
+
+
+def gemm_gflops(threads: int) -> float:
+    """fp32 GEMM rate on a ViT-MLP-shaped product, median of 7."""
+    torch.set_num_threads(threads)
+    a, w = torch.randn(1024, 1152), torch.randn(4304, 1152)
+    for _ in range(3):
+        torch.nn.functional.linear(a, w)
+    times = []
+    for _ in range(7):
+        t = time.perf_counter()
+        torch.nn.functional.linear(a, w)
+        times.append(time.perf_counter() - t)
+    return 2 * 1024 * 1152 * 4304 / sorted(times)[3] / 1e9
+
+
+def read_bandwidth_gbs(threads: int) -> float:
+    """Sustained read bandwidth (fp32 sum over 256 MiB), median of 7."""
+    torch.set_num_threads(threads)
+    x = torch.ones(64 * 1024 * 1024)
+    x.sum()
+    times = []
+    for _ in range(7):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.nbytes / sorted(times)[3] / 1e9
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        parts = [int(v) for v in f.readline().split()[1:]]
+    idle = parts[3] + parts[4]
+    return sum(parts) - idle, sum(parts)
+
+
+def peak_rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+def run_worker(script: Path, args: list[str], threads: int) -> dict:
+    """Run one engine in its own process (so peak RSS is its own) and read its JSON result."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "bench"), str(ROOT / "tests"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
