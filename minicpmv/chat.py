@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from .engine.beam_search import BeamSearchParams, beam_search
 from .engine.engine import Engine
 from .engine.sampling import SamplingParams
 from .engine.sequence import Sequence
@@ -79,12 +80,17 @@ class MiniCPMV:
 
     # -- building requests ----------------------------------------------------------------
     def sampling_params(self, max_new_tokens=None, do_sample=None, temperature=None, top_p=None, top_k=None,
-                        repetition_penalty=None, seed=None, **family_kwargs) -> SamplingParams:
-        """The checkpoint's generation defaults, overridden by whatever the caller passed."""
+                        repetition_penalty=None, seed=None, num_beams=None, **family_kwargs) -> SamplingParams:
+        """The checkpoint's generation defaults, overridden by whatever the caller passed. A family
+        default (or caller) asking for num_beams > 1 gets BeamSearchParams."""
         d = self.family.generation_defaults(**family_kwargs)
         given = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                     top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
+                     top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, num_beams=num_beams)
         d.update({k: v for k, v in given.items() if v is not None})
+        if d.get("num_beams", 1) > 1:
+            return BeamSearchParams(stop_token_ids=list(self.family.stop_token_ids), **d)
+        for key in ("num_beams", "length_penalty", "early_stopping"):
+            d.pop(key, None)
         return SamplingParams(stop_token_ids=list(self.family.stop_token_ids), **d)
 
     def prepare(self, msgs, **options):
@@ -94,11 +100,19 @@ class MiniCPMV:
     # -- generation -----------------------------------------------------------------------
     def generate_pieces(self, prepared, params: SamplingParams) -> Iterator[tuple[str, str]]:
         """Run one request through the engine; yield (kind, text) pieces as they decode, where
-        kind is "reasoning" or "content". The finished Sequence is returned by the generator."""
-        seq = self.engine.add(Sequence(prompt_ids=prepared.input_ids, params=params, vision=prepared.vision))
-        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=False)
+        kind is "reasoning" or "content". The finished Sequence is returned by the generator.
+        With num_beams > 1 the beam search runs to the end first, then its text comes in one go."""
+        seq = Sequence(prompt_ids=prepared.input_ids, params=params, vision=prepared.vision)
         parser = ReasoningStreamParser(in_reasoning=prepared.starts_in_reasoning)
         stop_ids = set(params.stop_token_ids)
+        if getattr(params, "num_beams", 1) > 1:
+            beam_search(self.engine, seq)
+            yield from parser.feed(self.tokenizer.decode([t for t in seq.output_ids if t not in stop_ids],
+                                                         skip_special_tokens=False))
+            yield from parser.flush()
+            return seq
+        self.engine.add(seq)
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=False)
         try:
             while True:
                 for out in self.engine.step():
@@ -118,7 +132,7 @@ class MiniCPMV:
     def chat(self, msgs=None, image=None, tokenizer=None, processor=None, *, messages=None, stream: bool = False,
              max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
              top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
-             seed: int | None = None, tools: list | None = None, **options):
+             seed: int | None = None, num_beams: int | None = None, tools: list | None = None, **options):
         """Chat as the model cards do. `msgs`: [{"role": "user", "content": [image, "question"]}, ...]
         (PIL images, paths, URLs, bytes; OpenAI-style typed items work too). `image`: an image to
         put before the first user text, as the remote code's legacy argument does.
@@ -129,7 +143,8 @@ class MiniCPMV:
         Options (per call; defaults come from the checkpoint): enable_thinking, system_prompt,
         max_slice_nums, use_image_id, downsample_mode ("16x"/"4x"), max_num_frames, stack_frames,
         max_pixels; sampling: do_sample (False = greedy), temperature, top_p, top_k,
-        repetition_penalty, seed, max_new_tokens."""
+        repetition_penalty, seed, max_new_tokens, num_beams (> 1 = beam search; 4.0/4.5's
+        sampling=False defaults to 3 beams as their remote code)."""
         msgs = messages if messages is not None else msgs
         if msgs is None:
             raise TypeError("chat() needs msgs=[{'role': 'user', 'content': [...]}]")
@@ -140,7 +155,7 @@ class MiniCPMV:
         sampling_keys = self.family.sampling_option_names
         family_sampling = {k: options.pop(k) for k in list(options) if k in sampling_keys}
         params = self.sampling_params(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty,
-                                      seed, **family_sampling)
+                                      seed, num_beams, **family_sampling)
         prepared = self.prepare(msgs, tools=tools, **options)
         pieces = self.generate_pieces(prepared, params)
         if stream:

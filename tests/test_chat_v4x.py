@@ -42,8 +42,7 @@ def model_card_call(version: str, name: str):
     msgs = [{"role": m["role"],
              "content": [images[int(p[3:])] if p.startswith("IMG") and p[3:].isdigit() else p for p in m["content"]]}
             for m in request["msgs"]]
-    kwargs = {k: v for k, v in request["chat_kwargs"].items() if k not in ("num_beams",)}
-    return msgs, kwargs, golden
+    return msgs, dict(request["chat_kwargs"]), golden
 
 
 @pytest.mark.parametrize("version,name", CASES, ids=[f"{v}-{n}" for v, n in CASES])
@@ -55,8 +54,8 @@ def test_chat_reproduces_the_model_card_answer(version, name):
     assert prepared.prompt == golden["chat_template_prompt"]
     assert prepared.input_ids == golden["input_ids"]
     reply = model.chat(msgs=msgs, sampling=kwargs["sampling"], do_sample=kwargs["do_sample"],
-                       repetition_penalty=kwargs["repetition_penalty"], max_new_tokens=kwargs["max_new_tokens"],
-                       **options)
+                       num_beams=kwargs["num_beams"], repetition_penalty=kwargs["repetition_penalty"],
+                       max_new_tokens=kwargs["max_new_tokens"], **options)
     assert reply.usage["completion_tokens"] == 12 and reply.finish_reason == "length"
     thinking = kwargs.get("enable_thinking", False)
     # the remote chat() prepends the prefilled "<think>\n" in thinking mode and strips the answer
@@ -74,8 +73,8 @@ def test_stop_tokens_and_sampling_defaults():
     p = m45.sampling_params()
     assert (p.do_sample, p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (True, 0.7, 0.8, 100, 1.03)
     assert m40.sampling_params().repetition_penalty == 1.05
-    greedy = m40.sampling_params(sampling=False)
-    assert (greedy.do_sample, greedy.repetition_penalty) == (False, 1.2)
+    beams = m40.sampling_params(sampling=False)  # the remote code's beam search (tests/test_beam_search.py)
+    assert (beams.do_sample, beams.repetition_penalty, beams.num_beams) == (False, 1.2, 3)
 
 
 def test_thinking_and_temporal_ids_are_4_5_only():

@@ -10,8 +10,8 @@
   use_image_id=False and max_slice_nums=1 (4.5) / 2 (4.0). Frames passed as images with the model card's
   `temporal_ids=` work as well.
 * Sampling: `sampling=True` (default) is top_p 0.8, top_k 100, temperature 0.7, repetition penalty 1.05
-  (4.0) / 1.03 (4.5); `sampling=False` is the reference's beam search (num_beams 3, penalty 1.2) run as
-  greedy search with penalty 1.2, since the engine has no beams.
+  (4.0) / 1.03 (4.5); `sampling=False` is the reference's beam search: num_beams 3, penalty 1.2, and
+  transformers' defaults length_penalty 1.0, early_stopping False (num_beams=1 turns it into greedy).
 * Stop tokens: `<|im_end|>` plus `</s>` (4.0) or `<|endoftext|>` (4.5), and the config's eos.
 """
 from __future__ import annotations
@@ -60,7 +60,8 @@ class FamilyV4x:
                     "repetition_penalty": 1.03 if self.is_45 else 1.05, "max_new_tokens": 2048,
                     "penalize_prompt": False}
         return {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.2,
-                "max_new_tokens": 2048, "penalize_prompt": False}
+                "num_beams": 3, "length_penalty": 1.0, "early_stopping": False, "max_new_tokens": 2048,
+                "penalize_prompt": False}
 
     def prepare(self, msgs, *, tools=None, enable_thinking: bool | None = None, system_prompt: str | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS, temporal_ids=None, **options) -> PreparedPrompt:
