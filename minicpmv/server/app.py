@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import secrets
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -185,7 +184,9 @@ def _grammar_factory(model) -> GrammarFactory | None:
     except ImportError:
         return None
     factory = GrammarFactory(model.tokenizer, model.family.stop_token_ids)
-    threading.Thread(target=factory.warm_up, name="minicpmv-grammar-warmup", daemon=True).start()
+    # Built now, before the server listens: llguidance holds the GIL for the whole vocabulary scan
+    # (seconds), which would freeze the event loop and the engine if it ran later.
+    factory.warm_up()
     return factory
 
 

@@ -25,8 +25,8 @@ _JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: no runs of blank
 
 
 class GrammarFactory:
-    """One llguidance tokenizer per server (building it scans the vocabulary: seconds), made
-    on first use or ahead of time with `warm_up()`."""
+    """One llguidance tokenizer per server (building it scans the vocabulary for seconds while
+    holding the GIL), made on first use or, as the server does, ahead of time with `warm_up()`."""
 
     def __init__(self, tokenizer, stop_token_ids: list[int]):
         self._tokenizer = tokenizer
