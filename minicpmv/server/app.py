@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -61,8 +62,10 @@ class Server:
             completion = Completion(self.worker, handle, job, chat, completion_id(), chat.model)
             if chat.stream:
                 release = False  # the stream releases its slots when it ends
+                # the background task covers a client that leaves before the stream's first chunk
                 return StreamingResponse(self._stream(completion), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache"})
+                                         headers={"Cache-Control": "no-cache"},
+                                         background=BackgroundTask(self._end_stream, completion, "cancelled"))
             return await self._collect(request, completion)
         except ValueError as e:  # InputError and friends: bad media, too long a prompt, bad option
             raise bad_request(str(e)) from e
@@ -164,9 +167,16 @@ class Server:
             log.exception("stream failed")
             raise
         finally:
-            self.worker.cancel(completion.handle)  # no-op when every choice finished
-            self.worker.release(completion.request.n)
-            self.metrics.request_done(outcome)
+            self._end_stream(completion, outcome)
+
+    def _end_stream(self, completion: Completion, outcome: str) -> None:
+        """Once per stream, however it ended: free its sequences and its admission slots."""
+        if completion.ended:
+            return
+        completion.ended = True
+        self.worker.cancel(completion.handle)  # no-op when every choice finished
+        self.worker.release(completion.request.n)
+        self.metrics.request_done(outcome)
 
     def shutdown(self) -> None:
         self.worker.stop()

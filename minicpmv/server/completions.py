@@ -25,6 +25,7 @@ class Completion:
         self.decoders = [ChoiceDecoder(tokenizer, stop_ids, starts_in_reasoning=job.starts_in_reasoning,
                                        tools=job.tools, stop=job.stop) for _ in job.params]
         self._reported: set[int] = set()  # choices whose finish_reason chunk was sent
+        self.ended = False  # the server has released this request (streaming)
 
     async def steps(self) -> AsyncIterator[dict[int, list]]:
         """Per engine step: {choice index: events}; ends when every choice is done."""

@@ -17,6 +17,9 @@ from .media_policy import MediaPolicy
 from .protocol import ChatCompletionRequest
 
 TEMPLATE_KWARGS = ("enable_thinking",)
+# prepare() arguments a client must not set through mm_processor_kwargs: the pixel limit is the
+# operator's, the rest have their own request fields.
+RESERVED = ("max_pixels", "tools", "enable_thinking", "system_prompt", "msgs")
 
 
 @dataclass
@@ -39,11 +42,16 @@ def build_job(model, request: ChatCompletionRequest, policy: MediaPolicy, gramma
     unknown = sorted(set(template_kwargs) - set(TEMPLATE_KWARGS))
     if unknown:
         raise InputError(f"chat_template_kwargs: unknown key(s) {unknown}; supported: {list(TEMPLATE_KWARGS)}")
+    if not isinstance(template_kwargs.get("enable_thinking", False), bool):
+        raise InputError("chat_template_kwargs.enable_thinking must be true or false")
+    media = request.media_options()
+    reserved = sorted(set(media) & set(RESERVED))
+    if reserved:
+        raise InputError(f"mm_processor_kwargs: {reserved} cannot be set per request")
     try:
-        prepared = model.prepare(messages, tools=tools, max_pixels=max_image_pixels, **template_kwargs,
-                                 **request.media_options())
+        prepared = model.prepare(messages, tools=tools, max_pixels=max_image_pixels, **template_kwargs, **media)
     except TypeError as e:  # the family adapter names the options it takes
-        if "unknown option" not in str(e):
+        if "unknown option" not in str(e) and "unexpected keyword argument" not in str(e):
             raise
         raise InputError(f"{model.family.name}: {e}") from e
     n = len(prepared.input_ids)
