@@ -119,3 +119,17 @@ def test_prompt_longer_than_the_context_is_a_clear_error(model):
 def test_unknown_option_is_rejected(model):
     with pytest.raises(TypeError, match="max_slice_num"):
         model.chat(msgs=[{"role": "user", "content": "hi"}], max_slice_num=3)
+
+
+def test_top_k_top_p_sampling_only_draws_allowed_tokens():
+    from minicpmv.engine.sampling import SamplingParams, sample_next
+
+    logits = torch.tensor([5.0, 4.0, 3.0, 0.0, -1.0, 2.9])
+    g = torch.Generator().manual_seed(0)
+    top_k = {sample_next(logits, SamplingParams(do_sample=True, top_k=3), None, g) for _ in range(300)}
+    assert top_k == {0, 1, 2}
+    # top_p 0.7 over softmax([5, 4, 3, 2.9, 0, -1]) keeps only the two most likely
+    top_p = {sample_next(logits, SamplingParams(do_sample=True, top_p=0.7), None, g) for _ in range(300)}
+    assert top_p == {0, 1}
+    both = {sample_next(logits, SamplingParams(do_sample=True, top_k=3, top_p=0.7), None, g) for _ in range(300)}
+    assert both == {0, 1}

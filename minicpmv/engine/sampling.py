@@ -59,14 +59,15 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
     if not params.do_sample:
         return int(logits.argmax())
     logits = logits / max(params.temperature, 1e-5)
-    if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    candidates = None  # token ids of `logits` when narrowed to the top k
+    if 0 < params.top_k < logits.shape[-1]:
+        # top-p and the draw then run over k values instead of the whole 150k-250k vocabulary
+        logits, candidates = torch.topk(logits, params.top_k)
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=False)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum <= (1 - params.top_p)
         drop[-1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    choice = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    return choice if candidates is None else int(candidates[choice])
