@@ -59,7 +59,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(server: str, model: Path, port: int, log: Path) -> subprocess.Popen:
+def start(server: str, model: Path, port: int, log: Path, threads: int | None) -> subprocess.Popen:
     if server == "minicpmv":
         cmd = [sys.executable, "-m", "minicpmv.cli", "serve", "--model", str(model), "--served-model-name",
                str(model), "--port", str(port), "--dtype", "float32", "--device", "cpu", "--log-level", "warning",
@@ -67,7 +67,8 @@ def start(server: str, model: Path, port: int, log: Path) -> subprocess.Popen:
     else:
         cmd = [str(Path(sys.executable).with_name("transformers")), "serve", str(model), "--continuous-batching",
                "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32"]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}  # the same for both servers
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -114,6 +115,7 @@ def measure(server, model, port, clients, per_client, workload, max_tokens) -> d
     errors = [e for _, _, e in results if e]
     latencies = [s for _, s, e in results if not e]
     return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall, "errors": len(errors),
+            "load": os.getloadavg()[0],  # neighbours on a shared machine show up here
             "p50_s": statistics.median(latencies) if latencies else float("nan"), "first_error": errors[:1]}
 
 
@@ -124,10 +126,12 @@ def main() -> int:
     ap.add_argument("--workloads", default="text", help="text and/or image (one small image per request)")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/minicpmv-bench"))
+    ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both servers (default: torch's choice)")
+    ap.add_argument("--real-workloads", default="text", help="workloads for the real-size model (slow on CPU)")
     args = ap.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     # fixed, modest generated lengths; fewer requests per client on the real-size model
-    plan = {"tiny": {"max_tokens": 32, "per_client": 2}, "real": {"max_tokens": 16, "per_client": 1}}
+    plan = {"tiny": {"max_tokens": 32, "per_client": 1}, "real": {"max_tokens": 16, "per_client": 1}}
     rows = []
     for size in args.sizes.split(","):
         model = build_checkpoint(size, args.work_dir / f"minicpmv46-{size}")
@@ -135,10 +139,10 @@ def main() -> int:
             port = free_port()
             log = args.work_dir / f"{server}-{size}.log"
             t0 = time.monotonic()
-            proc = start(server, model, port, log)
+            proc = start(server, model, port, log, args.threads)
             startup = time.monotonic() - t0
             try:
-                for workload in args.workloads.split(","):
+                for workload in (args.real_workloads if size == "real" else args.workloads).split(","):
                     one(port, request_body(server, model, 999, workload, 4))  # warm-up
                     for clients in map(int, args.concurrency.split(",")):
                         r = measure(server, model, port, clients, plan[size]["per_client"], workload,
@@ -146,7 +150,7 @@ def main() -> int:
                         rows.append((size, workload, server, clients, r, startup))
                         print(f"{size:5} {workload:5} {server:12} c={clients:<3} {r['tok_s']:8.1f} tok/s "
                               f"({r['tokens']} tokens in {r['wall_s']:.1f}s, p50 {r['p50_s']:.2f}s, "
-                              f"{r['errors']} errors {r['first_error']})", flush=True)
+                              f"{r['errors']} errors {r['first_error']}, load avg {r['load']:.1f})", flush=True)
             finally:
                 proc.terminate()
                 try:
