@@ -175,3 +175,58 @@ def test_transformers_gptqmodel_loads_it_with_the_same_logits(quantized, dtype):
               f"{len(ids)} positions (logit scale {theirs.abs().max().item():.1f})")
         assert diff <= 1e-3
         assert our_greedy(ours, ids, vision) == tokens
+
+
+def test_cli_with_a_calibration_folder(tiny46_dir, tmp_path):
+    from minicpmv.cli import main
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    img = synthetic_images(1, seed=9)[0]
+    img.save(calib / "chart.png")
+    (calib / "chart.txt").write_text("Read the labels in this picture.")
+    (calib / "notes.txt").write_text("First paragraph about rivers and mills.\n\nSecond one: 2 + 2 = 4, and so on.")
+    (calib / "chats.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]}) + "\n"
+        + json.dumps({"text": "def f(x):\n    return x * 2"}) + "\n")
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", str(tiny46_dir), "--out", str(out), "--group-size", "32", "--bits", "8",
+                 "--calibration", str(calib), "--quiet"]) == 0
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["bits"] == 8 and q["group_size"] == 32
+    model, _ = load_model(out, "float32", "cpu", progress=False)
+    layers = [m for m in model.modules() if isinstance(m, GPTQLinear)]
+    assert len(layers) == 26 and all(m.backend == "dequant" for m in layers)  # 8-bit: per-call dequantization
+    ids, vision = prompts(out)[1]
+    assert torch.isfinite(our_logits(model, ids, vision)).all()
+
+
+def test_minicpmv45_layout_quantizes_and_loads(tmp_path):
+    """The 4.0/4.5 remote-code layout (`llm.model.layers.*`, Qwen3 for 4.5): the quantized keys are
+    `llm.model.layers.N.{self_attn.q/k/v/o_proj, mlp.gate/up/down_proj}.{qweight,qzeros,scales,g_idx}`
+    (spec v40_v45 §2.4), and our load equals the own-dequantization reference."""
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "golden" / "minicpm-v-4.5" / "model"
+    if not src.is_dir():
+        pytest.skip("shared golden 4.5 fixture not present")
+    out = tmp_path / "v45"
+    result = quantize_folder(src, out, GPTQSpec(4, 32, True, False, "gptq"), progress=False)
+    assert all(r.gptq_error < r.rtn_error for r in result.reports)
+    dst = tensors(out)
+    names = sorted(k[:-len(".qweight")] for k in dst if k.endswith(".qweight"))
+    assert names and all(n.startswith("llm.model.layers.") for n in names)
+    assert {n.split(".", 4)[-1] for n in names} == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                   "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                   "mlp.down_proj"}
+    ours, _ = load_model(out, "float32", "cpu", progress=False)
+    ref, _ = load_model(src, "float32", "cpu", progress=False)
+    with torch.no_grad():
+        for n in names:
+            ref.get_submodule(n).weight.copy_(dequantize_gptq(dst[f"{n}.qweight"], dst[f"{n}.qzeros"],
+                                                              dst[f"{n}.scales"], dst[f"{n}.g_idx"], 4, "gptq"))
+    for m in ours.modules():
+        if isinstance(m, GPTQLinear):
+            m.prepare("dense")
+    ids = list(range(10, 40))
+    torch.testing.assert_close(our_logits(ours, ids, []), our_logits(ref, ids, []), rtol=0, atol=1e-4)

@@ -11,12 +11,18 @@ other module. After loading, `prepare()` builds the runtime form once per layer:
   Act-order (a non-trivial g_idx) permutes the input rows once so every group is contiguous,
   and each forward gathers x's columns in that order. Group sizes the kernel lacks (-1, 512, ...)
   are split into kernel groups of 256/128/64/32 that repeat the same scale and zero.
-* "dequant": anything else (2/8-bit, out_features not a multiple of 16, CUDA): the weight is
+* "cuda_int4" (CUDA, 4-bit): torch's tinygemm kernel (`_convert_weight_to_int4pack` +
+  `_weight_int4pack_mm`, bf16 activations, same (q - 8) * scale + zero form). This machine has
+  no GPU, so the path is unverified here: `prepare` runs one probe product per layer against
+  the dequantized weight and falls back to "dequant" (with a warning) if they disagree.
+* "dequant": anything else (2/8-bit, out_features not a multiple of 16): the weight is
   dequantized per call from 8-bit codes kept for the layer (CPU) or straight from `qweight`
   (GPU), then an ordinary F.linear in the activation dtype. Memory stays at the packed size.
 * "dense": opt-in; dequantize once and keep the float weight (fast prefill, 4-8x the memory).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +31,7 @@ from torch import nn
 from .gptq_format import GPTQSpec, default_g_idx, unpack_gptq
 
 _KERNEL_GROUPS = (256, 128, 64, 32)
-BACKENDS = ("auto", "cpu_int4", "dequant", "dense")
+BACKENDS = ("auto", "cpu_int4", "cuda_int4", "dequant", "dense")
 
 
 def _has_cpu_int4_kernel() -> bool:
@@ -87,10 +93,18 @@ class GPTQLinear(nn.Module):
             return None
         return perm, gl
 
-    def _cpu_int4_plan(self):
-        if self.spec.bits != 4 or self.out_features % 16 or not _has_cpu_int4_kernel():
+    def _int4_plan(self, device_type: str):
+        """(input permutation or None, group length, kernel group) when torch's int4 kernel for
+        `device_type` can run this layer on its current device, else None."""
+        if self.spec.bits != 4 or self.qweight.device.type != device_type:
             return None
-        if self.qweight.device.type != "cpu":
+        if device_type == "cpu":
+            if self.out_features % 16 or not _has_cpu_int4_kernel():
+                return None
+        elif device_type == "cuda":
+            if self.out_features % 8 or self.in_features % 32 or not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+                return None
+        else:
             return None
         groups = self._contiguous_groups()
         if groups is None:
@@ -99,11 +113,20 @@ class GPTQLinear(nn.Module):
         kg = next((k for k in _KERNEL_GROUPS if gl % k == 0), None)
         return None if kg is None else (perm, gl, kg)
 
+    def _cpu_int4_plan(self):
+        return self._int4_plan("cpu")
+
     def choose_backend(self, backend: str = "auto") -> str:
         if backend not in BACKENDS:
             raise ValueError(f"GPTQ backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "auto":
-            return "cpu_int4" if self._cpu_int4_plan() is not None else "dequant"
+            if self._int4_plan("cpu") is not None:
+                return "cpu_int4"
+            if self._int4_plan("cuda") is not None:
+                return "cuda_int4"
+            return "dequant"
+        if backend == "cuda_int4" and self._int4_plan("cuda") is None:
+            raise ValueError(f"the CUDA int4 kernel cannot run this layer ({self.extra_repr()})")
         if backend == "cpu_int4" and self._cpu_int4_plan() is None:
             raise ValueError(f"the CPU int4 kernel cannot run this layer ({self.extra_repr()}): it needs 4 bits, "
                              f"weights on the CPU, out_features % 16 == 0 and equal contiguous groups of a "
@@ -120,8 +143,8 @@ class GPTQLinear(nn.Module):
         backend = self.choose_backend(backend)
         self._rt = {}
         codes, zeros = self.codes_and_zeros()  # [K, N], [G, N]
-        if backend == "cpu_int4":
-            perm, gl, kg = self._cpu_int4_plan()
+        if backend in ("cpu_int4", "cuda_int4"):
+            perm, gl, kg = self._int4_plan(backend[:-5])
             g = self.g_idx.long()
             if perm is not None:
                 codes = codes[perm]
@@ -132,8 +155,19 @@ class GPTQLinear(nn.Module):
             rows = g[::kg]
             self._rt["s"] = self.scales[rows].contiguous()
             self._rt["z"] = zeros[rows].to(torch.int16).contiguous()
-            self._rt["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous(), 1)
             self._rt["group"] = kg
+            if backend == "cpu_int4":
+                self._rt["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous(), 1)
+            else:
+                # tinygemm takes [N, K/2] uint8 with the even input in the high nibble
+                q = codes.t().contiguous()
+                u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()
+                tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
+                self._rt["packed"] = torch.ops.aten._convert_weight_to_int4pack(u8, tiles)
+                if not self._cuda_probe():  # never run an unverified kernel layout
+                    warnings.warn(f"CUDA int4 kernel disagrees with the dequantized weight for {self.extra_repr()}; "
+                                  f"using per-call dequantization")
+                    return self.prepare("dequant")
         elif backend == "dequant" and self.qweight.device.type == "cpu":
             self._rt["codes"] = codes.t().to(torch.uint8 if self.spec.bits <= 8 else torch.int16).contiguous()
             self._rt["zeros"] = zeros.t().float().contiguous()  # [N, G]
@@ -142,6 +176,23 @@ class GPTQLinear(nn.Module):
             self._rt["weight"] = self.dequantize(torch.float32)
         self.backend = backend
         return self
+
+    def _cuda_int4_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        rt = self._rt
+        if "perm" in rt:
+            x2 = x2.index_select(1, rt["perm"])
+        return torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), rt["packed"], rt["group"],
+                                                  self._sz(torch.bfloat16))
+
+    def _cuda_probe(self) -> bool:
+        """One random product through the CUDA kernel against the dequantized weight."""
+        try:
+            x = torch.randn(3, self.in_features, device=self.qweight.device, dtype=torch.bfloat16)
+            y = self._cuda_int4_mm(x).float()
+        except RuntimeError:
+            return False
+        ref = x.float() @ self.dequantize(torch.float32).t()
+        return bool(((y - ref).norm() / ref.norm().clamp_min(1e-12)) < 2e-2)
 
     def _sz(self, dtype: torch.dtype) -> torch.Tensor:
         """The kernel's [groups, N, 2] (scale, zero) table in `dtype`: scales are first rounded to
@@ -174,6 +225,11 @@ class GPTQLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(kd).contiguous(), rt["packed"], rt["group"],
                                                           self._sz(kd))
             y = y.to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
+            return y.view(*shape[:-1], self.out_features)
+        if self.backend == "cuda_int4":
+            y = self._cuda_int4_mm(x.reshape(-1, self.in_features)).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias.to(x.dtype)
             return y.view(*shape[:-1], self.out_features)

@@ -326,7 +326,8 @@ def add_quantize_parser(subparsers) -> None:
         "quantize", help="GPTQ-quantize a checkpoint's LLM linears (W4A16 by default)",
         description=__doc__.split("\n\n")[0] + " The output loads in minicpmv, transformers (+optimum+gptqmodel) "
                     "and vLLM.")
-    p.add_argument("--model", required=True, help="dense checkpoint folder (config.json, *.safetensors, tokenizer)")
+    p.add_argument("--model", required=True, help="dense checkpoint: local folder (config.json, *.safetensors, "
+                                                  "tokenizer) or hub id")
     p.add_argument("--out", required=True, help="output folder for the quantized checkpoint")
     p.add_argument("--bits", type=int, default=4, choices=[2, 4, 8], help="bits per weight (default 4)")
     p.add_argument("--group-size", type=int, default=128, help="inputs per scale/zero group; -1 = per column (default 128)")
@@ -356,7 +357,9 @@ def run_quantize(args) -> int:
         print("note: asymmetric zeros of 0 cannot be stored exactly in the v1 'gptq' format by most readers; "
               "consider --format gptq_v2")
     params = GPTQParams(damp_percent=args.damp_percent, static_groups=args.static_groups)
-    result = quantize_folder(args.model, args.out, spec, params, args.calibration, args.num_samples,
+    from ..hub import resolve_model_path
+
+    result = quantize_folder(resolve_model_path(args.model), args.out, spec, params, args.calibration, args.num_samples,
                              args.max_tokens, progress=not args.quiet)
     worse = [r for r in result.reports if r.gptq_error > r.rtn_error]
     mean = sum(r.gptq_error for r in result.reports) / len(result.reports)
