@@ -16,7 +16,7 @@ from .engine.sampling import SamplingParams
 from .engine.sequence import Sequence
 from .families import adapter_for
 from .prompt.detokenizer import IncrementalDetokenizer
-from .prompt.reasoning import CONTENT, ReasoningStreamParser, split_reasoning
+from .prompt.reasoning import ReasoningStreamParser, split_reasoning
 from .prompt.tool_calls import parse_tool_calls
 
 
@@ -163,18 +163,15 @@ class MiniCPMV:
         return self._collect(pieces, prepared, tools)
 
     def _collect(self, pieces, prepared, tools) -> Reply:
-        parts = {"reasoning": [], "content": []}
-        while True:
+        while True:  # drain the stream; the finished Sequence is the generator's return value
             try:
-                kind, text = next(pieces)
+                next(pieces)
             except StopIteration as stop:
                 seq = stop.value
                 break
-            parts[kind].append(text)
-        raw = self.tokenizer.decode(
-            [t for t in seq.output_ids if t not in set(seq.params.stop_token_ids)], skip_special_tokens=False)
+        stops = set(seq.params.stop_token_ids)
+        raw = self.tokenizer.decode([t for t in seq.output_ids if t not in stops], skip_special_tokens=False)
         reasoning, content = split_reasoning(raw, in_reasoning=prepared.starts_in_reasoning)
-        assert content == "".join(parts[CONTENT])  # the streamed and one-shot splits are one parser
         tool_calls = []
         if tools:
             content, tool_calls = parse_tool_calls(content, tools)
