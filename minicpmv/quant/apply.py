@@ -116,7 +116,7 @@ def select_gptq_targets(model: nn.Module, qcfg: GPTQConfig) -> dict[str, GPTQSpe
     wanted = sum(qcfg.modules_in_block_to_quantize, []) if qcfg.modules_in_block_to_quantize else None
     out = {}
     for name, module in model.named_modules():
-        if not name.startswith(prefix + ".") or type(module) is not nn.Linear:
+        if not name.startswith(prefix + ".") or not isinstance(module, nn.Linear):
             continue
         if wanted is not None and not any(name.endswith("." + w) for w in wanted):
             continue

@@ -222,9 +222,11 @@ def quantization_config_dict(spec: GPTQSpec, params: GPTQParams, groups: list[li
 def quantize_folder(model_folder: str | Path, out_folder: str | Path, spec: GPTQSpec = GPTQSpec(),
                     params: GPTQParams = GPTQParams(), calibration: str | Path | None = None,
                     num_samples: int = 128, max_tokens: int = 512, progress: bool = True,
-                    samples: list | None = None) -> QuantizeResult:
+                    samples: list | None = None, dtype: str = "auto") -> QuantizeResult:
     """Quantize the dense checkpoint in `model_folder` into `out_folder`; returns the result
-    (packed tensors and per-layer GPTQ/RTN error figures)."""
+    (packed tensors and per-layer GPTQ/RTN error figures). The model is loaded on the CPU in
+    float32 up to 4B parameters, else with bf16 matrices (fp32 compute), so an 8B model fits in
+    24 GB; GPTQ itself always works on fp32 copies of one layer's weights and Hessians."""
     from tokenizers import Tokenizer
 
     from ..loading import load_model
@@ -235,7 +237,7 @@ def quantize_folder(model_folder: str | Path, out_folder: str | Path, spec: GPTQ
     config = json.loads((src / "config.json").read_text())
     if "quantization_config" in config:
         raise ValueError(f"{src} is already quantized ({config['quantization_config'].get('quant_method')})")
-    model, _ = load_model(src, "float32", "cpu", progress=progress)
+    model, _ = load_model(src, dtype, "cpu", progress=progress)
     if samples is None:
         tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
         family = None
@@ -343,6 +345,8 @@ def add_quantize_parser(subparsers) -> None:
                                          "(default: a small built-in text+image set)")
     p.add_argument("--num-samples", type=int, default=128, help="most calibration samples (default 128)")
     p.add_argument("--max-tokens", type=int, default=512, help="text samples are cut to this many tokens (default 512)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="how the dense model is held while calibrating (auto: float32 up to 4B parameters)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_quantize)
@@ -360,7 +364,7 @@ def run_quantize(args) -> int:
     from ..hub import resolve_model_path
 
     result = quantize_folder(resolve_model_path(args.model), args.out, spec, params, args.calibration, args.num_samples,
-                             args.max_tokens, progress=not args.quiet)
+                             args.max_tokens, progress=not args.quiet, dtype=args.dtype)
     worse = [r for r in result.reports if r.gptq_error > r.rtn_error]
     mean = sum(r.gptq_error for r in result.reports) / len(result.reports)
     mean_rtn = sum(r.rtn_error for r in result.reports) / len(result.reports)
