@@ -75,7 +75,7 @@ def test_video_with_per_request_frame_sampling(client, local, tmp_path):
     part = {"type": "video_url", "video_url": {"url": data_url(clip, "video/mp4")}}
     counts = {}
     for options in ({}, {"max_num_frames": 2}, {"max_num_frames": 2, "stack_frames": 2},
-                    {"mm_processor_kwargs": {"max_num_frames": 1}}):
+                    {"mm_processor_kwargs": {"max_num_frames": 1}}, {"fps": 2}):
         reply = ask(client, user(part, "What happens?"), max_tokens=4, extra_body=options)
         (tmp_path / "clip.mp4").write_bytes(clip)
         flat = {**options.pop("mm_processor_kwargs", {}), **options}
@@ -83,10 +83,10 @@ def test_video_with_per_request_frame_sampling(client, local, tmp_path):
                                                                "What happens?"]}], **flat)
         assert reply.usage.prompt_tokens == len(prepared.input_ids), flat
         counts[json.dumps(flat)] = reply.usage.prompt_tokens
-    assert len(set(counts.values())) == 4, counts  # every sampling choice changed what the model saw
-    # 4.6 samples 1 frame per second (more via stack_frames); it takes no fps knob, and says so
-    with pytest.raises(openai.BadRequestError, match="fps"):
-        ask(client, user(part, "What happens?"), extra_body={"fps": 4})
+    assert len(set(counts.values())) == 5, counts  # every sampling choice changed what the model saw
+    # stacking is defined per second: another sampling rate with it is a clear 400
+    with pytest.raises(openai.BadRequestError, match="stack_frames"):
+        ask(client, user(part, "What happens?"), extra_body={"fps": 4, "stack_frames": 2})
 
 
 def test_streaming_equals_the_one_shot_answer(client):

@@ -6,6 +6,8 @@ import shutil
 import av
 import numpy as np
 import pytest
+
+from minicpmv.errors import InputError
 import torch
 
 from minicpmv.processing import Processor46, Video, VideoMeta, load_video
@@ -151,3 +153,22 @@ def test_from_frames_wrapper(ours, videos):
     clip = Video.from_frames(full.frames, fps=24.0)
     assert clip.meta == VideoMeta(fps=24.0, duration=5.5, total_num_frames=132, width=96, height=64)
     assert ours(PROMPT, videos=[clip]).input_ids == ours(PROMPT, videos=[full]).input_ids
+
+
+def test_per_request_fps_samples_main_frames_at_that_rate():
+    """fps is our extension (transformers' 4.6 processor always samples 1 fps): fps=1 is the
+    reference behaviour, other rates take a main frame every 1/fps seconds."""
+    from minicpmv.processing.types import VideoMeta
+    from minicpmv.processing.video_sampling import sample_frame_indices
+
+    meta = VideoMeta(fps=24.0, duration=5.0, total_num_frames=120)
+    assert sample_frame_indices(meta, 128, 1) == sample_frame_indices(meta, 128, 1, 1.0)
+    main, sub = sample_frame_indices(meta, 128, 1, 2.0)
+    assert main == [0, 12, 24, 36, 48, 60, 72, 84, 96, 108] and sub == []
+    main, _ = sample_frame_indices(meta, 4, 1, 2.0)  # capped: spread uniformly
+    assert len(main) == 4 and main[0] == 0 and main[-1] == 108
+    assert sample_frame_indices(meta, 128, 1, 0.5)[0] == [0, 48, 96]
+    with pytest.raises(InputError, match="stack_frames"):
+        sample_frame_indices(meta, 128, 3, 2.0)
+    with pytest.raises(InputError, match="fps must be > 0"):
+        sample_frame_indices(meta, 128, 1, 0.0)

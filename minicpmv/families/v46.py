@@ -15,7 +15,7 @@ from .base import PreparedPrompt
 
 # Processor keywords a caller may set per request (defaults: preprocessor_config.json).
 MEDIA_OPTIONS = ("max_slice_nums", "use_image_id", "downsample_mode", "slice_mode", "video_max_slice_nums",
-                 "video_use_image_id", "max_num_frames", "stack_frames")
+                 "video_use_image_id", "max_num_frames", "stack_frames", "fps")
 
 
 def read_json(path: Path) -> dict:

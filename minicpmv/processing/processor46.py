@@ -110,7 +110,7 @@ class Processor46:
                  downsample_mode: str | None = None, use_image_id: bool | None = None,
                  slice_mode: bool | None = None, video_max_slice_nums: int | None = None,
                  video_use_image_id: bool | None = None, max_num_frames: int | None = None,
-                 stack_frames: int | None = None) -> ProcessedInputs:
+                 stack_frames: int | None = None, fps: float | None = None) -> ProcessedInputs:
         images, videos = list(images), list(videos)
         self._check_counts(prompt, len(images), len(videos))
         if downsample_mode not in (None, "16x", "4x"):
@@ -131,7 +131,7 @@ class Processor46:
             frames_cap = _first(max_num_frames, self.max_num_frames)
             stack = _first(stack_frames, self.stack_frames)
             video_texts, out.pixel_values_videos, out.target_sizes_videos = self._videos(
-                videos, video_cfg, video_ids, frames_cap, stack)
+                videos, video_cfg, video_ids, frames_cap, stack, 1.0 if fps is None else float(fps))
         text = self._expand(prompt, image_texts, video_texts)
         out.input_ids = self.tokenizer.encode(text, add_special_tokens=True).ids
         return out
@@ -153,16 +153,17 @@ class Processor46:
             packed.append(pack_crops(crops, cfg))  # now, so the uint8 crops can be freed
         return (texts, *_concat(packed))
 
-    def _videos(self, videos: list, cfg: SliceConfig, with_ids: bool, max_num_frames: int, stack_frames: int):
+    def _videos(self, videos: list, cfg: SliceConfig, with_ids: bool, max_num_frames: int, stack_frames: int,
+                sample_fps: float):
         texts, packed = [], []
 
         def pick(meta):
-            main, sub = sample_frame_indices(meta, max_num_frames, stack_frames)
+            main, sub = sample_frame_indices(meta, max_num_frames, stack_frames, sample_fps)
             return main + sub
 
         for k, item in enumerate(videos):
             video = item if isinstance(item, Video) else load_video(item, frame_indices=pick)
-            main, sub = sample_frame_indices(video.meta, max_num_frames, stack_frames)
+            main, sub = sample_frame_indices(video.meta, max_num_frames, stack_frames, sample_fps)
             units = build_units(_frames_to_tensor(video.frames_at(main)), _frames_to_tensor(video.frames_at(sub)),
                                 video.meta.duration, max_num_frames, stack_frames)
             text = self._image_id(k) if with_ids else ""

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import torch
 
+from minicpmv.errors import InputError
 from minicpmv.processing.types import VideoMeta
 
 SEPARATOR_PX = 6  # black gap between sub-frames on a composite canvas
@@ -34,9 +35,20 @@ def sub_frame_timestamps(duration: float, max_num_frames: int, stack_frames: int
     return _spread(stamps, max_num_frames * (stack_frames - 1))
 
 
-def sample_frame_indices(meta: VideoMeta, max_num_frames: int, stack_frames: int) -> tuple[list[int], list[int]]:
-    """(main frame indices, sub-frame indices) into the source video."""
+def sample_frame_indices(meta: VideoMeta, max_num_frames: int, stack_frames: int,
+                         sample_fps: float = 1.0) -> tuple[list[int], list[int]]:
+    """(main frame indices, sub-frame indices) into the source video. `sample_fps` other than 1
+    is our extension (per-request sampling rate): main frames every 1/sample_fps seconds,
+    spread uniformly when there would be more than max_num_frames; no stacking then."""
     fps, duration, total = meta.fps, meta.duration, meta.total_num_frames
+    if sample_fps != 1.0:
+        if sample_fps <= 0:
+            raise InputError(f"fps must be > 0, got {sample_fps}")
+        if stack_frames > 1:
+            raise InputError("stack_frames > 1 samples one main frame per second; use it with fps=1")
+        count = max(1, math.ceil(duration * sample_fps))
+        main = [min(int(k / sample_fps * fps), total - 1) for k in range(count)]
+        return _spread(main, max_num_frames), []
     if duration > max_num_frames:
         # long clip: a 10 Hz grid of timestamps, thinned to max_num_frames
         stamps = [round(i * 0.1, 1) for i in range(int(duration / 0.1))]
