@@ -50,10 +50,11 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk_size: int = 64):
 
 
 def recurrent_gated_delta_step(q, k, v, g, beta, state):
-    """One token. q, k [B, H, dk]; v [B, H, dv]; g, beta [B, H]; state [B, H, dk, dv] (fp32).
-    Returns (o [B, H, dv], new state)."""
-    state = state * g.exp()[..., None, None]
-    kv_mem = (state * k.unsqueeze(-1)).sum(-2)
+    """One token, updating `state` in place. q, k [B, H, dk]; v [B, H, dv]; g, beta [B, H];
+    state [B, H, dk, dv] (fp32). Returns o [B, H, dv]. The state is the largest thing a decode
+    step touches besides the weights, so it is read and written once, never copied."""
+    state.mul_(g.exp()[..., None, None])
+    kv_mem = (k.unsqueeze(-2) @ state).squeeze(-2)  # S^T k
     delta = (v - kv_mem) * beta.unsqueeze(-1)
-    state = state + k.unsqueeze(-1) * delta.unsqueeze(-2)
-    return (state * q.unsqueeze(-1)).sum(-2), state
+    state.add_(k.unsqueeze(-1) * delta.unsqueeze(-2))
+    return (q.unsqueeze(-2) @ state).squeeze(-2)  # S^T q

@@ -112,17 +112,19 @@ class GatedDeltaNet(nn.Module):
         k = l2_normalize(k.float())
         v = v.float()
 
-        recurrent = torch.stack([s.recurrent for s in states])
+        # one sequence works on its own state tensor in place; a batch on a stacked copy
+        recurrent = states[0].recurrent[None] if B == 1 else torch.stack([s.recurrent for s in states])
         if T == 1:
-            o, recurrent = recurrent_gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0],
-                                                      beta[:, 0].float(), recurrent)
+            o = recurrent_gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0].float(), recurrent)
             o = o.unsqueeze(1)  # [B, 1, H, dv]
         else:
-            o, recurrent = chunk_gated_delta_rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  g.transpose(1, 2), beta.float().transpose(1, 2), recurrent)
+            o, final = chunk_gated_delta_rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              g.transpose(1, 2), beta.float().transpose(1, 2), recurrent)
+            recurrent.copy_(final)
             o = o.transpose(1, 2)
-        for s, r in zip(states, recurrent):
-            s.recurrent.copy_(r)
+        if B > 1:
+            for s, r in zip(states, recurrent):
+                s.recurrent.copy_(r)
 
         o = self.norm(o.to(x.dtype), z)
         return self.out_proj(o.reshape(B, T, self.value_size))
