@@ -85,14 +85,22 @@ def rtn_quantize(weight: torch.Tensor, spec: GPTQSpec) -> QuantizedWeight:
     W = weight.detach().float()
     N, K = W.shape
     gl = spec.group_len(K)
-    Q = torch.empty_like(W)
-    scales, zeros = [], []
-    for c in range(0, K, gl):
-        s, z = grid_params(W[:, c:c + gl], spec.bits, spec.sym)
-        Q[:, c:c + gl] = fake_quantize(W[:, c:c + gl], s, z, spec.bits)
-        scales.append(s)
-        zeros.append(z)
-    return QuantizedWeight(Q, torch.stack(scales), torch.stack(zeros), default_g_idx(K, spec.group_size))
+    G = spec.num_groups(K)
+    if K % gl == 0:  # all groups full: one vectorized pass over [N * G, gl]
+        rows = W.reshape(N * G, gl)
+        s, z = grid_params(rows, spec.bits, spec.sym)
+        Q = fake_quantize(rows, s, z, spec.bits).reshape(N, K)
+        scales, zeros = s.view(N, G).t().contiguous(), z.view(N, G).t().contiguous()
+    else:
+        Q = torch.empty_like(W)
+        sl, zl = [], []
+        for c in range(0, K, gl):
+            s, z = grid_params(W[:, c:c + gl], spec.bits, spec.sym)
+            Q[:, c:c + gl] = fake_quantize(W[:, c:c + gl], s, z, spec.bits)
+            sl.append(s)
+            zl.append(z)
+        scales, zeros = torch.stack(sl), torch.stack(zl)
+    return QuantizedWeight(Q, scales, zeros, default_g_idx(K, spec.group_size))
 
 
 def _inverse_cholesky(H: torch.Tensor, params: GPTQParams) -> tuple[torch.Tensor, float]:

@@ -88,26 +88,28 @@ def _to_uint(words32: torch.Tensor) -> torch.Tensor:
 
 def pack_along(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Integer codes in [0, 2^bits) -> int32 words holding 32/bits of them each, consecutive
-    entries along `dim` in consecutive fields, lowest bits first."""
+    entries along `dim` in consecutive fields, lowest bits first. (Computed in int32: the
+    fields are disjoint, so their wrapping sum is their bitwise OR, sign bit included.)"""
     f = 32 // bits
-    v = values.to(torch.int64).movedim(dim, 0)
+    v = values.to(torch.int32).movedim(dim, 0)
     if v.shape[0] % f:
         raise ValueError(f"cannot pack {v.shape[0]} values into words of {f}")
     if v.numel() and (v.min() < 0 or v.max() >= 1 << bits):
         raise ValueError(f"codes out of range for {bits} bits")
     v = v.reshape(v.shape[0] // f, f, *v.shape[1:])
-    shifts = (torch.arange(f, dtype=torch.int64) * bits).view(1, f, *([1] * (v.dim() - 2)))
-    words = (v << shifts).sum(dim=1)
-    return _to_int32(words).movedim(0, dim).contiguous()
+    words = v[:, 0].clone()
+    for j in range(1, f):
+        words |= v[:, j] << (bits * j)
+    return words.movedim(0, dim).contiguous()
 
 
 def unpack_along(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Inverse of `pack_along`: int32 words -> int32 codes, 32/bits times longer along `dim`."""
     f = 32 // bits
-    w = _to_uint(words).movedim(dim, 0)
-    shifts = (torch.arange(f, dtype=torch.int64) * bits).view(1, f, *([1] * (w.dim() - 1)))
-    codes = (w.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(w.shape[0] * f, *w.shape[1:]).to(torch.int32).movedim(0, dim).contiguous()
+    w = words.to(torch.int32).movedim(dim, 0)
+    mask = (1 << bits) - 1
+    codes = torch.stack([(w >> (bits * j)) & mask for j in range(f)], dim=1)  # arithmetic shift, then mask
+    return codes.reshape(w.shape[0] * f, *w.shape[1:]).movedim(0, dim).contiguous()
 
 
 def pack_qweight(codes_kn: torch.Tensor, bits: int) -> torch.Tensor:
