@@ -16,7 +16,8 @@ What it measures, in one process and one run:
 4. the same decode with transformers 5.23 + optimum + gptqmodel on the same int4 tensors (if
    installed; pure bf16 model, the vision tower zero-filled since only text is decoded);
 and prints, for each decode row, weight bytes read per token and the fraction of the measured
-bandwidth limit that the row reaches (bytes/token x tokens/s / bandwidth).
+bandwidth limit that the row reaches (bytes/token x tokens/s / bandwidth), plus a row timing only
+the linears of one token back to back (the weight-streaming share of a step).
 """
 from __future__ import annotations
 
@@ -213,6 +214,22 @@ def decode(model: TextLM, prompt_len=16, steps=24) -> list[float]:
     return times
 
 
+@torch.inference_mode()
+def linears_only(model: TextLM, passes=5) -> float:
+    """Seconds for one token's worth of every linear (body + lm_head), back to back, fp32 rows of
+    M=1 as in decode: the weight-streaming part of a step without the rest of the model."""
+    mods = [m for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, GPTQLinear)) and (n.startswith("language_model.layers") or n == "lm_head")]
+    xs = [torch.randn(1, m.in_features) for m in mods]
+    best = float("inf")
+    for _ in range(passes):
+        t = time.perf_counter()
+        for m, x in zip(mods, xs):
+            m(x)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def weight_bytes(model: TextLM) -> int:
     """Bytes of weights one decode step reads: every matrix once (the embedding row is
     negligible; the tied lm_head reads the whole table), int4 layers as their packed runtime
@@ -319,6 +336,7 @@ def main():
     times = decode(model, steps=args.steps)
     print(f"    bf16 decode run: {time.perf_counter() - t0:.1f} s", flush=True)
     rows.append(("ours bf16 matrices (CPU bf16 mode, fp32 compute)", times, weight_bytes(model)))
+    rows.append(("  its linears alone (bf16 GEMV, M=1)", [linears_only(model)], weight_bytes(model)))
 
     t0 = time.perf_counter()
     packed = quantize_body(model)
@@ -328,6 +346,7 @@ def main():
     times = decode(model, steps=args.steps)
     print(f"    int4 decode run: {time.perf_counter() - t0:.1f} s", flush=True)
     rows.append(("ours GPTQ int4 body + bf16 lm_head (same mode)", times, b4))
+    rows.append(("  its linears alone (int4 kernel + bf16 lm_head)", [linears_only(model)], b4))
 
     if not args.no_hf:
         try:
@@ -347,6 +366,11 @@ def main():
           f"{'limit tok/s':>11s} {'of limit':>9s}")
     base = None
     for name, times, nbytes in rows:
+        if name.startswith("  ") and base is not None:
+            med = statistics.median(times)
+            tps, limit = 1 / med, bw * 1e9 / nbytes
+            print(f"{name:52s} {'':5s} {med * 1e3:9.1f} {tps:7.2f} {nbytes / 1e6:9.0f} {limit:11.1f} {tps / limit:9.0%}")
+            continue
         med = statistics.median(times)
         tps = 1 / med
         limit = bw * 1e9 / nbytes
