@@ -285,18 +285,21 @@ def _sequential_groups(layer: nn.Module, layer_name: str, targets: dict, order: 
 def quantize_model(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, targets: dict[str, GPTQSpec],
                    samples: list, run_sample, call_layer, params: GPTQParams = GPTQParams(),
                    sequential_groups: list[list[str]] | None = None, progress: bool = True,
-                   compare_rtn: bool = True) -> QuantizeResult:
+                   compare_rtn: bool = True, compact=None) -> QuantizeResult:
     """GPTQ-quantize `targets` (our module names -> spec) inside `layers`, layer by layer.
 
     run_sample(sample) runs the model's forward for one calibration sample (it is stopped at the
     first decoder layer); call_layer(layer, index, args, kwargs) runs one decoder layer on
     captured inputs with fresh per-sequence state and returns its output hidden states. The
     dense weights of the targets are replaced by their quantized values in place (the model then
-    computes what the packed checkpoint computes); the packed tensors are in the result."""
+    computes what the packed checkpoint computes); the packed tensors are in the result.
+    compact(args, kwargs) -> (args, kwargs), if given, slims each captured input once."""
     from tqdm.auto import tqdm
 
     model.eval()
     captured = capture_layer_inputs(layers[0], run_sample, samples)
+    if compact is not None:  # drop what call_layer rebuilds anyway (e.g. the samples' full caches)
+        captured = [compact(args, kwargs) for args, kwargs in captured]
     hidden = [args[0] for args, _ in captured]
     result = QuantizeResult()
     bar = tqdm(total=len(layers), desc="GPTQ", unit="layer", disable=not progress)

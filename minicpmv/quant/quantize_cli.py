@@ -183,6 +183,14 @@ def engine_run_sample(model):
     return run
 
 
+def engine_compact(args, kwargs):
+    """Captured layer-0 inputs keep only the positions of their ForwardBatch: the per-sequence
+    caches allocated for the capture forward are rebuilt fresh by `engine_call_layer`."""
+    from ..engine.state import ForwardBatch
+
+    return (args[0], ForwardBatch([], args[1].positions), *args[2:]), kwargs
+
+
 def engine_call_layer(model):
     """Run decoder layer i on captured inputs (x, batch, layer_idx, *rest) with fresh state."""
     from ..engine.state import ForwardBatch, SequenceState
@@ -257,7 +265,7 @@ def quantize_folder(model_folder: str | Path, out_folder: str | Path, spec: GPTQ
     targets = select_gptq_targets(model, qcfg)
     t0 = time.perf_counter()
     result = quantize_model(model, model.get_submodule(prefix), prefix, targets, samples, engine_run_sample(model),
-                            engine_call_layer(model), params, groups, progress)
+                            engine_call_layer(model), params, groups, progress, compact=engine_compact)
     if progress:
         print(f"quantized {len(targets)} linears in {time.perf_counter() - t0:.1f} s "
               f"({len(samples)} calibration samples, {sum(len(s['input_ids']) for s in samples)} tokens)")
