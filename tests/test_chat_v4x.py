@@ -106,6 +106,11 @@ def test_video_message_is_sampled_and_packed(tmp_path):
     assert vision.extra["temporal_ids"] == expected and [len(g) for g in expected] == [3, 3, 3, 1]
     assert prepared.input_ids.count(vision.token_id) == 4 * 64  # one unit per group, no slices
     assert "<image_id>" not in model.tokenizer.decode(prepared.input_ids, skip_special_tokens=False)
+    # the per-request names the server and vLLM users know are the same knobs
+    aliased = model.prepare(msgs, fps=2, packing=3)
+    assert aliased.input_ids == prepared.input_ids and aliased.vision[0].extra == vision.extra
+    with pytest.raises(InputError, match="disagree"):
+        model.prepare(msgs, fps=2, choose_fps=3)
     reply = model.chat(msgs=msgs, choose_fps=2, force_packing=3, sampling=False, max_new_tokens=3)
     assert reply.usage["completion_tokens"] <= 3
     # 4.0: one frame per second, frames are independent images (5 units), no temporal ids

@@ -31,7 +31,9 @@ from ..prompt.reasoning import prompt_opens_reasoning
 from .base import PreparedPrompt
 
 IMAGE_OPTIONS = ("max_slice_nums", "use_image_id", "max_inp_length")
-VIDEO_OPTIONS = ("choose_fps", "force_packing", "max_num_frames", "max_num_packing")
+VIDEO_OPTIONS = ("choose_fps", "force_packing", "max_num_frames", "max_num_packing", "fps", "packing")
+# the server's (vLLM-style) per-request names for the model card recipe's knobs
+VIDEO_ALIASES = {"fps": "choose_fps", "packing": "force_packing"}
 
 
 class FamilyV4x:
@@ -65,6 +67,12 @@ class FamilyV4x:
 
     def prepare(self, msgs, *, tools=None, enable_thinking: bool | None = None, system_prompt: str | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS, temporal_ids=None, **options) -> PreparedPrompt:
+        for alias, name in VIDEO_ALIASES.items():
+            if options.get(alias) is not None:
+                if options.get(name) is not None and options[name] != options[alias]:
+                    raise InputError(f"{alias}={options[alias]} and {name}={options[name]} disagree; pass one")
+                options[name] = options.pop(alias)
+            options.pop(alias, None)
         unknown = set(options) - set(IMAGE_OPTIONS) - set(VIDEO_OPTIONS)
         if unknown:
             extra = ", temporal_ids, enable_thinking" if self.is_45 else ""
