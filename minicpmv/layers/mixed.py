@@ -19,16 +19,40 @@ from torch import nn
 SMALL_M = 4
 
 
+# Upcast at most this many bytes of weight at a time, into one reused buffer: a big matrix (the
+# 248k-row lm_head when several sequences decode together) never gets a full fp32 copy, and no
+# call pays page faults for a fresh multi-MB allocation.
+UPCAST_CHUNK_BYTES = 32 << 20
+_scratch = {}  # dtype -> flat buffer, grown on demand (the engine runs in one thread)
+
+
+def _upcast_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    buf = _scratch.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
 class MixedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.dtype == w.dtype:
-            return F.linear(x, w, self.bias)
+        if x.dtype == w.dtype or w.device.type != "cpu":
+            return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         rows = x.numel() // x.shape[-1]
         if rows <= SMALL_M:
             y = F.linear(x.to(w.dtype), w).to(x.dtype)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, w.to(x.dtype), self.bias)
+        n_out, n_in = w.shape
+        step = max(1, UPCAST_CHUNK_BYTES // (n_in * x.element_size()))
+        if step >= n_out:
+            return F.linear(x, _upcast_buffer(w.numel(), x.dtype).view_as(w).copy_(w), self.bias)
+        out = x.new_empty(*x.shape[:-1], n_out)
+        for start in range(0, n_out, step):
+            part = w[start:start + step]
+            bias = None if self.bias is None else self.bias[start:start + step]
+            out[..., start:start + len(part)] = F.linear(
+                x, _upcast_buffer(part.numel(), x.dtype).view_as(part).copy_(part), bias)
+        return out
 
 
 class MixedEmbedding(nn.Embedding):
