@@ -104,16 +104,20 @@ def rtn_quantize(weight: torch.Tensor, spec: GPTQSpec) -> QuantizedWeight:
 
 
 def _inverse_cholesky(H: torch.Tensor, params: GPTQParams) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp until it factors."""
+    """Upper-triangular U with U^T U = (H + damp * mean(diag H) * I)^-1 (the upper Cholesky
+    factor of the damped inverse), raising damp until H factors. One Cholesky instead of three
+    steps: with J the order reversal, J H J = L L^T gives H = R R^T for the upper R = J L J, so
+    U = R^-1 (a triangular solve)."""
     damp = params.damp_percent
     mean_diag = torch.mean(torch.diag(H))
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    flipped = H.flip(0, 1)
     while True:
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        L, info = torch.linalg.cholesky_ex(flipped + damp * mean_diag * eye)
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0:
+            R = L.flip(0, 1)
+            U = torch.linalg.solve_triangular(R, eye, upper=True)
+            if torch.isfinite(U).all():
                 return U, damp
         damp += params.damp_auto_increment
         if params.damp_auto_increment <= 0 or damp >= 1:
@@ -124,41 +128,42 @@ def _inverse_cholesky(H: torch.Tensor, params: GPTQParams) -> tuple[torch.Tensor
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: GPTQSpec,
                   params: GPTQParams = GPTQParams()) -> QuantizedWeight:
-    """GPTQ for one weight [N, K] given its input Hessian H [K, K] (2/N * sum x x^T)."""
-    W = weight.detach().float().clone()
+    """GPTQ for one weight [N, K] given its input Hessian H [K, K] (2/N * sum x x^T).
+    Works on W^T [K, N] so that every column step touches contiguous memory."""
+    Wt = weight.detach().float().t().contiguous()  # [K, N]: row c = input column c
     H = H.detach().float().clone()
-    N, K = W.shape
+    K, N = Wt.shape
     gl = spec.group_len(K)
     bits = spec.bits
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
+    Wt[dead, :] = 0
 
     static = None
     if params.static_groups and spec.group_size != -1:
-        static = [grid_params(W[:, c:c + gl], bits, spec.sym) for c in range(0, K, gl)]
+        static = [grid_params(Wt[c:c + gl].t(), bits, spec.sym) for c in range(0, K, gl)]
 
     perm = None
     if spec.desc_act:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        Wt, H = Wt[perm].contiguous(), H[perm][:, perm]
 
     U, damp = _inverse_cholesky(H, params)
 
     if spec.group_size == -1:
-        scale, zero = grid_params(W, bits, spec.sym)
+        scale, zero = grid_params(Wt.t(), bits, spec.sym)
         scales, zeros = [scale], [zero]
     else:
         scale = zero = None
         scales, zeros = [], []
 
-    Q = torch.zeros_like(W)
-    loss = torch.zeros(N, dtype=torch.float32, device=W.device)
+    Qt = torch.zeros_like(Wt)
+    loss = torch.zeros(N, dtype=torch.float32, device=Wt.device)
     B = params.block_size
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()  # [b, N]
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         for j in range(i2 - i1):
@@ -167,21 +172,21 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: GPTQSpec,
                 if static is not None:
                     scale, zero = static[(int(perm[c]) if perm is not None else c) // gl]
                 elif c % gl == 0:
-                    cols = W1[:, j:j + gl]
-                    if cols.shape[1] < gl and i2 < K:
-                        cols = torch.cat([cols, W[:, i2:c + gl]], dim=1)
-                    scale, zero = grid_params(cols, bits, spec.sym)
+                    rows = W1[j:j + gl]
+                    if rows.shape[0] < gl and i2 < K:
+                        rows = torch.cat([rows, Wt[i2:c + gl]], dim=0)
+                    scale, zero = grid_params(rows.t(), bits, spec.sym)
                     scales.append(scale)
                     zeros.append(zero)
-            w = W1[:, j]
+            w = W1[j]
             d = U1[j, j]
             q = fake_quantize(w, scale, zero, bits)
-            Q[:, c] = q
+            Qt[c] = q
             err = (w - q) / d
-            loss += (w - q) ** 2 / d ** 2 / 2
-            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
-            Err1[:, j] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            loss += (err * d) ** 2 / d ** 2 / 2
+            W1[j:] -= U1[j, j:, None] * err[None, :]
+            Err1[j] = err
+        Wt[i2:] -= U[i1:i2, i2:].t() @ Err1
 
     if static is not None:
         scales, zeros = [s for s, _ in static], [z for _, z in static]
@@ -192,8 +197,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, spec: GPTQSpec,
     else:
         g_idx = default_g_idx(K, spec.group_size)
     if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
-    return QuantizedWeight(Q, torch.stack(scales), torch.stack(zeros), g_idx, float(loss.sum()), damp)
+        Qt = Qt[torch.argsort(perm)]
+    return QuantizedWeight(Qt.t().contiguous(), torch.stack(scales), torch.stack(zeros), g_idx, float(loss.sum()), damp)
 
 
 def output_error(weight: torch.Tensor, quantized: torch.Tensor, H: torch.Tensor) -> float:
