@@ -51,6 +51,22 @@ def build_inputs(folder: Path, path: Path) -> dict:
     return inputs
 
 
+def text_matrix_params(cfg: dict) -> int:
+    """Weights of the text body's matrices (every linear of every layer, no embeddings)."""
+    t, n = cfg["text_config"], 0
+    Dt = t["hidden_size"]
+    for kind in t["layer_types"]:
+        if kind == "linear_attention":
+            kd = t["linear_num_key_heads"] * t["linear_key_head_dim"]
+            vd = t["linear_num_value_heads"] * t["linear_value_head_dim"]
+            n += Dt * (2 * kd + vd) + Dt * vd + 2 * Dt * t["linear_num_value_heads"] + vd * Dt
+        else:
+            hd, H, Hkv = t["head_dim"], t["num_attention_heads"], t["num_key_value_heads"]
+            n += Dt * 2 * H * hd + 2 * Dt * Hkv * hd + H * hd * Dt
+        n += 3 * Dt * t["intermediate_size"]
+    return n
+
+
 def flops_448_ttft(cfg: dict, prompt_tokens: int) -> float:
     """Matmul FLOPs of the 448x448 TTFT: vision tower (16x), mergers, text prefill, one lm_head row."""
     v, t = cfg["vision_config"], cfg["text_config"]
@@ -65,23 +81,13 @@ def flops_448_ttft(cfg: dict, prompt_tokens: int) -> float:
     vision += 2 * n0 * 4 * D * D + 2 * (n0 // 4) * (4 * D * 4 * I + 4 * I * D)  # window merger
     Dt = t["hidden_size"]
     vision += 2 * (n0 // 16) * (4 * D * 4 * D + 4 * D * Dt)  # final merger
-    text_params = 0
-    for kind in t["layer_types"]:
-        if kind == "linear_attention":
-            kd = t["linear_num_key_heads"] * t["linear_key_head_dim"]
-            vd = t["linear_num_value_heads"] * t["linear_value_head_dim"]
-            text_params += Dt * (2 * kd + vd) + Dt * vd + 2 * Dt * t["linear_num_value_heads"] + vd * Dt
-        else:
-            hd, H, Hkv = t["head_dim"], t["num_attention_heads"], t["num_key_value_heads"]
-            text_params += Dt * 2 * H * hd + 2 * Dt * Hkv * hd + H * hd * Dt
-        text_params += 3 * Dt * t["intermediate_size"]
-    return vision + 2 * prompt_tokens * text_params + 2 * t["vocab_size"] * Dt
+    return vision + 2 * prompt_tokens * text_matrix_params(cfg) + 2 * t["vocab_size"] * Dt
 
 
 def decode_bytes_per_token(cfg: dict, bytes_per_param: float) -> float:
     """Weights one decode step reads: the text body's matrices plus the (tied) lm_head."""
-    flops_1 = flops_448_ttft({**cfg, "vision_config": {**cfg["vision_config"], "num_hidden_layers": 0}}, 1)
-    return flops_1 / 2 * bytes_per_param  # 2 FLOPs per weight at one token (vision terms vanish at 0 layers)
+    t = cfg["text_config"]
+    return (text_matrix_params(cfg) + t["vocab_size"] * t["hidden_size"]) * bytes_per_param
 
 
 def main():
@@ -115,7 +121,9 @@ def main():
     floor_s = flops_448_ttft(cfg, prompt_len) / (gflops * 1e9)
     bytes_tok = decode_bytes_per_token(cfg, 4 if args.ours_dtype == "float32" else 2)
     limit_tok_s = bw * 1e9 / bytes_tok
-    print(f"\nmachine: fp32 GEMM {gflops:.0f} GFLOP/s, read bandwidth {bw:.1f} GB/s, {args.threads} threads")
+    load = open("/proc/loadavg").read().split()[:3]
+    print(f"\nmachine: fp32 GEMM {gflops:.0f} GFLOP/s, read bandwidth {bw:.1f} GB/s, {args.threads} threads, "
+          f"load average now {' '.join(load)} (figures from a loaded machine are noisy)")
     print(f"448x448 TTFT compute floor: {floor_s:.2f} s; decode limit ({args.ours_dtype} weights, "
           f"{bytes_tok / 1e9:.2f} GB/token): {limit_tok_s:.1f} tok/s\n")
     rows = [("TTFT 448x448 (s, median)", median(ours["T1_ttft_s"]), hf and median(hf["T1_ttft_s"]), "lower"),
