@@ -5,6 +5,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+pytest_plugins = ["processor46_fixtures"]  # `ours` / `oracle` 4.6 processors for the preprocessing tests
 
 # 2-core CI machines shared with other jobs: one thread keeps tiny-model timings steady and
 # avoids OpenMP barrier stalls when a neighbour holds a core.

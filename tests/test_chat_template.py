@@ -8,10 +8,11 @@ import pytest
 
 from minicpmv.errors import InputError
 from minicpmv.prompt import CHATML_TEMPLATE, ChatTemplate, normalize_messages
+import paths
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
-FIXTURES = Path("/work/shared/fixtures")
+FIXTURES = paths.FIXTURES
 V46 = FIXTURES / "minicpm-v-4.6"
 GOLDEN = FIXTURES / "golden"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")

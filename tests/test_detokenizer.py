@@ -4,9 +4,10 @@ import pytest
 from tokenizers import Tokenizer
 
 from minicpmv.prompt import IncrementalDetokenizer
+import paths
 
-V46 = "/work/shared/fixtures/minicpm-v-4.6/tokenizer.json"
-GOLDEN = "/work/shared/fixtures/golden"
+V46 = str(paths.FIXTURE_46 / "tokenizer.json")
+GOLDEN = str(paths.GOLDEN)
 
 TEXTS = {
     "chinese": "你好，世界！今天天气很好，我们去公园散步吧。",

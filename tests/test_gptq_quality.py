@@ -10,7 +10,6 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from minicpmv.engine.state import ForwardBatch, SequenceState
 from minicpmv.families import adapter_for
 from minicpmv.loading import load_model
 from minicpmv.quant.apply import GPTQConfig, llm_block_prefix, select_gptq_targets

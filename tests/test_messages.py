@@ -8,8 +8,9 @@ from PIL import Image
 
 from minicpmv.errors import InputError
 from minicpmv.prompt import IMAGE_MARKER, VIDEO_MARKER, ChatTemplate, normalize_messages
+import paths
 
-V46 = "/work/shared/fixtures/minicpm-v-4.6"
+V46 = str(paths.FIXTURE_46)
 
 
 def test_model_card_style_list_format():

@@ -12,24 +12,12 @@ from PIL import Image
 from minicpmv.errors import InputError
 from minicpmv.processing import Processor46
 from minicpmv.processing.image_slicing import find_best_resize, get_sliced_grid, patchify
+from paths import FIXTURE_46
 
 torch.set_num_threads(1)
-FIXTURE = "/work/shared/fixtures/minicpm-v-4.6"
+FIXTURE = str(FIXTURE_46)
 PROMPT = "<|im_start|>user\n<|image_pad|>\nDescribe this image.<|im_end|>\n<|im_start|>assistant\n"
 PIXEL_TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def ours():
-    return Processor46.from_pretrained(FIXTURE)
-
-
-@pytest.fixture(scope="module")
-def oracle(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("fx46")
-    shutil.copytree(FIXTURE, folder, dirs_exist_ok=True)
-    return transformers.AutoProcessor.from_pretrained(str(folder))
 
 
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -83,7 +71,7 @@ def test_non_rgb_modes_match_oracle(ours, oracle):
 
 
 def test_defaults_come_from_preprocessor_config(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     shutil.copytree(FIXTURE, tmp_path, dirs_exist_ok=True)
     config = json.loads((tmp_path / "preprocessor_config.json").read_text())
     config.update(max_slice_nums=3, downsample_mode="4x", use_image_id=False, scale_resolution=224)

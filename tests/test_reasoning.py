@@ -5,8 +5,9 @@ import random
 import pytest
 
 from minicpmv.prompt import ChatTemplate, ReasoningStreamParser, prompt_opens_reasoning, split_reasoning
+import paths
 
-GOLDEN = "/work/shared/fixtures/golden"
+GOLDEN = str(paths.GOLDEN)
 
 # (name, generated text, starts inside reasoning, expected reasoning, expected content)
 CASES = [
@@ -81,7 +82,7 @@ def test_streaming_is_eager():
 @pytest.fixture(scope="module")
 def templates():
     return {
-        "4.6": ChatTemplate.from_folder("/work/shared/fixtures/minicpm-v-4.6"),
+        "4.6": ChatTemplate.from_folder(paths.FIXTURE_46),
         "4.5": ChatTemplate.from_folder(f"{GOLDEN}/minicpm-v-4.5/model"),
         "4.0": ChatTemplate.from_folder(f"{GOLDEN}/minicpm-v-4.0/model"),
     }

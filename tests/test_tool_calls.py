@@ -6,6 +6,7 @@ import random
 import pytest
 
 from minicpmv.prompt import ChatTemplate, ToolCallStreamParser, normalize_messages, parse_tool_calls, split_reasoning
+from paths import FIXTURE_46, GOLDEN
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
@@ -100,8 +101,8 @@ def test_plain_content_is_untouched():
         assert parse_tool_calls(text) == (text, [])
 
 
-@pytest.mark.parametrize("folder", ["/work/shared/fixtures/minicpm-v-4.6",
-                                    "/work/shared/fixtures/golden/minicpm-v-4.5/model"])
+@pytest.mark.parametrize("folder", [str(FIXTURE_46),
+                                    str(GOLDEN / "minicpm-v-4.5" / "model")])
 def test_round_trip_through_the_chat_template(folder):
     # Whatever the template teaches the model to write for a call, the parser reads back.
     template = ChatTemplate.from_folder(folder)

@@ -1,7 +1,6 @@
 """MiniCPM-V 4.6 video preprocessing against transformers 5.23's video processor. transformers
 decodes files only with torchcodec, so it gets our decoded frames plus the metadata, as the spec
 recommends; its PyAV reader is used once to check our metadata and frames."""
-import shutil
 
 import av
 import numpy as np
@@ -10,11 +9,12 @@ import pytest
 from minicpmv.errors import InputError
 import torch
 
-from minicpmv.processing import Processor46, Video, VideoMeta, load_video
+from minicpmv.processing import Video, VideoMeta, load_video
 from minicpmv.processing.video_sampling import sample_frame_indices, stack_canvas
+from paths import FIXTURE_46
 
 torch.set_num_threads(1)
-FIXTURE = "/work/shared/fixtures/minicpm-v-4.6"
+FIXTURE = str(FIXTURE_46)
 PROMPT = "<|im_start|>user\n<|video_pad|>\nWhat happens?<|im_end|>\n<|im_start|>assistant\n"
 PIXEL_TOL = 1e-5
 
@@ -43,19 +43,6 @@ def videos(tmp_path_factory):
     folder = tmp_path_factory.mktemp("videos")
     return {"small": write_video(folder / "small.mp4", 5.5),  # 132 frames, 96x64: unsliced units
             "big": write_video(folder / "big.mp4", 3.0, width=640, height=480)}  # sliced units
-
-
-@pytest.fixture(scope="module")
-def ours():
-    return Processor46.from_pretrained(FIXTURE)
-
-
-@pytest.fixture(scope="module")
-def oracle(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("fx46")
-    shutil.copytree(FIXTURE, folder, dirs_exist_ok=True)
-    return transformers.AutoProcessor.from_pretrained(str(folder))
 
 
 def oracle_run(oracle, prompt, clips, **kwargs):
