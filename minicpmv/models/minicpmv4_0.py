@@ -4,14 +4,10 @@ the resampler never sees temporal ids."""
 from __future__ import annotations
 
 from .llama import LlamaForCausalLM
-from .minicpmv_v4x import MiniCPMVV4x, MiniCPMVV4xConfig
+from .minicpmv_v4x import MiniCPMVV4x
 
 
 class MiniCPMV40(MiniCPMVV4x):
     family = "minicpmv4_0"
     text_cls = LlamaForCausalLM
     temporal = False
-
-    @classmethod
-    def from_config(cls, config: dict) -> "MiniCPMV40":
-        return cls(MiniCPMVV4xConfig.from_dict(config))

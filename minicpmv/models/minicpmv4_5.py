@@ -3,7 +3,7 @@
 timestamp id) and a Qwen3 text tower. Hybrid thinking lives in the chat template, not here."""
 from __future__ import annotations
 
-from .minicpmv_v4x import MiniCPMVV4x, MiniCPMVV4xConfig
+from .minicpmv_v4x import MiniCPMVV4x
 from .qwen3 import Qwen3ForCausalLM
 
 
@@ -11,7 +11,3 @@ class MiniCPMV45(MiniCPMVV4x):
     family = "minicpmv4_5"
     text_cls = Qwen3ForCausalLM
     temporal = True
-
-    @classmethod
-    def from_config(cls, config: dict) -> "MiniCPMV45":
-        return cls(MiniCPMVV4xConfig.from_dict(config))

@@ -113,6 +113,10 @@ class MiniCPMVV4x(nn.Module):
     text_cls: type[LlamaForCausalLM] = LlamaForCausalLM
     temporal = False
 
+    @classmethod
+    def from_config(cls, config: dict) -> "MiniCPMVV4x":
+        return cls(MiniCPMVV4xConfig.from_dict(config))
+
     def __init__(self, cfg: MiniCPMVV4xConfig):
         super().__init__()
         self.config = cfg
