@@ -205,11 +205,10 @@ def test_minicpmv45_layout_quantizes_and_loads(tmp_path):
     """The 4.0/4.5 remote-code layout (`llm.model.layers.*`, Qwen3 for 4.5): the quantized keys are
     `llm.model.layers.N.{self_attn.q/k/v/o_proj, mlp.gate/up/down_proj}.{qweight,qzeros,scales,g_idx}`
     (spec v40_v45 §2.4), and our load equals the own-dequantization reference."""
-    from pathlib import Path
+    from paths import GOLDEN
 
-    src = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "golden" / "minicpm-v-4.5" / "model"
-    if not src.is_dir():
-        pytest.skip("shared golden 4.5 fixture not present")
+    src = GOLDEN / "minicpm-v-4.5" / "model"
+    assert src.is_dir(), f"the shared golden 4.5 checkpoint is missing: {src}"
     out = tmp_path / "v45"
     result = quantize_folder(src, out, GPTQSpec(4, 32, True, False, "gptq"), progress=False)
     assert all(r.gptq_error < r.rtn_error for r in result.reports)
