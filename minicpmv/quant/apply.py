@@ -19,7 +19,6 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from torch import nn
 
