@@ -37,6 +37,20 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, t
 
 
+def stored_float_dtype(folder: Path) -> torch.dtype | None:
+    """The floating dtype most of the checkpoint's tensors are stored in (read from the first
+    file's header only), or None when it holds no floating tensors."""
+    with open(checkpoint_files(folder)[0], "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    counts = {}
+    for name, info in header.items():
+        dtype = _DTYPES.get(info["dtype"]) if name != "__metadata__" else None
+        if dtype is not None and dtype.is_floating_point:
+            counts[dtype] = counts.get(dtype, 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
 def checkpoint_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():

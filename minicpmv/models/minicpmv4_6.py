@@ -156,6 +156,9 @@ class MiniCPMV46(nn.Module):
     """The whole model as the engine sees it: vision -> merger -> scatter -> text -> logits."""
 
     family = "minicpmv4_6"
+    # modules whose matrices run once per generated token (the CPU loader packs them, see
+    # layers/fp16_packed.py); the vision side runs once per image
+    per_token_prefixes = ("language_model.", "lm_head")
 
     def __init__(self, cfg: MiniCPMV46Config):
         super().__init__()

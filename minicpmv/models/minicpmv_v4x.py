@@ -117,6 +117,9 @@ class MiniCPMVV4x(nn.Module):
     def from_config(cls, config: dict) -> "MiniCPMVV4x":
         return cls(MiniCPMVV4xConfig.from_dict(config))
 
+    # modules whose matrices run once per generated token (see layers/fp16_packed.py)
+    per_token_prefixes = ("llm.",)
+
     def __init__(self, cfg: MiniCPMVV4xConfig):
         super().__init__()
         self.config = cfg

@@ -232,9 +232,10 @@ def quantize_folder(model_folder: str | Path, out_folder: str | Path, spec: GPTQ
                     num_samples: int = 128, max_tokens: int = 512, progress: bool = True,
                     samples: list | None = None, dtype: str = "auto") -> QuantizeResult:
     """Quantize the dense checkpoint in `model_folder` into `out_folder`; returns the result
-    (packed tensors and per-layer GPTQ/RTN error figures). The model is loaded on the CPU in
-    float32 up to 4B parameters, else with bf16 matrices (fp32 compute), so an 8B model fits in
-    24 GB; GPTQ itself always works on fp32 copies of one layer's weights and Hessians."""
+    (packed tensors and per-layer GPTQ/RTN error figures). The model is loaded on the CPU with
+    loading's "auto" policy (a bf16 checkpoint keeps bf16 matrices with fp32 compute, so an 8B
+    model fits in 24 GB) and its linears left unpacked, since GPTQ reads their weights; GPTQ
+    itself always works on fp32 copies of one layer's weights and Hessians."""
     from tokenizers import Tokenizer
 
     from ..loading import load_model
@@ -245,7 +246,7 @@ def quantize_folder(model_folder: str | Path, out_folder: str | Path, spec: GPTQ
     config = json.loads((src / "config.json").read_text())
     if "quantization_config" in config:
         raise ValueError(f"{src} is already quantized ({config['quantization_config'].get('quant_method')})")
-    model, _ = load_model(src, dtype, "cpu", progress=progress)
+    model, _ = load_model(src, dtype, "cpu", progress=progress, pack_per_token=False)
     if samples is None:
         tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
         family = None
