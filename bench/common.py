@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -85,15 +84,11 @@ def peak_rss_gb() -> float:
     return float("nan")
 
 
-def run_worker(script: Path, args: list[str], threads: int) -> dict:
-    """Run one engine in its own process (so peak RSS is its own) and read its JSON result."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "bench"), str(ROOT / "tests"),
-                                          os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"worker {args} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def worker_env(threads: int) -> dict:
+    """The environment of a benchmark subprocess: same thread count for every library."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "bench"), str(ROOT / "tests"),
+                                           os.environ.get("PYTHONPATH", "")])}
 
 
 def median(xs):

@@ -1,17 +1,25 @@
-"""One engine in one process: load the checkpoint, run the requested metrics on the saved
-inputs, print one JSON line. Called by bench46.py; not meant to be run by hand."""
+"""One engine in one long-lived process, driven by bench46.py over stdin/stdout: it loads the
+checkpoint once, then answers one JSON line per command, so the driver can alternate the two
+engines sample by sample (A B B A) while each keeps its own peak RSS. Not meant to be run by hand.
+
+Commands: {"run": "T1" | "T2" | "T3" | "B8", "tokens": N}, {"logits": path}, {"rss": true}.
+Every sample reports `others`: the share of the machine's CPU time used by other processes
+while it ran (0 = quiet, 0.5 = a whole core of two taken by someone else)."""
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
+import sys
 import time
 
 import torch
 
-from common import peak_rss_gb
+from common import cpu_jiffies, peak_rss_gb
 
 IMAGE_TOKEN, VIDEO_TOKEN = 248056, 248057
+INPUT_OF = {"T1": "img448", "T2": "img1344", "T3": "video30", "B8": "text32"}
 
 
 class Stamps:
@@ -89,6 +97,27 @@ def our_engine(folder, dtype):
     return generate, first_logits
 
 
+def own_jiffies() -> int:
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime of every thread
+
+
+def sample(generate, inputs, metric: str, tokens: int) -> dict:
+    busy0, total0 = cpu_jiffies()
+    own0 = own_jiffies()
+    batch = 8 if metric == "B8" else 1
+    t0, stamps = generate(inputs[INPUT_OF[metric]], tokens, batch)
+    busy1, total1 = cpu_jiffies()
+    others = max(0, (busy1 - busy0) - (own_jiffies() - own0)) / max(1, total1 - total0)
+    steps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+    out = {"ttft_s": stamps[0] - t0, "others": round(others, 3), "wall_s": stamps[-1] - t0}
+    if steps:
+        out["step_s"] = steps[len(steps) // 2]  # median time between two tokens
+        out["tok_s"] = batch * len(steps) / (stamps[-1] - stamps[0])  # all sequences together
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("engine", choices=["ours", "hf"])
@@ -96,46 +125,32 @@ def main():
     p.add_argument("--inputs", required=True)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--metrics", default="T1,T2,B8")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--decode-tokens", type=int, default=33)
-    p.add_argument("--logits-out")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[args.dtype]
     inputs = torch.load(args.inputs)
     t = time.perf_counter()
     generate, first_logits = (hf_engine if args.engine == "hf" else our_engine)(args.folder, dtype)
-    result = {"engine": args.engine, "dtype": args.dtype, "load_s": time.perf_counter() - t,
-              "rss_after_load_gb": peak_rss_gb()}
+    reply = {"ready": True, "load_s": time.perf_counter() - t, "rss_after_load_gb": peak_rss_gb()}
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w")  # replies only; libraries' prints go to stderr
+    sys.stdout = sys.stderr
+    out.write(json.dumps(reply) + "\n")
+    out.flush()
     gc.disable()
-    with torch.inference_mode():
-        if args.logits_out:
-            torch.save(first_logits(inputs["img448"]), args.logits_out)
-        metrics = args.metrics.split(",")
-        if "T1" in metrics:  # TTFT 448x448 + batch-1 decode; the first run warms up
-            ttft, steps = [], []
-            for i in range(args.runs + 1):
-                t0, stamps = generate(inputs["img448"], args.decode_tokens)
-                if i:
-                    ttft.append(stamps[0] - t0)
-                    steps += [b - a for a, b in zip(stamps[1:], stamps[2:])]
-            result["T1_ttft_s"] = ttft
-            result["D1_step_s"] = sorted(steps)[len(steps) // 2]
-        if "T2" in metrics:
-            t0, stamps = generate(inputs["img1344"], 1)
-            result["T2_ttft_s"] = stamps[0] - t0
-        if "T3" in metrics:
-            t0, stamps = generate(inputs["video30"], 1)
-            result["T3_ttft_s"] = stamps[0] - t0
-        if "B8" in metrics:
-            n = 17
-            t0, stamps = generate(inputs["text32"], n, batch=8)
-            result["B8_decode_tok_s"] = 8 * (len(stamps) - 1) / (stamps[-1] - stamps[0])
-            result["B8_e2e_tok_s"] = 8 * n / (stamps[-1] - t0)
-    result["peak_rss_gb"] = peak_rss_gb()
-    print(json.dumps(result))
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        with torch.inference_mode():
+            if "run" in cmd:
+                reply = sample(generate, inputs, cmd["run"], cmd["tokens"])
+            elif "logits" in cmd:
+                torch.save(first_logits(inputs["img448"]), cmd["logits"])
+                reply = {"saved": cmd["logits"]}
+            else:
+                reply = {"peak_rss_gb": peak_rss_gb()}
+        gc.collect()
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
 
 
 if __name__ == "__main__":
