@@ -9,10 +9,11 @@ What it measures, in one process and one run:
    to fp32 + F.linear (the alternatives GPTQLinear chose between);
 2. memory read bandwidth (torch sum over 512 MiB, best of 5) in this run;
 3. decode tokens/s, batch 1, after a 16-token prompt, for our engine's text model as
-   `load_model(..., "bfloat16")` sets it up on a CPU (bf16 matrices through layers/mixed.py,
-   fp32 activations and small tensors): dense bf16, then GPTQ int4 (group 128, sym, the released
-   recipe; values from round-to-nearest, which costs the same to run as GPTQ's) with the tied
-   lm_head kept bf16 as in the released GPTQ checkpoints. GPTQLinear feeds the int4 kernel bf16;
+   `load_model(...)` sets up a bf16 checkpoint on an x86 CPU (every per-token matrix packed for
+   fbgemm's fp16 GEMM with fp32 math, layers/fp16_packed.py; fp32 activations and small tensors):
+   dense, then GPTQ int4 (group 128, sym, the released recipe; values from round-to-nearest, which
+   costs the same to run as GPTQ's) with the tied lm_head kept 16-bit as in the released GPTQ
+   checkpoints (so it is fp16-packed too). GPTQLinear feeds the int4 kernel bf16;
 4. the same decode with transformers 5.23 + optimum + gptqmodel on the same int4 tensors (if
    installed; pure bf16 model, the vision tower zero-filled since only text is decoded);
 and prints, for each decode row, weight bytes read per token and the fraction of the measured
@@ -22,6 +23,7 @@ the linears of one token back to back (the weight-streaming share of a step).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -40,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "minicpm-v-4.6"
 
 from minicpmv.engine.state import ForwardBatch, SequenceState  # noqa: E402
+from minicpmv.layers.fp16_packed import PackedFP16Linear, pack_fp16  # noqa: E402
 from minicpmv.layers.mixed import mixed_precision_plan  # noqa: E402
 from minicpmv.models.minicpmv4_6 import MiniCPMV46Config  # noqa: E402
 from minicpmv.models.qwen3_5 import Qwen35TextModel  # noqa: E402
@@ -169,9 +172,13 @@ def build_random_text_model(config: dict) -> TextLM:
     return model.eval()
 
 
+PER_TOKEN = ("language_model.", "lm_head")
+
+
 def cpu_bf16_mode(model: TextLM) -> None:
-    """What `load_model(folder, "bfloat16")` gives on a CPU: bf16 matrices (linears, embedding,
-    tied lm_head) run by layers/mixed.py, every other tensor fp32, fp32 activations."""
+    """What `load_model(folder, "bfloat16")` holds on a CPU before packing: bf16 matrices
+    (linears, embedding, tied lm_head), every other tensor fp32, fp32 activations. `pack_fp16`
+    then moves the per-token linears to fbgemm's fp16 form, as load_model does on x86."""
     half = mixed_precision_plan(model)
     for mname, module in model.named_modules():
         for key, p in module._parameters.items():
@@ -218,8 +225,8 @@ def decode(model: TextLM, prompt_len=16, steps=24) -> list[float]:
 def linears_only(model: TextLM, passes=5) -> float:
     """Seconds for one token's worth of every linear (body + lm_head), back to back, fp32 rows of
     M=1 as in decode: the weight-streaming part of a step without the rest of the model."""
-    mods = [m for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, GPTQLinear)) and (n.startswith("language_model.layers") or n == "lm_head")]
+    mods = [m for n, m in model.named_modules() if isinstance(m, (nn.Linear, GPTQLinear, PackedFP16Linear))
+            and (n.startswith("language_model.layers") or n == "lm_head")]
     xs = [torch.randn(1, m.in_features) for m in mods]
     best = float("inf")
     for _ in range(passes):
@@ -234,9 +241,11 @@ def weight_bytes(model: TextLM) -> int:
     """Bytes of weights one decode step reads: every matrix once (the embedding row is
     negligible; the tied lm_head reads the whole table), int4 layers as their packed runtime
     form (int4 codes + the bf16 scale/zero table)."""
-    total = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    total = 0
     for name, module in model.named_modules():
-        if isinstance(module, GPTQLinear):
+        if isinstance(module, PackedFP16Linear) and (name == "lm_head" or name.startswith("language_model.layers")):
+            total += module.in_features * module.out_features * 2
+        elif isinstance(module, GPTQLinear):
             rt = module._rt
             total += rt["packed"].numel() * rt["packed"].element_size() + rt["s"].numel() * 2 * 2
         elif name.startswith("language_model.layers") and not list(module.children()):
@@ -251,13 +260,12 @@ def state_bytes(model: TextLM) -> int:
 
 # -- 4. transformers + gptqmodel ----------------------------------------------------------------
 
-def hf_decode(model: TextLM, packed: dict, config: dict, steps: int, prompt_len=16):
+def hf_decode(own: dict[str, torch.Tensor], packed: dict, config: dict, steps: int, prompt_len=16):
     from safetensors.torch import save_file
     from transformers import AutoModelForImageTextToText, LogitsProcessor, LogitsProcessorList
 
     header = json.loads((FIXTURE / "model-safetensors-header.json").read_text())
     tensors = {}
-    own = dict(model.named_parameters())
     for key, meta in header.items():
         if key == "__metadata__":
             continue
@@ -332,21 +340,26 @@ def main():
 
     rows = []
     cpu_bf16_mode(model)
+    dense = copy.deepcopy(model)
+    pack_fp16(dense, PER_TOKEN)
     t0 = time.perf_counter()
-    times = decode(model, steps=args.steps)
-    print(f"    bf16 decode run: {time.perf_counter() - t0:.1f} s", flush=True)
-    rows.append(("ours bf16 matrices (CPU bf16 mode, fp32 compute)", times, weight_bytes(model)))
-    rows.append(("  its linears alone (bf16 GEMV, M=1)", [linears_only(model)], weight_bytes(model)))
+    times = decode(dense, steps=args.steps)
+    print(f"    dense decode run: {time.perf_counter() - t0:.1f} s", flush=True)
+    rows.append(("ours 16-bit matrices (fbgemm fp16, fp32 math)", times, weight_bytes(dense)))
+    rows.append(("  its linears alone (fp16 GEMV, M=1)", [linears_only(dense)], weight_bytes(dense)))
+    del dense
 
     t0 = time.perf_counter()
     packed = quantize_body(model)
     print(f"    int4 g128 packing of {len(packed)} linears: {time.perf_counter() - t0:.1f} s", flush=True)
+    own = {n: p.detach() for n, p in model.named_parameters()}  # the dense rest, for transformers
+    pack_fp16(model, PER_TOKEN)  # what stays 16-bit (lm_head, DeltaNet in_proj_a/b), as load_model does
     b4 = weight_bytes(model)
     t0 = time.perf_counter()
     times = decode(model, steps=args.steps)
     print(f"    int4 decode run: {time.perf_counter() - t0:.1f} s", flush=True)
-    rows.append(("ours GPTQ int4 body + bf16 lm_head (same mode)", times, b4))
-    rows.append(("  its linears alone (int4 kernel + bf16 lm_head)", [linears_only(model)], b4))
+    rows.append(("ours GPTQ int4 body + fp16 lm_head (same mode)", times, b4))
+    rows.append(("  its linears alone (int4 kernel + fp16 lm_head)", [linears_only(model)], b4))
 
     if not args.no_hf:
         try:
@@ -355,7 +368,7 @@ def main():
         except ImportError as e:
             print(f"    transformers + gptqmodel skipped: {e}")
         else:
-            times, kernel, load_s = hf_decode(model, packed, config, args.hf_steps)
+            times, kernel, load_s = hf_decode(own, packed, config, args.hf_steps)
             rows.append((f"transformers+gptqmodel ({kernel}), bf16", times, b4))
             print(f"    transformers loaded the int4 checkpoint in {load_s:.1f} s", flush=True)
 
@@ -376,7 +389,7 @@ def main():
         limit = bw * 1e9 / nbytes
         base = base or tps
         print(f"{name:52s} {len(times):5d} {med * 1e3:9.1f} {tps:7.2f} {nbytes / 1e6:9.0f} {limit:11.1f} "
-              f"{tps / limit:9.0%}   x{tps / base:.2f} vs ours bf16")
+              f"{tps / limit:9.0%}   x{tps / base:.2f} vs ours 16-bit")
     print(f"\nloadavg {loadavg()}; total {time.perf_counter() - t_start:.0f} s")
 
 

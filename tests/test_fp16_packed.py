@@ -19,6 +19,17 @@ def test_product_is_fp32_math_on_the_fp16_weight():
         assert (got.double() - expected).abs().max() < 3e-6 * expected.abs().max()
 
 
+def test_tall_matrices_are_packed_in_row_blocks(monkeypatch):
+    from minicpmv.layers import fp16_packed
+
+    monkeypatch.setattr(fp16_packed, "STAGING_BYTES", 64 * 4 * 70)  # 70 rows per block: 5 blocks
+    w, b = torch.randn(300, 64).bfloat16(), torch.randn(300)
+    lin = PackedFP16Linear(w, b)
+    assert len(lin.blocks) == 5
+    x = torch.randn(2, 3, 64)
+    assert (lin(x).double() - F.linear(x.double(), w.double(), b.double())).abs().max() < 1e-4
+
+
 def test_pack_swaps_only_matching_half_precision_linears():
     model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 4)))
     model[0].weight.data = model[0].weight.data.bfloat16()

@@ -26,18 +26,29 @@ def available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
+# fbgemm packs from an fp32 copy: tall matrices (the 248k-row lm_head) are packed in row blocks
+# of at most this many fp32 bytes, so loading never stages a whole fp32 copy (1 GB for 4.6's
+# head); a decode step pays one small concatenation of the blocks' outputs.
+STAGING_BYTES = 256 << 20
+
+
 class PackedFP16Linear(nn.Module):
     """y = x W^T + b with W held only in fbgemm's packed fp16 form. x and y are fp32."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), None if bias is None else bias.float())
+        rows = max(1, STAGING_BYTES // (4 * self.in_features))
+        bias = None if bias is None else bias.detach().float()
+        self.blocks = [torch.ops.quantized.linear_prepack_fp16(weight[i:i + rows].float(),
+                                                               None if bias is None else bias[i:i + rows])
+                       for i in range(0, self.out_features, rows)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 1:  # the op wants a row dimension
-            return torch.ops.quantized.linear_dynamic_fp16(x[None], self.packed)[0]
-        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+        flat = x if x.dim() > 1 else x[None]  # the op wants a row dimension
+        outs = [torch.ops.quantized.linear_dynamic_fp16(flat, block) for block in self.blocks]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+        return y if x.dim() > 1 else y[0]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp16 packed"
@@ -46,13 +57,45 @@ class PackedFP16Linear(nn.Module):
 def pack_fp16(model: nn.Module, prefixes: tuple[str, ...]) -> int:
     """Replace every half-precision nn.Linear whose qualified name starts with one of `prefixes`
     by a PackedFP16Linear (in place; the unpacked weight is dropped unless something else, e.g.
-    a tied embedding, still holds it). Returns how many were packed."""
+    a tied embedding, still holds it). Returns how many linears were packed.
+
+    A module may declare `packed_fusions = {fused: (member, ...)}`: linears that read the same
+    input (q/k/v, gate/up, DeltaNet's four input projections) are then packed as one matrix under
+    `fused` and the members set to None; its forward uses the fused product when it is there.
+    One GEMV instead of several saves per-call overhead, which is what decode is made of.
+
+    One matrix at a time, holding no reference to the replaced modules, so the peak stays at the
+    model plus one matrix's fp32 staging copy rather than two copies of every matrix."""
     packed = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.startswith(prefixes) and _packable(module):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, PackedFP16Linear(module.weight.detach(), module.bias))
+    owners = [name for name, m in model.named_modules() if getattr(m, "packed_fusions", None)]
+    for name in owners:
+        if not (name + ".").startswith(prefixes):
+            continue
+        owner = model.get_submodule(name)
+        for fused, members in owner.packed_fusions.items():
+            linears = [getattr(owner, m) for m in members]
+            if not all(isinstance(lin, nn.Linear) and _packable(lin) for lin in linears):
+                continue  # e.g. GPTQ int4 layers: they stay as they are
+            biases = [lin.bias for lin in linears]
+            if any(b is None for b in biases) and any(b is not None for b in biases):
+                continue
+            weight = torch.cat([lin.weight.detach() for lin in linears])
+            bias = None if biases[0] is None else torch.cat([b.detach().float() for b in biases])
+            del linears, biases
+            for m in members:
+                setattr(owner, m, None)
+            setattr(owner, fused, PackedFP16Linear(weight, bias))
+            packed += len(members)
+            del weight
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith(prefixes)]
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        linear = getattr(owner, attr)
+        if _packable(linear):
+            setattr(owner, attr, PackedFP16Linear(linear.weight.detach(), linear.bias))
             packed += 1
+        del linear
     return packed
 
 

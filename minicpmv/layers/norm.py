@@ -3,6 +3,8 @@ reference does, so bf16 runs round at the same places."""
 import torch
 from torch import nn
 
+from .derived import Derived
+
 
 class RMSNorm(nn.Module):
     """Classic RMSNorm: y = w * x / rms(x) (Llama, Qwen3)."""
@@ -26,11 +28,12 @@ class ZeroCenteredRMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
+        self.scale = Derived(lambda w: 1.0 + w.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).type_as(x)
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale(self.weight)
+        return y if x.dtype == torch.float32 else y.type_as(x)
 
 
 class GatedRMSNorm(nn.Module):

@@ -114,6 +114,8 @@ class RotaryEmbedding:
 
 
 class LlamaAttention(nn.Module):
+    packed_fusions = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # see layers/fp16_packed.py
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -122,6 +124,7 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(D, Hkv * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(D, Hkv * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(H * hd, D, bias=cfg.attention_bias)
+        self.qkv_proj = None
 
     def state_spec(self) -> AttentionSpec:
         return AttentionSpec(self.num_kv_heads, self.head_dim)
@@ -132,9 +135,14 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, layer_idx: int, rope) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            kv = self.num_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, T, self.num_heads, self.head_dim)
+        k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.normalize_qk(q, k)
         cos, sin = rope
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..engine.state import AttentionSpec, ForwardBatch, LinearSpec
 from ..layers.attention import cached_attention
+from ..layers.derived import Derived
 from ..layers.gated_delta import chunk_gated_delta_rule, l2_normalize, recurrent_gated_delta_step
 from ..layers.mlp import GatedMLP
 from ..layers.norm import GatedRMSNorm, ZeroCenteredRMSNorm
@@ -63,6 +64,9 @@ class Qwen35TextConfig:
 
 
 class GatedDeltaNet(nn.Module):
+    # the four input projections read the same x (see layers/fp16_packed.py)
+    packed_fusions = {"in_proj": ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")}
+
     def __init__(self, cfg: Qwen35TextConfig):
         super().__init__()
         self.num_k_heads, self.num_v_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
@@ -82,6 +86,8 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
         self.norm = GatedRMSNorm(self.v_dim, eps=cfg.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_size, D, bias=False)
+        self.in_proj = None
+        self.neg_A = Derived(lambda a_log: -a_log.float().exp())
 
     def state_spec(self) -> LinearSpec:
         return LinearSpec(self.conv_dim, self.kernel, self.num_v_heads, self.k_dim, self.v_dim)
@@ -89,10 +95,15 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, layer_idx: int) -> torch.Tensor:
         B, T, _ = x.shape
         states = [s.layers[layer_idx] for s in batch.states]
-        qkv = self.in_proj_qkv(x).transpose(1, 2)  # [B, C, T]
-        z = self.in_proj_z(x).view(B, T, self.num_v_heads, self.v_dim)
-        beta = self.in_proj_b(x).sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+        if self.in_proj is not None:
+            qkv, z, b, a = self.in_proj(x).split([self.conv_dim, self.value_size, self.num_v_heads,
+                                                  self.num_v_heads], dim=-1)
+        else:
+            qkv, z, b, a = self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
+        qkv = qkv.transpose(1, 2)  # [B, C, T]
+        z = z.reshape(B, T, self.num_v_heads, self.v_dim)
+        beta = b.sigmoid()
+        g = self.neg_A(self.A_log) * F.softplus(a.float() + self.dt_bias)
 
         # short causal conv, continuing from the cached window of previous inputs
         window = torch.cat([torch.stack([s.conv for s in states]), qkv], dim=-1)
@@ -120,10 +131,14 @@ class GatedDeltaNet(nn.Module):
         if T == 1:
             # decode: each sequence's state is updated in place where it lives; stacking B states
             # (18.9 MB each at the real size) and copying them back cost more than B small steps
-            beta = beta.float()
-            o = torch.cat([recurrent_gated_delta_step(q[b:b + 1, 0], k[b:b + 1, 0], v[b:b + 1, 0], g[b:b + 1, 0],
-                                                      beta[b:b + 1, 0], s.recurrent[None])
-                           for b, s in enumerate(states)]).unsqueeze(1)  # [B, 1, H, dv]
+            q, k, v, g, beta = q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0].float()
+            if B == 1:
+                o = recurrent_gated_delta_step(q, k, v, g, beta, states[0].recurrent[None])
+            else:
+                o = torch.cat([recurrent_gated_delta_step(q[b:b + 1], k[b:b + 1], v[b:b + 1], g[b:b + 1],
+                                                          beta[b:b + 1], s.recurrent[None])
+                               for b, s in enumerate(states)])
+            o = o.unsqueeze(1)  # [B, 1, H, dv]
         else:
             recurrent = states[0].recurrent[None] if B == 1 else torch.stack([s.recurrent for s in states])
             o, final = chunk_gated_delta_rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -140,6 +155,8 @@ class GatedAttention(nn.Module):
     """Softmax attention whose output is gated per channel by sigmoid(gate); the gate comes from
     the second half of each head's q_proj rows."""
 
+    packed_fusions = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # see layers/fp16_packed.py
+
     def __init__(self, cfg: Qwen35TextConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -150,16 +167,22 @@ class GatedAttention(nn.Module):
         self.o_proj = nn.Linear(H * hd, D, bias=False)
         self.q_norm = ZeroCenteredRMSNorm(hd, eps=cfg.rms_norm_eps)
         self.k_norm = ZeroCenteredRMSNorm(hd, eps=cfg.rms_norm_eps)
+        self.qkv_proj = None
 
     def state_spec(self) -> AttentionSpec:
         return AttentionSpec(self.num_kv_heads, self.head_dim)
 
     def forward(self, x, batch: ForwardBatch, layer_idx: int, rope) -> torch.Tensor:
         B, T, _ = x.shape
-        q, gate = self.q_proj(x).view(B, T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        if self.qkv_proj is not None:
+            kv = self.num_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([2 * self.num_heads * self.head_dim, kv, kv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, gate = q.reshape(B, T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         q = self.q_norm(q).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        k = self.k_norm(k.reshape(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = cached_attention(q, k, v, batch, layer_idx, self.head_dim ** -0.5)
