@@ -32,7 +32,12 @@ def test_auto_on_cpu_keeps_a_bf16_checkpoint_narrow(models):
     assert ours.language_model.embed_tokens.weight.dtype == torch.bfloat16
     assert fp16_packed.available(), "x86-64 torch builds ship fbgemm; CI runs on x86-64"
     assert isinstance(ours.lm_head, PackedFP16Linear)
-    assert isinstance(ours.language_model.layers[0].mlp.down_proj, PackedFP16Linear)
+    layers = ours.language_model.layers
+    assert isinstance(layers[0].mlp.down_proj, PackedFP16Linear)
+    # fused products (one GEMV per group of projections reading the same input)
+    assert isinstance(layers[0].mlp.gate_up_proj, PackedFP16Linear) and layers[0].mlp.gate_proj is None
+    assert isinstance(layers[0].linear_attn.in_proj, PackedFP16Linear) and layers[0].linear_attn.in_proj_a is None
+    assert isinstance(layers[1].self_attn.qkv_proj, PackedFP16Linear) and layers[1].self_attn.k_proj is None
 
 
 def greedy(ours, prompts):
