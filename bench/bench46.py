@@ -14,6 +14,7 @@ and the median of the paired ratios with their min-max ("within noise" when that
 
     python bench/bench46.py                 # ~8-10 minutes on 2 cores
     python bench/bench46.py --video --runs 5
+    python bench/bench46.py --skip-hf --v45-int4   # adds 4.5's int4 decode (real shapes, ours only)
 """
 from __future__ import annotations
 
@@ -171,6 +172,9 @@ def main():
     p.add_argument("--video", action="store_true", help="also time a 30-frame video (adds ~3-5 minutes)")
     p.add_argument("--skip-hf", action="store_true", help="time only our engine")
     p.add_argument("--skip-1344", action="store_true", help="skip the sliced 1344x1344 TTFT (the longest metric)")
+    p.add_argument("--v45-int4", action="store_true",
+                   help="also time MiniCPM-V 4.5's language model (Qwen3-8B shapes) decoding with a GPTQ int4 body "
+                        "(bench/decode45_int4.py; ours only: transformers has no 4.5; adds ~3 minutes)")
     args = p.parse_args()
 
     cfg = json.loads(REAL_46_CONFIG.read_text())
@@ -211,6 +215,10 @@ def main():
         for w in workers.values():
             w.close()
     report(args, cfg, inputs, res, gflops, bw, time.monotonic() - started)
+    if args.v45_int4:
+        from decode45_int4 import run as decode45_int4
+
+        decode45_int4(args.threads, bw)
 
 
 def report(args, cfg, inputs, res, gflops, bw, elapsed):

@@ -152,6 +152,27 @@ class VisionTower46(nn.Module):
         return self.post_layernorm(unpad_crops(padded, lengths)), sizes
 
 
+# Crops never attend to each other (tower, window merger and merger all work per crop), so they
+# are encoded in groups of at most this many patches: activation memory then stays bounded
+# (~0.5 GB at the real width) however many frames a video has, and GEMMs of thousands of rows
+# run as fast as bigger ones.
+VISION_CHUNK_PATCHES = 8192
+
+
+def crop_groups(sizes: list[list[int]], budget: int) -> list[tuple[int, int]]:
+    """Consecutive crops (h, w patch grids) -> [(crops in group, patches in group)], each group
+    within `budget` patches unless a single crop alone exceeds it."""
+    groups, crops, patches = [], 0, 0
+    for h, w in sizes:
+        if crops and patches + h * w > budget:
+            groups.append((crops, patches))
+            crops, patches = 0, 0
+        crops, patches = crops + 1, patches + h * w
+    if crops:
+        groups.append((crops, patches))
+    return groups
+
+
 class MiniCPMV46(nn.Module):
     """The whole model as the engine sees it: vision -> merger -> scatter -> text -> logits."""
 
@@ -198,8 +219,15 @@ class MiniCPMV46(nn.Module):
         if mode not in ("16x", "4x"):
             raise ValueError(f"downsample_mode must be '16x' or '4x', got {mode!r}")
         w = self.vision_tower.embeddings.patch_embedding.weight
-        feats, sizes = self.vision_tower(pixel_values.to(w.dtype), target_sizes, use_window_merger=mode != "4x")
-        return self.merger(feats, sizes)
+        pixel_values, ps = pixel_values.to(w.dtype), self.config.vision.patch_size
+        groups = crop_groups(target_sizes.tolist(), VISION_CHUNK_PATCHES)
+        out, crop, col = [], 0, 0
+        for n_crops, n_patches in groups:
+            part = pixel_values if len(groups) == 1 else pixel_values[..., col * ps:(col + n_patches) * ps].contiguous()
+            feats, sizes = self.vision_tower(part, target_sizes[crop:crop + n_crops], use_window_merger=mode != "4x")
+            out.append(self.merger(feats, sizes))
+            crop, col = crop + n_crops, col + n_patches
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def embed(self, input_ids: torch.Tensor, vision: dict[int, torch.Tensor]) -> torch.Tensor:
         """input_ids [T] -> inputs_embeds [1, T, D]; vision maps a placeholder token id to the
