@@ -47,6 +47,8 @@ def build(layers: int) -> Qwen3ForCausalLM:
     with torch.no_grad():
         for name, module in model.named_modules():
             for key, p in list(module._parameters.items()):
+                if p is None:
+                    continue
                 full = f"{name}.{key}" if name else key
                 if "norm" in full:
                     value = torch.ones(p.shape)

@@ -1,6 +1,7 @@
 """RMSNorm variants used by the text towers. Math is done in float32 and cast back, as the
 reference does, so bf16 runs round at the same places."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .derived import Derived
@@ -31,9 +32,10 @@ class ZeroCenteredRMSNorm(nn.Module):
         self.scale = Derived(lambda w: 1.0 + w.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
+        fp32 = x.dtype == torch.float32  # the CPU path: skip the no-op casts (each is a dispatched op)
+        y = x if fp32 else x.float()
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale(self.weight)
-        return y if x.dtype == torch.float32 else y.type_as(x)
+        return y if fp32 else y.type_as(x)
 
 
 class GatedRMSNorm(nn.Module):
@@ -45,8 +47,10 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        if x.dtype == gate.dtype == self.weight.dtype == torch.float32:  # the CPU path: no casts
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)) * F.silu(gate)
         dtype = x.dtype
         y = x.float()
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
         y = self.weight * y.to(dtype)
-        return (y * torch.nn.functional.silu(gate.float())).to(dtype)
+        return (y * F.silu(gate.float())).to(dtype)
