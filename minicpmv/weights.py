@@ -15,6 +15,14 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
+def _read_header(f) -> tuple[int, dict]:
+    """A safetensors file's header: its byte length and the tensor entries (metadata dropped)."""
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return n, header
+
+
 def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) from one safetensors file with plain reads into fresh tensors.
 
@@ -23,9 +31,7 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     checkpoint + model. Reading tensor by tensor keeps the peak at the model alone. The format is
     an 8-byte little-endian header length, a JSON header (dtype, shape, byte offsets), the data."""
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
+        n, header = _read_header(f)
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             if info["dtype"] not in _DTYPES:
                 raise ValueError(f"{path.name}: tensor {name} has unsupported dtype {info['dtype']}")
@@ -41,11 +47,10 @@ def stored_float_dtype(folder: Path) -> torch.dtype | None:
     """The floating dtype most of the checkpoint's tensors are stored in (read from the first
     file's header only), or None when it holds no floating tensors."""
     with open(checkpoint_files(folder)[0], "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        _, header = _read_header(f)
     counts = {}
-    for name, info in header.items():
-        dtype = _DTYPES.get(info["dtype"]) if name != "__metadata__" else None
+    for info in header.values():
+        dtype = _DTYPES.get(info["dtype"])
         if dtype is not None and dtype.is_floating_point:
             counts[dtype] = counts.get(dtype, 0) + 1
     return max(counts, key=counts.get) if counts else None

@@ -65,7 +65,7 @@ def test_half_precision_weights_on_cpu(tiny46_dir, dtype):
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.999
 
 
-def test_auto_dtype_on_cpu_is_float32_for_small_models(tiny46_dir):
+def test_auto_dtype_on_cpu_keeps_an_fp32_checkpoint_fp32(tiny46_dir):
     model, _ = load_model(tiny46_dir, "auto", "cpu", progress=False)
     assert model.lm_head.weight.dtype == torch.float32
 

@@ -135,9 +135,9 @@ class GatedDeltaNet(nn.Module):
             if B == 1:
                 o = recurrent_gated_delta_step(q, k, v, g, beta, states[0].recurrent[None])
             else:
-                o = torch.cat([recurrent_gated_delta_step(q[b:b + 1], k[b:b + 1], v[b:b + 1], g[b:b + 1],
-                                                          beta[b:b + 1], s.recurrent[None])
-                               for b, s in enumerate(states)])
+                o = torch.cat([recurrent_gated_delta_step(q[i:i + 1], k[i:i + 1], v[i:i + 1], g[i:i + 1],
+                                                          beta[i:i + 1], s.recurrent[None])
+                               for i, s in enumerate(states)])
             o = o.unsqueeze(1)  # [B, 1, H, dv]
         else:
             recurrent = states[0].recurrent[None] if B == 1 else torch.stack([s.recurrent for s in states])
