@@ -27,3 +27,14 @@ def test_few_rows_use_the_half_precision_product():
     x = torch.randn(2, 64)
     assert torch.equal(lin(x), F.linear(x.bfloat16(), lin.weight).float())
     assert lin(x).dtype == torch.float32
+
+
+def test_the_reused_buffer_works_inside_and_outside_inference_mode(monkeypatch):
+    monkeypatch.setattr(mixed, "_scratch", {})  # first use under inference_mode allocates it
+    lin = make(1000, 64)
+    x = torch.randn(3, 7, 64)
+    expected = F.linear(x, lin.weight.float(), lin.bias)
+    with torch.inference_mode():
+        assert torch.equal(lin(x), expected)
+    with torch.no_grad():
+        assert torch.equal(lin(x), expected)

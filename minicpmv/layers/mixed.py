@@ -29,7 +29,10 @@ _scratch = {}  # dtype -> flat buffer, grown on demand (the engine runs in one t
 def _upcast_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
     buf = _scratch.get(dtype)
     if buf is None or buf.numel() < numel:
-        buf = _scratch[dtype] = torch.empty(numel, dtype=dtype)
+        # a plain tensor even when first needed under inference_mode: an inference tensor could
+        # not be written again by a later call made outside it (a caller using torch.no_grad)
+        with torch.inference_mode(False):
+            buf = _scratch[dtype] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 
