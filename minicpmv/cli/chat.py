@@ -52,6 +52,8 @@ def add_chat_parser(sub, parents) -> None:
     p.add_argument("--fps", type=float, help="video frames sampled per second (4.5 and 4.6)")
     p.add_argument("--max-frames", "--max-num-frames", dest="max_frames", type=int,
                    help="most video frames sampled")
+    p.add_argument("--max-inp-length", type=int,
+                   help="4.0/4.5 only: prompts are cut to this many tokens, with a warning (default 8192 / 16384)")
     p.add_argument("--stack-frames", type=int, help="4.6 only: frames per second stacked into one composite")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, reasoning, tool_calls, usage, finish_reason), no streaming")
@@ -69,7 +71,7 @@ def run_chat(args) -> int:
         raise CliError("--json needs a question", "pass one, or '-' to read it from stdin")
     info = check_model_args(args)
     check_family_options(info, downsample_mode=args.downsample_mode, stack_frames=args.stack_frames,
-                         think=args.think, fps=args.fps)
+                         think=args.think, fps=args.fps, max_inp_length=args.max_inp_length)
     model = load_model(info, args, progress=not args.quiet)
     media = [*({"type": "image", "image": i} for i in args.image), *({"type": "video", "video": v} for v in args.video)]
     if question is None:

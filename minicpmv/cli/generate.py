@@ -7,7 +7,8 @@ import warnings
 from .errors import CliError
 
 MEDIA_FLAGS = {"max_slice_nums": "max_slice_nums", "downsample_mode": "downsample_mode", "max_frames": "max_num_frames",
-               "stack_frames": "stack_frames", "fps": "fps"}
+               "stack_frames": "stack_frames", "fps": "fps",
+               "max_inp_length": "max_inp_length"}
 
 
 def media_options(args) -> dict:

@@ -130,7 +130,7 @@ class Session:
         except KeyboardInterrupt:
             pieces.close()  # aborts the sequence in the engine
             self.out.write("\n")
-            self.say("[stopped]")
+            self.say(f"[stopped] ({len(prepared.input_ids)} prompt tokens)")
         else:
             self.out.write("\n")
             reply = self.model.reply_for(seq, prepared.starts_in_reasoning)

@@ -49,6 +49,7 @@ def check_sampling(args) -> None:
     check_range("--max-frames", get("max_frames"), 1)
     check_range("--max-slice-nums", get("max_slice_nums"), 1)
     check_range("--stack-frames", get("stack_frames"), 1)
+    check_range("--max-inp-length", get("max_inp_length"), 1)
     check_range("--max-concurrency", get("max_concurrency"), 1)
 
 
@@ -220,7 +221,12 @@ def inspect_model(source: str, revision: str | None = None) -> ModelInfo:
 
         config_file = Path(hf_hub_download(source, "config.json", revision=revision))
     except Exception as e:  # offline, no such repo, gated, ...
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+        if type(e).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+            reason = "it is not in the local cache and the hub cannot be reached"
+        elif type(e).__name__ in ("RepositoryNotFoundError", "GatedRepoError"):
+            reason = "no such public repository, or it is gated: `huggingface-cli login` for gated ones"
+        else:
+            reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
         raise CliError(f"could not get {source!r} from the Hugging Face hub ({reason})",
                        f"without network, download it elsewhere with `minicpmv download {source}` and pass the "
                        f"local folder, e.g. --model /path/to/{source.split('/')[-1]}") from e
@@ -280,10 +286,13 @@ def check_family_options(info: ModelInfo, **given) -> None:
         if given.get(key) is not None and info.family != "minicpmv4_6":
             raise CliError(f"{flag} is a MiniCPM-V 4.6 option and {info.source} is {info.family_name}",
                            f"drop {flag}")
+    if given.get("max_inp_length") is not None and info.family == "minicpmv4_6":
+        raise CliError(f"--max-inp-length is a MiniCPM-V 4.0/4.5 option and {info.source} is {info.family_name}, "
+                       "which never cuts a prompt", "drop --max-inp-length")
     if info.family == "minicpmv4_0":
         if given.get("think"):
-            raise CliError(f"{info.source} is MiniCPM-V 4.0, which has no thinking mode", "drop --think (4.5 and 4.6 "
-                                                                                           "think)")
+            raise CliError(f"{info.source} is MiniCPM-V 4.0, which has no thinking mode", "drop --think; 4.5 and 4.6 "
+                                                                                           "think")
         if given.get("fps") is not None:
             raise CliError("--fps: MiniCPM-V 4.0 samples videos at 1 frame per second", "drop --fps, or use "
                                                                                         "--max-frames")
