@@ -39,6 +39,6 @@ def run_download(args) -> int:
                                    local_dir=None if args.dir is None else str(args.dir))
     except Exception as e:  # network down, no such repo, gated repo, disk full, ...
         raise CliError(f"could not download {args.model!r} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})",
-                       "check the id and the network; gated models need `huggingface-cli login`") from e
+                       "check the id and the network; gated models need `hf auth login`") from e
     print(folder)
     return 0

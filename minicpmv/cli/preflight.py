@@ -194,8 +194,8 @@ class ModelInfo:
     @property
     def default_name(self) -> str:
         """What the server calls the model by default: the hub id, or the folder's name."""
-        return Path(self.source).expanduser().resolve().name if self.folder is not None and \
-            Path(self.source).expanduser().is_dir() else self.source
+        local = Path(self.source).expanduser()
+        return Path(os.path.abspath(local)).name if self.folder is not None and local.is_dir() else self.source
 
 
 def inspect_model(source: str, revision: str | None = None) -> ModelInfo:
@@ -224,7 +224,7 @@ def inspect_model(source: str, revision: str | None = None) -> ModelInfo:
         if type(e).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
             reason = "it is not in the local cache and the hub cannot be reached"
         elif type(e).__name__ in ("RepositoryNotFoundError", "GatedRepoError"):
-            reason = "no such public repository, or it is gated: `huggingface-cli login` for gated ones"
+            reason = "no such public repository, or it is gated: run `hf auth login` for gated ones"
         else:
             reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
         raise CliError(f"could not get {source!r} from the Hugging Face hub ({reason})",
