@@ -129,8 +129,8 @@ def test_broken_config_json(capsys, tmp_path):
 
 
 def test_folder_without_tokenizer_or_weights(capsys, tmp_path):
-    assert "no tokenizer.json" in one_error(capsys, ["chat", "--model", fake_checkpoint(tmp_path / "a", tokenizer=False),
-                                                     "hi"])
+    no_tokenizer = fake_checkpoint(tmp_path / "a", tokenizer=False)
+    assert "no tokenizer.json" in one_error(capsys, ["chat", "--model", no_tokenizer, "hi"])
     assert "no *.safetensors" in one_error(capsys, ["chat", "--model", fake_checkpoint(tmp_path / "b", weights=False),
                                                     "hi"])
     sharded = fake_checkpoint(tmp_path / "c", weights=False)

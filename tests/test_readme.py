@@ -49,9 +49,10 @@ def sandbox(tmp_path, tiny46_dir):
     shim = bin_dir / "minicpmv"  # the console script, pointed at this checkout
     shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m minicpmv \"$@\"\n")
     shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
+    # offline; one torch thread per process, as conftest.py sets for in-process tests
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
-            "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH",
-                                                                                                       "")])}
+            "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
 def test_readme_commands_run(tmp_path, tiny46_dir):

@@ -62,6 +62,9 @@ def load_model(info: ModelInfo, args, progress: bool = True):
 
 
 def describe_model(model) -> str:
-    p = next(model.model.parameters())
-    n = sum(t.numel() for t in model.model.parameters())
-    return f"{n / 1e9:.2f}B parameters, {str(p.dtype).removeprefix('torch.')} on {p.device}"
+    from ..server.metrics import resident_bytes
+
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in model.model.parameters() if t.is_floating_point()})
+    device = next(model.model.parameters()).device
+    memory = f", {resident_bytes() / 2**30:.2f} GiB resident" if device.type == "cpu" and resident_bytes() else ""
+    return f"{'/'.join(dtypes)} on {device}{memory}"

@@ -38,7 +38,8 @@ def run_download(args) -> int:
         folder = snapshot_download(repo_id=args.model, revision=args.revision, allow_patterns=_PATTERNS,
                                    local_dir=None if args.dir is None else str(args.dir))
     except Exception as e:  # network down, no such repo, gated repo, disk full, ...
-        raise CliError(f"could not download {args.model!r} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})",
+        reason = (str(e).splitlines() or [""])[0][:160]
+        raise CliError(f"could not download {args.model!r} ({type(e).__name__}: {reason})",
                        "check the id and the network; gated models need `hf auth login`") from e
     print(folder)
     return 0

@@ -7,7 +7,7 @@ import sys
 from ..errors import InputError
 from .errors import CliError
 from .generate import finish_note, prepare, sampling_params
-from .preflight import check_media
+from .preflight import FAMILY_NAMES, check_media
 
 HELP = """commands:
   /image PATH_OR_URL   attach an image to your next message
@@ -28,8 +28,8 @@ class Session:
         self.dim = self.err.isatty()
 
     def run(self) -> int:
-        self.say(f"{self.model.family.name} chat: type a message; /help lists the commands. Ctrl-C stops an answer, "
-                 f"Ctrl-D quits.")
+        name = FAMILY_NAMES.get(self.model.family.name, self.model.family.name)
+        self.say(f"{name} chat: type a message; /help lists the commands. Ctrl-C stops an answer, Ctrl-D quits.")
         while True:
             try:
                 line = self.read_line()

@@ -87,6 +87,7 @@ def setup_logging(level: str, fmt: str) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    logging.captureWarnings(True)  # e.g. a 4.0/4.5 prompt cut to max_inp_length, in the chosen format
     access_log.setLevel(logging.INFO)  # one line per request unless --log-level is above info
     if logging.getLevelName(level.upper()) > logging.INFO:
         access_log.setLevel(logging.getLevelName(level.upper()))
