@@ -59,6 +59,8 @@ def check_media(kind: str, source: str) -> None:
     """A path must be a readable file; a URL must be well formed (it is fetched later)."""
     flag = f"--{kind}"
     scheme = urllib.parse.urlsplit(source).scheme.lower()
+    if scheme and Path(source).expanduser().is_file():  # a file whose name only looks like a URL (a:b.png)
+        scheme = ""
     if scheme in ("http", "https"):
         if not urllib.parse.urlsplit(source).netloc:
             raise CliError(f"{flag} {source}: not a valid URL", "write it as http(s)://host/path")
