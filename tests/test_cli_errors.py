@@ -119,7 +119,7 @@ def test_cuda_without_a_gpu(capsys, monkeypatch, ckpt):
 def test_unsupported_model_type(capsys, tmp_path):
     folder = fake_checkpoint(tmp_path / "llama", config={"model_type": "llama"})
     line = one_error(capsys, ["chat", "--model", folder, "hi"])
-    assert "unsupported model_type 'llama'" in line and "4.0, 4.5 or 4.6" in line
+    assert "unsupported model_type 'llama'" in line and "MiniCPM-V 4.0, 4.5 and 4.6" in line
 
 
 def test_broken_config_json(capsys, tmp_path):

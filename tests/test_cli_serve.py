@@ -98,6 +98,18 @@ def test_one_access_line_per_request(server):
     assert [r["status"] for r in access if r["path"] == "/v1/chat/completions" and r["status"] == 404] == [404]
 
 
+def test_streamed_request_is_logged_when_the_stream_ends(server):
+    base, log_path, _ = server
+    body = {"model": "MiniCPM-V-tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    time.sleep(0.5)
+    line = [r for r in log_records(log_path) if r["logger"] == "minicpmv.access" and r.get("id") == chunks[0]["id"]]
+    assert len(line) == 1 and line[0]["status"] == 200 and line[0]["completion_tokens"] == 4
+    assert line[0]["ttft_ms"] <= line[0]["duration_ms"]
+
+
 def test_counters_are_typed_as_counters(server):
     base, _, _ = server
     text = httpx.get(base + "/metrics").text
