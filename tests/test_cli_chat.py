@@ -92,3 +92,16 @@ def test_long_45_prompt_is_cut_with_a_warning(monkeypatch):
     err = io.StringIO()
     prepare(model, [{"role": "user", "content": "word " * 400}], args, False, err)
     assert err.getvalue() == ""  # under 4.5's default of 16384: nothing cut, nothing said
+
+
+def test_hub_id_reads_config_then_downloads_then_loads(capsys, monkeypatch, tiny46_dir):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, revision=None: calls.append(
+        ("config", repo)) or str(tiny46_dir / filename))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, revision=None, allow_patterns=None:
+                        calls.append(("snapshot", repo_id)) or str(tiny46_dir))
+    got = chat_json(capsys, "--model", "openbmb/MiniCPM-V-4.6", "--greedy", "--max-new-tokens", "2", "Hi")
+    assert calls == [("config", "openbmb/MiniCPM-V-4.6"), ("snapshot", "openbmb/MiniCPM-V-4.6")]
+    assert got["usage"]["completion_tokens"] == 2

@@ -238,3 +238,14 @@ def test_without_network_it_says_how_to_work_offline(tmp_path):
     out = run_cli("chat", "What is it?", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert "openbmb/MiniCPM-V-4.6" in out.stderr and "minicpmv download" in out.stderr and "--model" in out.stderr
+
+
+def test_hub_id_flags_are_checked_on_config_json_before_the_download(capsys, monkeypatch):
+    import huggingface_hub
+
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, revision=None: fetched.append(
+        (repo, filename)) or str(MODEL_45 / "config.json"))
+    line = one_error(capsys, ["chat", "--model", "openbmb/MiniCPM-V-4_5", "--stack-frames", "2", "hi"])
+    assert "--stack-frames is a MiniCPM-V 4.6 option" in line
+    assert fetched == [("openbmb/MiniCPM-V-4_5", "config.json")]  # a few kB, not the weights

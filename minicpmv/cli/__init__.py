@@ -71,7 +71,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `minicpmv chat ... | head`
+    except BrokenPipeError:  # `minicpmv chat ... | head`: the reader has gone, which is fine
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 0
     except Exception as e:  # noqa: BLE001  (one line unless --debug)
         if debug:
