@@ -50,7 +50,6 @@ def add_run_parser(sub, parents) -> None:
 class Request:
     line: int
     id: str
-    body: dict | None = None
     error: str | None = None
     chat: object = None  # the validated ChatCompletionRequest
     job: object = None
@@ -96,7 +95,6 @@ def read_requests(path: Path, default_model: str) -> list[Request]:
         except ValidationError as e:
             req.error = format_validation_error(e)
             continue
-        req.body = body
     return requests
 
 

@@ -85,18 +85,22 @@ def run_chat(args) -> int:
         reply = model.reply_for(drain(pieces), prepared.starts_in_reasoning)
         print(json.dumps(reply_json(reply), ensure_ascii=False))
         return 0
-    dim = sys.stderr.isatty()
+    dim, thought = sys.stderr.isatty(), []
 
     def show(kind, text):
         if kind == "reasoning":
             sys.stderr.write(f"\033[2m{text}\033[0m" if dim else text)
             sys.stderr.flush()
+            thought.append(True)
         else:
             sys.stdout.write(text)
             sys.stdout.flush()
 
     reply = model.reply_for(drain(pieces, show), prepared.starts_in_reasoning)
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    if thought:
+        sys.stderr.write("\n")
     note = finish_note(reply, args.max_new_tokens)
     if note:
         print(note, file=sys.stderr)

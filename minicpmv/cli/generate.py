@@ -42,12 +42,6 @@ def prepare(model, msgs, args, think: bool, err):
     return prepared
 
 
-def stream_pieces(model, prepared, params):
-    """Yield (kind, text) pieces; returns the finished Sequence (generator return value).
-    Closing the generator early (Ctrl-C) aborts the sequence in the engine."""
-    return model.generate_pieces(prepared, params)
-
-
 def drain(pieces, on_piece=None):
     """Run the pieces generator to its end, calling on_piece(kind, text); returns the Sequence."""
     while True:

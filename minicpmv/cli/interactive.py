@@ -61,9 +61,7 @@ class Session:
                 return input("> ")
             except EOFError:
                 return None
-        self.out.write("> ")
-        self.out.flush()
-        line = self.stdin.readline()
+        line = self.stdin.readline()  # piped input: one message or command per line, no prompt drawn
         return line if line else None
 
     def command(self, line: str) -> str | None:
@@ -111,7 +109,7 @@ class Session:
             return
         self.pending = []
         pieces = self.model.generate_pieces(prepared, sampling_params(self.model, self.args))
-        content = []
+        content, thought = [], False
         seq = None
         try:
             while True:
@@ -123,6 +121,7 @@ class Session:
                 if kind == "reasoning":
                     self.err.write(f"\033[2m{piece}\033[0m" if self.dim else piece)
                     self.err.flush()
+                    thought = True
                 else:
                     content.append(piece)
                     self.out.write(piece)
@@ -130,9 +129,13 @@ class Session:
         except KeyboardInterrupt:
             pieces.close()  # aborts the sequence in the engine
             self.out.write("\n")
+            if thought:
+                self.err.write("\n")
             self.say(f"[stopped] ({len(prepared.input_ids)} prompt tokens)")
         else:
             self.out.write("\n")
+            if thought:
+                self.err.write("\n")
             reply = self.model.reply_for(seq, prepared.starts_in_reasoning)
             note = finish_note(reply, self.args.max_new_tokens)
             if note:
