@@ -31,8 +31,11 @@ def check_model_args(args) -> ModelInfo:
     return inspect_model(args.model, getattr(args, "revision", None))
 
 
-def load_model(info: ModelInfo, args, progress: bool = True):
-    """Device check (imports torch), download when a hub id, then the load itself."""
+def load_model(info: ModelInfo, args, progress: bool = True, say=None):
+    """Device check (imports torch), download when a hub id, then the load itself. `say` gets
+    the before/after lines (default: stderr when `progress`; the server passes its logger)."""
+    if say is None:
+        say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
     check_device_present(args.device)
     import torch
 
@@ -52,12 +55,9 @@ def load_model(info: ModelInfo, args, progress: bool = True):
         check_checkpoint_files(folder)
         info.folder = folder
     t0 = time.perf_counter()
-    if progress:
-        print(f"loading {info.family_name} from {folder} (dtype {args.dtype}, device {args.device}) ...",
-              file=sys.stderr, flush=True)
+    say(f"loading {info.family_name} from {folder} (dtype {args.dtype}, device {args.device}) ...")
     model = load(folder, dtype=args.dtype, device=None if args.device == "auto" else args.device, progress=progress)
-    if progress:
-        print(f"loaded in {time.perf_counter() - t0:.1f} s ({describe_model(model)})", file=sys.stderr, flush=True)
+    say(f"loaded in {time.perf_counter() - t0:.1f} s ({describe_model(model)})")
     return model
 
 

@@ -92,7 +92,8 @@ def run_serve(args) -> int:
         media_fetch_timeout_s=args.media_fetch_timeout, max_request_bytes=int(args.max_request_mb * 2**20),
         encoder_cache_bytes=int(args.encoder_cache_mb * 2**20),
         **({"max_image_pixels": args.max_image_pixels} if args.max_image_pixels else {}))
-    model = load_model(info, args, progress=sys.stderr.isatty())
+    log = logging.getLogger("minicpmv.server")
+    model = load_model(info, args, progress=sys.stderr.isatty(), say=log.info)
 
     import uvicorn
 
@@ -100,7 +101,7 @@ def run_serve(args) -> int:
 
     app = create_app(model, config)
     for line in banner(model, info, config, args):
-        logging.getLogger("minicpmv.server").info(line)
+        log.info(line)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, log_config=None)
     return 0
 
