@@ -100,3 +100,11 @@ def test_answers_in_under_a_second_without_torch(argv):
     assert best < 1.0, f"minicpmv {' '.join(argv)} took {best:.2f} s"
     if argv == ["--version"]:
         assert re.fullmatch(r"minicpmv \d+\.\d+\.\d+\n", out.stdout)
+
+
+def test_flags_in_the_readme_table_are_chat_options():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Models, flags and memory"):readme.index("## Batch inference")]
+    flags = set(FLAG.findall(section))
+    assert len(flags) > 15
+    assert flags <= options(subparsers()["chat"]), flags - options(subparsers()["chat"])
