@@ -105,3 +105,19 @@ def test_hub_id_reads_config_then_downloads_then_loads(capsys, monkeypatch, tiny
     got = chat_json(capsys, "--model", "openbmb/MiniCPM-V-4.6", "--greedy", "--max-new-tokens", "2", "Hi")
     assert calls == [("config", "openbmb/MiniCPM-V-4.6"), ("snapshot", "openbmb/MiniCPM-V-4.6")]
     assert got["usage"]["completion_tokens"] == 2
+
+
+def test_video_flags_reach_the_frame_sampler(capsys, tiny46_dir, tmp_path):
+    from test_server_support import video_bytes
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(video_bytes(seconds=4, fps=8))
+
+    def prompt_tokens(*flags):
+        got = chat_json(capsys, "--model", tiny46_dir, "--video", clip, "--greedy", "--max-new-tokens", "1", *flags,
+                        "What happens?")
+        return got["usage"]["prompt_tokens"]
+
+    one_fps, two_fps = prompt_tokens("--fps", "1"), prompt_tokens("--fps", "2")
+    assert two_fps > one_fps  # twice the frames sampled
+    assert prompt_tokens("--fps", "2", "--max-frames", "2") < two_fps  # capped
