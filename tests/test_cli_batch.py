@@ -103,3 +103,21 @@ def test_batch_of_50_with_2_bad_lines_then_resume(tiny46_dir, requests_file, tmp
     monkeypatch.setattr(minicpmv.loading, "load", lambda *a, **k: pytest.fail("loaded with nothing to do"))
     assert main(argv) == 0
     assert "nothing to run" in capsys.readouterr().err
+
+
+def test_bad_lines_are_found_before_loading(tmp_path, capsys, monkeypatch):
+    from cli_support import fake_checkpoint
+
+    monkeypatch.setattr(minicpmv.loading, "load", lambda *a, **k: pytest.fail("loaded with nothing runnable"))
+    (tmp_path / "in.jsonl").write_text("\n".join([
+        json.dumps({"id": "a", "messages": user({"type": "image_url", "image_url": {"url": "nowhere.png"}})}),
+        json.dumps({"id": "b", "messages": []}),
+        json.dumps({"id": "c", "messages": user("hi"), "temperature": -1}),
+        "[1, 2]"]) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["run", str(tmp_path / "in.jsonl"), "--out", str(out), "--model",
+                 str(fake_checkpoint(tmp_path / "m"))]) == 0
+    got = records(out)
+    assert sorted(got) == ["a", "b", "c", "line-4"] and all("error" in r for r in got.values())
+    assert "nowhere.png: no such file" in got["a"]["error"] and "temperature" in got["c"]["error"]
+    assert "nothing to run" in capsys.readouterr().err

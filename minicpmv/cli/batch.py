@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .common import add_model_args, check_model_args, load_model
 from .errors import CliError
-from .preflight import check_range
+from .preflight import check_media, check_range
 
 EPILOG = """input (one request per line):
   {"id": "q1", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "cat.jpg"}},
@@ -95,7 +95,31 @@ def read_requests(path: Path, default_model: str) -> list[Request]:
         except ValidationError as e:
             req.error = format_validation_error(e)
             continue
+        req.error = missing_media(body["messages"])
     return requests
+
+
+def missing_media(messages: list) -> str | None:
+    """The first local image/video that is missing or unreadable, checked before the model loads
+    (URLs are fetched when the request runs)."""
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            if not isinstance(part, dict):
+                continue
+            kind = part.get("type") or next((k for k in ("image_url", "video_url", "image", "video") if k in part), "")
+            value = part.get(kind)
+            source = value.get("url") if isinstance(value, dict) else value
+            if kind.removesuffix("_url") not in ("image", "video") or not isinstance(source, str):
+                continue
+            if source.startswith(("http://", "https://", "data:")):
+                continue
+            try:
+                check_media(kind.removesuffix("_url"), source)
+            except CliError as e:
+                fix = f" ({e.fix})" if e.fix else ""
+                return f"messages[{i}].content[{j}]: {e.problem.split(' ', 1)[1]}{fix}"
+    return None
 
 
 def answered_ids(out: Path) -> set[str]:
