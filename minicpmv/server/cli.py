@@ -111,19 +111,24 @@ def banner(model, info, config, args) -> list[str]:
     to call it."""
     import torch
 
-    from ..layers import fp16_packed
+    from ..layers.fp16_packed import PackedFP16Linear
+    from ..quant.gptq_linear import GPTQLinear
     from .metrics import resident_bytes
 
     p = next(model.model.parameters())
     device = p.device
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in model.model.parameters() if t.is_floating_point()})
-    if info.quantized:
-        kernels = f"{info.quantized} int linears"
-    elif device.type == "cpu" and p.dtype != torch.float32:
-        kernels = ("fbgemm fp16-packed GEMMs for the text tower, " if fp16_packed.available() else "") + \
-                  "half-precision weights with float32 compute"
-    else:
-        kernels = f"{str(p.dtype).removeprefix('torch.')} GEMMs"
+    modules = list(model.model.modules())
+    kinds = []
+    gptq = sorted({m.backend or "?" for m in modules if isinstance(m, GPTQLinear)})
+    if gptq:
+        kinds.append(f"{sum(isinstance(m, GPTQLinear) for m in modules)} GPTQ linears ({', '.join(gptq)})")
+    packed = sum(isinstance(m, PackedFP16Linear) for m in modules)
+    if packed:
+        kinds.append(f"{packed} fbgemm fp16-packed linears (float32 math)")
+    if device.type == "cpu" and any(t.dtype in (torch.bfloat16, torch.float16) for t in model.model.parameters()):
+        kinds.append("half-precision matrices widened per call (float32 math)")
+    kernels = "; ".join(kinds) or f"{str(p.dtype).removeprefix('torch.')} GEMMs"
     if device.type == "cuda":
         memory = (f"{torch.cuda.memory_allocated(device) / 2**30:.2f} GiB of "
                   f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB GPU memory in use")
@@ -139,6 +144,6 @@ def banner(model, info, config, args) -> list[str]:
         f"weights: {', '.join(dtypes)} on {device}; kernels: {kernels}",
         f"memory: {memory}; context {model.max_context} tokens; {config.max_concurrency} sequences decoded together, "
         f"{config.max_queue} more may wait; vision-encoding cache {config.encoder_cache_bytes / 2**20:.0f} MiB",
-        f"listening on {url} (/v1/chat/completions, /v1/models, /health, /metrics)",
+        f"listening on http://{args.host}:{args.port} (/v1/chat/completions, /v1/models, /health, /metrics)",
         f"try: curl {url}/v1/chat/completions -H 'Content-Type: application/json'{key} -d {shlex.quote(body)}",
     ]
