@@ -144,6 +144,7 @@ def banner(model, info, config, args) -> list[str]:
         f"weights: {', '.join(dtypes)} on {device}; kernels: {kernels}",
         f"memory: {memory}; context {model.max_context} tokens; {config.max_concurrency} sequences decoded together, "
         f"{config.max_queue} more may wait; vision-encoding cache {config.encoder_cache_bytes / 2**20:.0f} MiB",
-        f"listening on http://{args.host}:{args.port} (/v1/chat/completions, /v1/models, /health, /metrics)",
+        f"listening on http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port} "
+        f"(/v1/chat/completions, /v1/models, /health, /metrics)",
         f"try: curl {url}/v1/chat/completions -H 'Content-Type: application/json'{key} -d {shlex.quote(body)}",
     ]
