@@ -14,3 +14,5 @@ class PreparedPrompt:
     input_ids: list[int]
     vision: list[VisionInputs] = field(default_factory=list)
     starts_in_reasoning: bool = False  # generation begins inside an open <think> block
+    position_ids: object = None  # [streams, T] positions for multi-axis RoPE families, else None
+    rope_delta: int = 0  # decode positions are token index + rope_delta (with position_ids)
