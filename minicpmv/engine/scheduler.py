@@ -98,7 +98,8 @@ class Scheduler:
             if n:
                 plan.encode.append((seq, n))
             return budget, units - n
-        n = min(seq.num_pending, budget)
+        # a sequence under suspicion recomputes all but its last token, which it then decodes alone
+        n = min(seq.num_pending - (1 if seq.isolate else 0), budget)
         if n <= 0:
             return budget, units
         m = self.manager
