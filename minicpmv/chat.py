@@ -107,7 +107,7 @@ class MiniCPMV:
         kind is "reasoning" or "content". The finished Sequence is returned by the generator.
         With num_beams > 1 the beam search runs to the end first, then its text comes in one go."""
         seq = Sequence(prepared.input_ids, params, prepared.vision, position_ids=prepared.position_ids,
-                       rope_delta=prepared.rope_delta)
+                       rope_delta=prepared.rope_delta, reuse_boundary=prepared.reuse_boundary)
         parser = ReasoningStreamParser(in_reasoning=prepared.starts_in_reasoning)
         stop_ids = set(params.stop_token_ids)
         if getattr(params, "num_beams", 1) > 1:
@@ -183,7 +183,7 @@ class MiniCPMV:
             content, tool_calls = parse_tool_calls(content, tools)
             content = content or ""
         usage = {"prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.output_ids),
-                 "total_tokens": len(seq.prompt_ids) + len(seq.output_ids)}
+                 "total_tokens": len(seq.prompt_ids) + len(seq.output_ids), "cached_tokens": seq.num_cached}
         return Reply(content, reasoning=reasoning, raw=raw, tool_calls=tool_calls, finish_reason=seq.finish_reason,
                      usage=usage)
 

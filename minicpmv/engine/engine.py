@@ -122,9 +122,10 @@ class Engine:
             logits = self._guard(outputs, seq, self.runner.prefill, seq, n)
             if seq.finished:
                 continue
-            if seq.num_computed == len(seq.prompt_ids):
-                seq.features = None  # every placeholder is in the pool now
+            if seq.num_computed == seq.reuse_boundary:
                 self.manager.snapshot(seq.state, seq.token_ids, seq.vision)
+            if seq.num_computed >= len(seq.prompt_ids):
+                seq.features = None  # every placeholder is in the pool now
             if logits is not None:
                 to_sample.append(seq)
                 rows.append(logits[None])

@@ -35,13 +35,15 @@ class VisionInputs:
 
 class Sequence:
     def __init__(self, prompt_ids: list[int], params: SamplingParams, vision: list[VisionInputs] | None = None,
-                 position_ids: torch.Tensor | None = None, rope_delta: int = 0):
+                 position_ids: torch.Tensor | None = None, rope_delta: int = 0, reuse_boundary: int | None = None):
         self.seq_id = next(_ids)
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.vision = list(vision or [])
         self.position_ids = position_ids  # [streams, T] for multi-axis RoPE prompts, else None (0..T-1)
         self.rope_delta = rope_delta  # decode position offset that goes with position_ids
+        # a prompt position whose state is kept for later requests (the start of the last turn)
+        self.reuse_boundary = reuse_boundary if reuse_boundary and 0 < reuse_boundary < len(prompt_ids) else None
         self.token_ids = list(prompt_ids)  # prompt + generated: what the model has been or will be fed
         self.output_ids: list[int] = []
         self.status = Status.WAITING

@@ -99,8 +99,8 @@ class Worker:
         self.admitted -= n
 
     def submit(self, job: Job, arrival: float) -> RequestHandle:
-        seqs = [Sequence(job.prompt_ids, p, job.vision, position_ids=job.position_ids, rope_delta=job.rope_delta)
-                for p in job.params]
+        seqs = [Sequence(job.prompt_ids, p, job.vision, position_ids=job.position_ids, rope_delta=job.rope_delta,
+                         reuse_boundary=job.reuse_boundary) for p in job.params]
         handle = RequestHandle(seqs, arrival)
         if not self.alive:
             raise ApiError(503, "the engine is not running; the server is starting or shutting down")
