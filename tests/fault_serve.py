@@ -1,9 +1,8 @@
-"""`minicpmv serve` with a fault injected inside the model (test-only launcher): any prompt chunk
-that contains the text FAULT-INJECT raises in the model's embedding step, as a bug or a bad
-kernel input would, while every other request runs normally."""
+"""`minicpmv serve` with a fault injected inside the model (test-only launcher): while a prompt
+chunk of any request whose prompt contains the text FAULT-INJECT runs, the model's embedding step
+raises, as a bug or a bad kernel input would; every other request runs normally (even when its
+chunks share a step with the faulty one)."""
 import sys
-
-import torch
 
 import minicpmv
 from minicpmv.cli import main
@@ -15,15 +14,24 @@ _load = minicpmv.load
 def load(*args, **kwargs):
     model = _load(*args, **kwargs)
     trigger = model.tokenizer.encode(TRIGGER, add_special_tokens=False).ids
-    embed = model.model.embed
+    embed, prefill = model.model.embed, model.engine.runner.prefill
+    armed = [False]
 
-    def faulty_embed(ids: torch.Tensor, vision):
-        flat = ids.tolist()
-        if any(flat[i:i + len(trigger)] == trigger for i in range(len(flat) - len(trigger) + 1)):
+    def faulty_prefill(seq, n):
+        ids = seq.prompt_ids
+        armed[0] = any(ids[i:i + len(trigger)] == trigger for i in range(len(ids) - len(trigger) + 1))
+        try:
+            return prefill(seq, n)
+        finally:
+            armed[0] = False
+
+    def faulty_embed(ids, vision):
+        if armed[0]:
             raise RuntimeError("injected fault inside the model")
         return embed(ids, vision)
 
     model.model.embed = faulty_embed
+    model.engine.runner.prefill = faulty_prefill
     return model
 
 
