@@ -102,7 +102,8 @@ class MiniCPMV:
         """Run one request through the engine; yield (kind, text) pieces as they decode, where
         kind is "reasoning" or "content". The finished Sequence is returned by the generator.
         With num_beams > 1 the beam search runs to the end first, then its text comes in one go."""
-        seq = Sequence(prompt_ids=prepared.input_ids, params=params, vision=prepared.vision)
+        seq = Sequence(prompt_ids=prepared.input_ids, params=params, vision=prepared.vision,
+                       position_ids=prepared.position_ids, rope_delta=prepared.rope_delta)
         parser = ReasoningStreamParser(in_reasoning=prepared.starts_in_reasoning)
         stop_ids = set(params.stop_token_ids)
         if getattr(params, "num_beams", 1) > 1:

@@ -67,7 +67,9 @@ def beam_search(engine, seq: Sequence) -> Sequence:
         features[v.token_id] = torch.cat([features[v.token_id], feats]) if v.token_id in features else feats
     seq.vision = []
     state = SequenceState.allocate(engine.spec, n_prompt + min(max_new, KV_RESERVE), model.dtype, device)
-    hidden = model(model.embed(ids, features), ForwardBatch([state], torch.arange(n_prompt, device=device)[None]))
+    positions = (torch.arange(n_prompt, device=device)[None] if seq.position_ids is None
+                 else seq.position_ids.to(device)[:, None])  # [1, T] or M-RoPE [3, 1, T]
+    hidden = model(model.embed(ids, features), ForwardBatch([state], positions))
     logits = model.logits(hidden[0, -1:]).float().expand(nb, -1)
     seq.status = Status.RUNNING
 
@@ -120,7 +122,7 @@ def beam_search(engine, seq: Sequence) -> Sequence:
             break
         last = torch.tensor([r[-1] for r in running], dtype=torch.long, device=device)
         embeds = model.embed(last, {}).transpose(0, 1)  # [nb, 1, D]
-        positions = torch.full((nb, 1), n_prompt + generated - 1, device=device)
+        positions = torch.full((nb, 1), n_prompt + generated - 1 + seq.rope_delta, device=device)
         logits = model.logits(model(embeds, ForwardBatch(states, positions))[:, -1]).float()
 
     seq.output_ids = list(finished[0])

@@ -90,7 +90,8 @@ class Engine:
         embeds = model.embed(ids, features)
         capacity = len(seq.prompt_ids) + min(seq.params.max_new_tokens, KV_RESERVE)
         seq.state = SequenceState.allocate(self.spec, capacity, model.dtype, self.device)
-        positions = torch.arange(len(ids), device=self.device)[None]
+        positions = (torch.arange(len(ids), device=self.device)[None] if seq.position_ids is None
+                     else seq.position_ids.to(self.device)[:, None])  # [1, T] or [3, 1, T]
         hidden = model(embeds, ForwardBatch([seq.state], positions))
         seq.status = Status.RUNNING
         self.running.append(seq)
@@ -111,7 +112,7 @@ class Engine:
         model = self.model
         ids = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=self.device)
         embeds = model.embed(ids, {}).transpose(0, 1)  # [B, 1, D]
-        positions = torch.tensor([[s.num_tokens - 1] for s in seqs], device=self.device)
+        positions = torch.tensor([[s.num_tokens - 1 + s.rope_delta] for s in seqs], device=self.device)
         hidden = model(embeds, ForwardBatch([s.state for s in seqs], positions))
         logits = model.logits(hidden[:, -1])
         return [self._accept(s, logits[i]) for i, s in enumerate(seqs)]

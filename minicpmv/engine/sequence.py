@@ -43,6 +43,8 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     state: SequenceState | None = None
     generator: torch.Generator | None = None
+    position_ids: torch.Tensor | None = None  # M-RoPE prompt positions [3, T]; None: 0..T-1
+    rope_delta: int = 0  # decode positions are num_tokens - 1 + rope_delta
 
     @property
     def num_tokens(self) -> int:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..engine.sequence import VisionInputs
 
 
@@ -14,3 +16,7 @@ class PreparedPrompt:
     input_ids: list[int]
     vision: list[VisionInputs] = field(default_factory=list)
     starts_in_reasoning: bool = False  # generation begins inside an open <think> block
+    # M-RoPE (4.7): per-token (T, H, W) positions [3, T] and the offset of decode positions
+    # (token k after the prompt sits at len(prompt) + k + rope_delta); None: plain 0..T-1
+    position_ids: torch.Tensor | None = None
+    rope_delta: int = 0

@@ -89,7 +89,8 @@ class Worker:
         self.admitted -= n
 
     def submit(self, job: Job, arrival: float) -> RequestHandle:
-        seqs = [Sequence(prompt_ids=job.prompt_ids, params=p, vision=job.vision) for p in job.params]
+        seqs = [Sequence(prompt_ids=job.prompt_ids, params=p, vision=job.vision, position_ids=job.position_ids,
+                         rope_delta=job.rope_delta) for p in job.params]
         handle = RequestHandle(seqs, arrival)
         self._inbox.put(("add", handle, None))
         return handle
