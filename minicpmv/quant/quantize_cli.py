@@ -152,7 +152,10 @@ def prepare_samples(items: list, tokenizer, family=None, max_tokens: int = 512, 
                 max_len = len(ids)
             else:
                 max_len = max_tokens
-            samples.append({"input_ids": torch.tensor(ids[:max_len], dtype=torch.long), "vision": vision})
+            sample = {"input_ids": torch.tensor(ids[:max_len], dtype=torch.long), "vision": vision}
+            if prepared.position_ids is not None:  # M-RoPE (4.7): the canvas positions of the prompt
+                sample["position_ids"] = prepared.position_ids[:, :max_len]
+            samples.append(sample)
         else:
             ids = tokenizer.encode(item["text"], add_special_tokens=False).ids[:max_tokens]
             if ids:
@@ -178,7 +181,10 @@ def engine_run_sample(model):
             feats[v.token_id] = torch.cat([feats[v.token_id], f]) if v.token_id in feats else f
         embeds = model.embed(ids, feats)
         state = SequenceState.allocate(model.state_spec(), len(ids), model.dtype, device)
-        return model(embeds, ForwardBatch([state], torch.arange(len(ids), device=device)[None]))
+        positions = sample.get("position_ids")
+        positions = (torch.arange(len(ids), device=device)[None] if positions is None
+                     else positions.to(device)[:, None])
+        return model(embeds, ForwardBatch([state], positions))
 
     return run
 
