@@ -4,7 +4,9 @@ on an image prompt run at its canvas positions."""
 import copy
 import json
 
+import pytest
 import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from minicpmv.families import adapter_for
@@ -46,3 +48,21 @@ def test_dense_47_int4_load_equals_dequantized_reference(tiny47_dense_dir, tmp_p
                                    atol=1e-4)
         k = ours.logits(engine_run_sample(ours)(sample)[0, -1])
     assert ((k - r).norm() / r.norm()).item() < 0.05
+
+
+def test_moe_gptq_quantizes_the_mixers_and_keeps_experts_float(tiny47_moe_dir, tmp_path):
+    """Our quantizer's recipe covers attention and DeltaNet projections; routed experts, the
+    shared expert and the router stay in floating point and the result loads."""
+    out = tmp_path / "gptq-moe"
+    quantize_folder(tiny47_moe_dir, out, GPTQSpec(4, 32, True, False, "gptq"), progress=False, num_samples=2,
+                    max_tokens=64)
+    ours, _ = load_model(out, "float32", "cpu", progress=False)
+    quantized = [n for n, m in ours.named_modules() if isinstance(m, GPTQLinear)]
+    assert quantized and not any(".mlp." in n for n in quantized)
+    # a checkpoint with quantized per-expert tensors is refused with a clear message
+    dst = tensors(out)
+    key = "model.language_model.layers.0.mlp.experts.0.gate_proj"
+    dst[f"{key}.qweight"] = torch.zeros(8, 32, dtype=torch.int32)
+    save_file(dst, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="quantized MoE experts are not supported"):
+        load_model(out, "float32", "cpu", progress=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .expert_layout import ExpertStacker
+from .expert_layout import PER_EXPERT, ExpertStacker
 from .minicpmv4_6 import MiniCPMV46, MiniCPMV46Config
 from .qwen3_5 import Qwen35TextConfig, Qwen35TextModel
 from .qwen3_5_moe import Qwen35MoeTextConfig, Qwen35MoeTextModel
@@ -32,6 +32,13 @@ class MiniCPMV47(MiniCPMV46):
     @property
     def text_model_class(self):
         return Qwen35MoeTextModel if isinstance(self.config.text, Qwen35MoeTextConfig) else Qwen35TextModel
+
+    @staticmethod
+    def checkpoint_key(name: str) -> str | None:
+        if PER_EXPERT.match(name):  # reached only by GPTQ planning: plain ones are stacked before renaming
+            raise ValueError(f"{name}: quantized MoE experts are not supported (a GPTQ 4.7 MoE checkpoint must keep "
+                             f"its routed experts in floating point)")
+        return MiniCPMV46.checkpoint_key(name)
 
     def checkpoint_regrouper(self) -> ExpertStacker | None:
         """Per-expert checkpoint tensors are stacked into the fused expert parameters."""
