@@ -128,11 +128,13 @@ def test_video(models):
 def test_batched_equals_alone(models):
     """A text prompt and two image prompts (different rope deltas) decode together in one engine."""
     p = models[2]
+
+    def image_turn(question):
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
     text = check(models, ref_inputs(p, [{"role": "user", "content": "Count to five."}]))
-    one = check(models, ref_inputs(p, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
-                                   images=[[picture(300, 300, 8)]]))
-    two = check(models, ref_inputs(p, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}],
-                                   images=[[picture(200, 640, 9)]]))
+    one = check(models, ref_inputs(p, image_turn("Hi"), images=[[picture(300, 300, 8)]]))
+    two = check(models, ref_inputs(p, image_turn("?"), images=[[picture(200, 640, 9)]]))
     requests = [r[:4] for r in (text, one, two)]
     assert run(models[1], requests) == [r[4] for r in (text, one, two)]
 

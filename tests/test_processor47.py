@@ -137,3 +137,15 @@ def test_family_prepare(tiny47_dense_dir):
     assert torch.equal(off.position_ids, expected) and off.rope_delta == delta < 0
     text = family.prepare([{"role": "user", "content": "Hi"}])
     assert text.position_ids is None and text.rope_delta == 0
+
+
+def test_sizes_that_do_not_match_the_prompt_are_clear_errors():
+    markers = CanvasMarkers(10, 11, 12, 13, 14)
+    ids = [5, 10, 100, 100, 100, 100, 11, 6]
+    types = token_types(ids, 100, None)
+    with pytest.raises(ValueError, match="more vision crops than target sizes"):
+        canvas_positions(ids, types, [], [], 4, markers)
+    with pytest.raises(ValueError, match="does not match its patch grid"):
+        canvas_positions(ids, types, [(8, 12)], [], 4, markers)
+    with pytest.raises(ValueError, match="canvas marker ids"):
+        canvas_positions(ids, types, [(8, 8)], [], 4, None)

@@ -104,6 +104,18 @@ def columns(slices: list[tuple[int, int]]) -> int:
     return len(slices)
 
 
+def _grid(sizes, merge: int, crop_len: int) -> tuple[int, int]:
+    """The next crop's patch grid in LLM tokens, checked against the crop's placeholder count."""
+    size = next(sizes, None)
+    if size is None:
+        raise ValueError("the prompt has more vision crops than target sizes were given")
+    h, w = size[0] // merge, size[1] // merge
+    if h * w != crop_len:
+        raise ValueError(f"a crop of {crop_len} placeholder tokens does not match its patch grid {tuple(size)} "
+                         f"(merge {merge})")
+    return h, w
+
+
 def canvas_positions(ids: list[int], types: list[int], image_sizes: list, video_sizes: list, merge: int,
                      markers: CanvasMarkers | None) -> tuple[torch.Tensor, int]:
     """Prompt ids with their token types and the (h, w) patch grids of every image and video crop
@@ -111,9 +123,9 @@ def canvas_positions(ids: list[int], types: list[int], image_sizes: list, video_
     (4 in "16x", 2 in "4x"). Decode token k then sits at T = H = W = T_prompt + k + rope_delta."""
     n = len(ids)
     pos = torch.arange(n).expand(3, n).clone()
-    groups = group_frames(ids, types, markers) if any(types) else []
-    if groups and markers is None:
+    if any(types) and markers is None:
         raise ValueError("a 4.7 prompt with images or videos needs the canvas marker ids in config.json")
+    groups = group_frames(ids, types, markers) if any(types) else []
     grids = {IMAGE: iter(image_sizes), VIDEO: iter(video_sizes)}
     p = idx = 0  # running position, next unassigned token
     for group in groups:
@@ -130,7 +142,7 @@ def canvas_positions(ids: list[int], types: list[int], image_sizes: list, video_
                 p += frame_start - cursor + 1
             span_end = min(f.span_end, group[-1].span_end)
             o = p
-            th, tw = (s // merge for s in next(grid))
+            th, tw = _grid(grid, merge, f.end - f.start)
             ch, cw = th, tw
             slice_grids, cols, sh, sw = [], 1, 0, 0
             if f.slices:
@@ -138,7 +150,7 @@ def canvas_positions(ids: list[int], types: list[int], image_sizes: list, video_
                 rows = len(f.slices) // cols
                 if rows * cols != len(f.slices):
                     rows, cols = 1, len(f.slices)
-                slice_grids = [[s // merge for s in next(grid)] for _ in f.slices]
+                slice_grids = [_grid(grid, merge, end - start) for start, end in f.slices]
                 sh, sw = slice_grids[0]
                 ch, cw = rows * sh, cols * sw
             pos[:, frame_start:span_end] = o
