@@ -137,6 +137,14 @@ def test_family_prepare(tiny47_dense_dir):
     assert torch.equal(off.position_ids, expected) and off.rope_delta == delta < 0
     text = family.prepare([{"role": "user", "content": "Hi"}])
     assert text.position_ids is None and text.rope_delta == 0
+    video = family.prepare([{"role": "user", "content": [{"type": "video", "video": clip(8, 160, 120)}, "What?"]}],
+                           max_slice_nums=1, use_image_id=True)
+    v = video.vision[0]
+    assert v.token_id == VIDEO_TOKEN and len(v.target_sizes) > 1
+    assert family.processor.tokenizer.token_to_id("<image_id>") not in video.input_ids
+    expected, delta = canvas_positions(video.input_ids, token_types(video.input_ids, IMAGE_TOKEN, VIDEO_TOKEN), [],
+                                       v.target_sizes.tolist(), 4, CanvasMarkers.from_config(config))
+    assert torch.equal(video.position_ids, expected) and video.rope_delta == delta < 0
 
 
 def test_sizes_that_do_not_match_the_prompt_are_clear_errors():
