@@ -40,7 +40,8 @@ def old_checkout() -> Path:
 
 def env_for(code: Path, threads: int) -> dict:
     path = os.pathsep.join([str(code), str(ROOT / "bench"), str(ROOT / "tests")])
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": path}
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": path,
+            "MINICPMV_BENCH_CODE": str(code)}
 
 
 def wait_quiet(limit_s=20, threshold=0.1):
