@@ -1,4 +1,4 @@
-"""minicpmv: a fast, lean inference engine for the MiniCPM-V family (4.0, 4.5, 4.6).
+"""minicpmv: a fast, lean inference engine for the MiniCPM-V family (4.0, 4.5, 4.6, 4.7).
 
 `load` is imported on first use, so `import minicpmv` (and the `minicpmv --help/--version`
 command) does not pay for importing torch."""

@@ -67,10 +67,13 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_weights(model: torch.nn.Module, folder: Path, rename, dtype_for, device, progress: bool = True) -> None:
+def load_weights(model: torch.nn.Module, folder: Path, rename, dtype_for, device, progress: bool = True,
+                 regroup=None) -> None:
     """Assign every checkpoint tensor to the parameter/buffer `rename(key)` names (None = skip).
     Floating tensors are cast to `dtype_for(name)` (None = keep the checkpoint's dtype); every
-    parameter must be covered, except ones tied to another (lm_head with tied embeddings)."""
+    parameter must be covered, except ones tied to another (lm_head with tied embeddings).
+    `regroup` (optional, e.g. models/expert_layout.py) may merge several stored tensors into one
+    before renaming: `.feed(pairs)` maps (key, tensor) pairs, `.finish()` checks nothing is left."""
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers()))
     expected = {n for n, _ in model.named_parameters()}
@@ -81,7 +84,8 @@ def load_weights(model: torch.nn.Module, folder: Path, rename, dtype_for, device
     bar = tqdm(total=total, desc="Loading weights", unit="B", unit_scale=True, unit_divisor=1024,
                disable=not progress or total < 64 << 20)
     for path in files:
-        for key, t in read_safetensors(path):
+        tensors = read_safetensors(path)
+        for key, t in (tensors if regroup is None else regroup.feed(tensors)):
             bar.update(t.numel() * t.element_size())
             name = rename(key)
             if name is None or name in tied:
@@ -97,6 +101,8 @@ def load_weights(model: torch.nn.Module, folder: Path, rename, dtype_for, device
             _assign(model, name, t.to(device))
             loaded.add(name)
     bar.close()
+    if regroup is not None:
+        regroup.finish()
     missing = expected - loaded
     if missing:
         raise KeyError(f"checkpoint in {folder} lacks {len(missing)} tensors, e.g. {sorted(missing)[:5]}")

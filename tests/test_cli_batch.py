@@ -83,7 +83,9 @@ def test_batch_of_50_with_2_bad_lines_then_resume(tiny46_dir, requests_file, tmp
         ref = api.chat(msgs=[{"role": "user", "content": content}], do_sample=False,
                        max_new_tokens=4 if i % 10 == 0 else 3 if i % 10 == 5 else 2 + i % 4)
         r = got[f"q{i}"]
-        assert r["choices"][0]["message"]["content"] == str(ref) and r["usage"] == ref.usage, i
+        assert r["choices"][0]["message"]["content"] == str(ref), i
+        assert [r["usage"][k] for k in ("prompt_tokens", "completion_tokens")] == \
+            [ref.usage[k] for k in ("prompt_tokens", "completion_tokens")], i
 
     # resume: drop 5 answers and tear the last line, as a killed run leaves the file
     lines = out.read_text().splitlines()

@@ -119,7 +119,7 @@ def test_cuda_without_a_gpu(capsys, monkeypatch, ckpt):
 def test_unsupported_model_type(capsys, tmp_path):
     folder = fake_checkpoint(tmp_path / "llama", config={"model_type": "llama"})
     line = one_error(capsys, ["chat", "--model", folder, "hi"])
-    assert "unsupported model_type 'llama'" in line and "MiniCPM-V 4.0, 4.5 and 4.6" in line
+    assert "unsupported model_type 'llama'" in line and "MiniCPM-V 4.0, 4.5, 4.6 and 4.7" in line
 
 
 def test_broken_config_json(capsys, tmp_path):
@@ -150,7 +150,7 @@ def test_model_that_is_neither_a_folder_nor_a_hub_id(capsys, tmp_path):
 @pytest.mark.parametrize("flag", [["--downsample-mode", "4x"], ["--stack-frames", "2"]])
 def test_46_only_flags_with_45(capsys, flag):
     line = one_error(capsys, ["chat", "--model", MODEL_45, *flag, "hi"])
-    assert "MiniCPM-V 4.6 option" in line and "MiniCPM-V 4.5" in line
+    assert "MiniCPM-V 4.6/4.7 option" in line and "MiniCPM-V 4.5" in line
 
 
 def test_40_has_no_thinking_and_46_no_max_inp_length(capsys, ckpt):
@@ -247,5 +247,5 @@ def test_hub_id_flags_are_checked_on_config_json_before_the_download(capsys, mon
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, revision=None: fetched.append(
         (repo, filename)) or str(MODEL_45 / "config.json"))
     line = one_error(capsys, ["chat", "--model", "openbmb/MiniCPM-V-4_5", "--stack-frames", "2", "hi"])
-    assert "--stack-frames is a MiniCPM-V 4.6 option" in line
+    assert "--stack-frames is a MiniCPM-V 4.6/4.7 option" in line
     assert fetched == [("openbmb/MiniCPM-V-4_5", "config.json")]  # a few kB, not the weights

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .quantize import add_quantize_parser
 
     parser = Parser(prog="minicpmv",
-                    description="minicpmv: run MiniCPM-V 4.0 / 4.5 / 4.6 models (BF16 and GPTQ int4) on CPU or GPU.",
+                    description="minicpmv: run MiniCPM-V 4.0 / 4.5 / 4.6 / 4.7 models (BF16 and GPTQ int4) on CPU or "
+                                "GPU.",
                     epilog="Run `minicpmv COMMAND --help` for the options of each command.")
     parser.add_argument("--version", action="version", version=f"minicpmv {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback when something fails")

@@ -224,6 +224,10 @@ class BatchRunner:
                 req = active.pop(out.seq.seq_id)[1]
                 left[req.line] -= 1
                 if left[req.line] == 0:
+                    failed = next((q.error for q in req.seqs if getattr(q, "error", None) is not None), None)
+                    if failed is not None:  # a fault inside the engine, pinned on this request
+                        self._fail(req, f"engine error: {type(failed).__name__}: {failed}", write, bar)
+                        continue
                     write(self._record(req))
                     bar.update(1)
         bar.close()
@@ -241,8 +245,9 @@ class BatchRunner:
 
             self.grammars = GrammarFactory(self.model.tokenizer, self.model.family.stop_token_ids)
         req.job = build_job(self.model, chat, self.policy, self.grammars, 50_000_000)
-        req.seqs = [Sequence(prompt_ids=list(req.job.prompt_ids), params=p, vision=req.job.vision)
-                    for p in req.job.params]
+        job = req.job
+        req.seqs = [Sequence(list(job.prompt_ids), p, job.vision, position_ids=job.position_ids,
+                             rope_delta=job.rope_delta, reuse_boundary=job.reuse_boundary) for p in job.params]
 
     def _record(self, req: Request) -> dict:
         job, choices = req.job, []

@@ -38,7 +38,7 @@ def add_chat_parser(sub, parents) -> None:
     p.add_argument("--video", action="append", default=[], metavar="PATH_OR_URL",
                    help="a video file (path or URL); repeat for several")
     p.add_argument("--system", help="a system prompt")
-    p.add_argument("--think", action="store_true", help="turn thinking on (4.5 and 4.6; enable_thinking=True)")
+    p.add_argument("--think", action="store_true", help="turn thinking on (4.5, 4.6, 4.7; enable_thinking=True)")
     p.add_argument("--max-new-tokens", type=int, default=2048,
                    help="most tokens to generate, thinking included (default 2048)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the checkpoint's sampling")
@@ -48,13 +48,14 @@ def add_chat_parser(sub, parents) -> None:
     p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats (1 = off)")
     p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
     p.add_argument("--max-slice-nums", type=int, help="most slices per image (default: preprocessor_config.json)")
-    p.add_argument("--downsample-mode", choices=["16x", "4x"], help="4.6 only: vision tokens 16x (default) or 4x more")
-    p.add_argument("--fps", type=float, help="video frames sampled per second (4.5 and 4.6)")
+    p.add_argument("--downsample-mode", choices=["16x", "4x"],
+                   help="4.6/4.7 only: vision tokens 16x (default) or 4x more")
+    p.add_argument("--fps", type=float, help="video frames sampled per second (4.5, 4.6, 4.7)")
     p.add_argument("--max-frames", "--max-num-frames", dest="max_frames", type=int,
                    help="most video frames sampled")
     p.add_argument("--max-inp-length", type=int,
                    help="4.0/4.5 only: prompts are cut to this many tokens, with a warning (default 8192 / 16384)")
-    p.add_argument("--stack-frames", type=int, help="4.6 only: frames per second stacked into one composite")
+    p.add_argument("--stack-frames", type=int, help="4.6/4.7 only: frames per second stacked into one composite")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, reasoning, tool_calls, usage, finish_reason), no streaming")
     p.add_argument("--quiet", action="store_true", help="no loading messages or progress bar")

@@ -31,7 +31,7 @@ def check_model_args(args) -> ModelInfo:
     return inspect_model(args.model, getattr(args, "revision", None))
 
 
-def load_model(info: ModelInfo, args, progress: bool = True, say=None):
+def load_model(info: ModelInfo, args, progress: bool = True, say=None, **engine_settings):
     """Device check (imports torch), download when a hub id, then the load itself. `say` gets
     the before/after lines (default: stderr when `progress`; the server passes its logger)."""
     if say is None:
@@ -56,7 +56,8 @@ def load_model(info: ModelInfo, args, progress: bool = True, say=None):
         info.folder = folder
     t0 = time.perf_counter()
     say(f"loading {info.family_name} from {folder} (dtype {args.dtype}, device {args.device}) ...")
-    model = load(folder, dtype=args.dtype, device=None if args.device == "auto" else args.device, progress=progress)
+    model = load(folder, dtype=args.dtype, device=None if args.device == "auto" else args.device, progress=progress,
+                 **engine_settings)
     say(f"loaded in {time.perf_counter() - t0:.1f} s ({describe_model(model)})")
     return model
 

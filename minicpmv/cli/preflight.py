@@ -13,7 +13,9 @@ from pathlib import Path
 
 from .errors import CliError
 
-FAMILY_NAMES = {"minicpmv4_6": "MiniCPM-V 4.6", "minicpmv4_5": "MiniCPM-V 4.5", "minicpmv4_0": "MiniCPM-V 4.0"}
+FAMILY_NAMES = {"minicpmv4_7": "MiniCPM-V 4.7", "minicpmv4_6": "MiniCPM-V 4.6", "minicpmv4_5": "MiniCPM-V 4.5",
+                "minicpmv4_0": "MiniCPM-V 4.0"}
+NATIVE = ("minicpmv4_6", "minicpmv4_7")  # transformers-native families: 4.6's processor options
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
@@ -285,16 +287,16 @@ def check_family_options(info: ModelInfo, **given) -> None:
     """Options only some families understand (None/False = not given)."""
     only_46 = {"downsample_mode": "--downsample-mode", "stack_frames": "--stack-frames"}
     for key, flag in only_46.items():
-        if given.get(key) is not None and info.family != "minicpmv4_6":
-            raise CliError(f"{flag} is a MiniCPM-V 4.6 option and {info.source} is {info.family_name}",
+        if given.get(key) is not None and info.family not in NATIVE:
+            raise CliError(f"{flag} is a MiniCPM-V 4.6/4.7 option and {info.source} is {info.family_name}",
                            f"drop {flag}")
-    if given.get("max_inp_length") is not None and info.family == "minicpmv4_6":
+    if given.get("max_inp_length") is not None and info.family in NATIVE:
         raise CliError(f"--max-inp-length is a MiniCPM-V 4.0/4.5 option and {info.source} is {info.family_name}, "
                        "which never cuts a prompt", "drop --max-inp-length")
     if info.family == "minicpmv4_0":
         if given.get("think"):
-            raise CliError(f"{info.source} is MiniCPM-V 4.0, which has no thinking mode", "drop --think; 4.5 and 4.6 "
-                                                                                           "think")
+            raise CliError(f"{info.source} is MiniCPM-V 4.0, which has no thinking mode",
+                           "drop --think; 4.5, 4.6 and 4.7 think")
         if given.get("fps") is not None:
             raise CliError("--fps: MiniCPM-V 4.0 samples videos at 1 frame per second", "drop --fps, or use "
                                                                                         "--max-frames")

@@ -4,13 +4,14 @@ text tower. Module names mirror the transformers-native checkpoint (`model.visio
 `model.merger.*`, `model.language_model.*`, `lm_head.weight`)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.state import ForwardBatch
+from ..state import ForwardBatch
 from .scatter import scatter_vision
 from .qwen3_5 import Qwen35TextConfig, Qwen35TextModel
 from .siglip import (SiglipAttention, SiglipEmbeddings, SiglipEncoder, bucketed_position_ids, pad_crops,
@@ -56,11 +57,15 @@ class MiniCPMV46Config:
             insert_layer_id=d.get("insert_layer_id", v.get("insert_layer_id", 6)), window_kernel=wk[0])
         tie = d.get("tie_word_embeddings", False)
         eos = d.get("eos_token_id")
-        return cls(vision=vision, text=Qwen35TextConfig.from_dict(d["text_config"], tie),
+        return cls(vision=vision, text=cls.text_config_from_dict(d["text_config"], tie),
                    image_token_id=d.get("image_token_id"), video_token_id=d.get("video_token_id"),
                    downsample_mode=d.get("downsample_mode", "16x"), merge_kernel=mk[0],
                    merger_times=d.get("merger_times", 1),
                    eos_token_id=[] if eos is None else (eos if isinstance(eos, list) else [eos]))
+
+    @staticmethod
+    def text_config_from_dict(d: dict, tie: bool) -> Qwen35TextConfig:
+        return Qwen35TextConfig.from_dict(d, tie)
 
 
 def group_windows(x: torch.Tensor, h: int, w: int, k: int) -> torch.Tensor:
@@ -180,13 +185,14 @@ class MiniCPMV46(nn.Module):
     # modules whose matrices run once per generated token (the CPU loader packs them, see
     # layers/fp16_packed.py); the vision side runs once per image
     per_token_prefixes = ("language_model.", "lm_head")
+    text_model_class = Qwen35TextModel
 
     def __init__(self, cfg: MiniCPMV46Config):
         super().__init__()
         self.config = cfg
         self.vision_tower = VisionTower46(cfg.vision)
         self.merger = Merger(cfg)
-        self.language_model = Qwen35TextModel(cfg.text)
+        self.language_model = self.text_model_class(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.tie_weights()
 
@@ -228,6 +234,21 @@ class MiniCPMV46(nn.Module):
             out.append(self.merger(feats, sizes))
             crop, col = crop + n_crops, col + n_patches
         return out[0] if len(out) == 1 else torch.cat(out)
+
+    def vision_chunks(self, v, max_patches: int) -> list:
+        """Cut one VisionInputs into consecutive crop groups of about max_patches patches each
+        (crops are encoded independently, so the features of the parts, concatenated, are the
+        features of the whole): the engine schedules vision work in such bounded units."""
+        groups = crop_groups(v.target_sizes.tolist(), max_patches)
+        if len(groups) == 1:
+            return [v]
+        ps, parts, crop, col = self.config.vision.patch_size, [], 0, 0
+        for n_crops, n_patches in groups:
+            parts.append(dataclasses.replace(
+                v, pixel_values=v.pixel_values[..., col * ps:(col + n_patches) * ps].contiguous(),
+                target_sizes=v.target_sizes[crop:crop + n_crops]))
+            crop, col = crop + n_crops, col + n_patches
+        return parts
 
     def embed(self, input_ids: torch.Tensor, vision: dict[int, torch.Tensor]) -> torch.Tensor:
         """input_ids [T] -> inputs_embeds [1, T, D]; vision maps a placeholder token id to the

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.state import AttentionSpec, ForwardBatch, LinearSpec
+from ..state import AttentionSpec, ForwardBatch, LinearSpec
 from ..layers.attention import cached_attention
 from ..layers.derived import Derived
 from ..layers.gated_delta import chunk_gated_delta_rule, l2_normalize, recurrent_gated_delta_step
 from ..layers.mlp import GatedMLP
 from ..layers.norm import GatedRMSNorm, ZeroCenteredRMSNorm
-from ..layers.rotary import apply_rope, rope_cos_sin, rope_inv_freq
+from ..layers.rotary import apply_rope, mrope_cos_sin, rope_inv_freq
 
 
 @dataclass
@@ -37,6 +37,7 @@ class Qwen35TextConfig:
     linear_num_value_heads: int
     max_position_embeddings: int
     tie_word_embeddings: bool
+    mrope_section: tuple = (11, 11, 10)  # frequency slots per T/H/W stream (interleaved M-RoPE)
 
     @classmethod
     def from_dict(cls, d: dict, tie_word_embeddings: bool) -> "Qwen35TextConfig":
@@ -60,6 +61,7 @@ class Qwen35TextConfig:
             linear_num_value_heads=d.get("linear_num_value_heads", 32),
             max_position_embeddings=d.get("max_position_embeddings", 32768),
             tie_word_embeddings=tie_word_embeddings,
+            mrope_section=tuple(rope.get("mrope_section", d.get("mrope_section", (11, 11, 10)))),
         )
 
 
@@ -94,7 +96,7 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, layer_idx: int) -> torch.Tensor:
         B, T, _ = x.shape
-        states = [s.layers[layer_idx] for s in batch.states]
+        conv_state, recurrent = batch.linear_state(layer_idx)  # [B, C, K-1], [B, H, dk, dv] fp32
         if self.in_proj is not None:
             qkv, z, b, a = self.in_proj(x).split([self.conv_dim, self.value_size, self.num_v_heads,
                                                   self.num_v_heads], dim=-1)
@@ -106,9 +108,8 @@ class GatedDeltaNet(nn.Module):
         g = self.neg_A(self.A_log) * F.softplus(a.float() + self.dt_bias)
 
         # short causal conv, continuing from the cached window of previous inputs
-        window = torch.cat([torch.stack([s.conv for s in states]), qkv], dim=-1)
-        for s, w in zip(states, window[..., -(self.kernel - 1):]):
-            s.conv.copy_(w)
+        window = torch.cat([conv_state.to(qkv.dtype), qkv], dim=-1)
+        new_conv = window[..., -(self.kernel - 1):]
         w = self.conv1d.weight
         if T == 1 and window.dtype == w.dtype == torch.float32:
             # one output per channel: a multiply-add over the window beats a conv call ~10x. fp32
@@ -129,23 +130,15 @@ class GatedDeltaNet(nn.Module):
         v = v.float()
 
         if T == 1:
-            # decode: each sequence's state is updated in place where it lives; stacking B states
-            # (18.9 MB each at the real size) and copying them back cost more than B small steps
-            q, k, v, g, beta = q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0].float()
-            if B == 1:
-                o = recurrent_gated_delta_step(q, k, v, g, beta, states[0].recurrent[None])
-            else:
-                o = torch.cat([recurrent_gated_delta_step(q[i:i + 1], k[i:i + 1], v[i:i + 1], g[i:i + 1],
-                                                          beta[i:i + 1], s.recurrent[None])
-                               for i, s in enumerate(states)])
+            # decode: the batch's states are updated in place (views into the pool when their
+            # slots are contiguous), one batched step for every sequence
+            o = recurrent_gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0].float(), recurrent)
             o = o.unsqueeze(1)  # [B, 1, H, dv]
         else:
-            recurrent = states[0].recurrent[None] if B == 1 else torch.stack([s.recurrent for s in states])
-            o, final = chunk_gated_delta_rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              g.transpose(1, 2), beta.float().transpose(1, 2), recurrent)
-            for s, r in zip(states, final):
-                s.recurrent.copy_(r)
+            o, recurrent = chunk_gated_delta_rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  g.transpose(1, 2), beta.float().transpose(1, 2), recurrent)
             o = o.transpose(1, 2)
+        batch.store_linear(layer_idx, new_conv, recurrent)
 
         o = self.norm(o.to(x.dtype), z)
         return self.out_proj(o.reshape(B, T, self.value_size))
@@ -200,9 +193,12 @@ class DecoderLayer(nn.Module):
             self.self_attn = GatedAttention(cfg)
         else:
             raise ValueError(f"unknown Qwen3.5 layer type {layer_type!r}")
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = self.make_mlp(cfg)
         self.input_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def make_mlp(self, cfg: Qwen35TextConfig) -> nn.Module:
+        return GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
     @property
     def mixer(self) -> nn.Module:
@@ -219,11 +215,13 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen35TextModel(nn.Module):
+    layer_class = DecoderLayer  # the MoE tower swaps in its own (models/qwen3_5_moe.py)
+
     def __init__(self, cfg: Qwen35TextConfig):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, t) for t in cfg.layer_types)
+        self.layers = nn.ModuleList(self.layer_class(cfg, t) for t in cfg.layer_types)
         self.norm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         rotary_dim = int(cfg.head_dim * cfg.partial_rotary_factor)
         # a plain attribute, not a buffer: the model is built on the meta device and this is
@@ -234,8 +232,9 @@ class Qwen35TextModel(nn.Module):
         return [layer.mixer.state_spec() for layer in self.layers]
 
     def forward(self, inputs_embeds: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """inputs_embeds [B, T, D] -> final hidden states [B, T, D] (after the last norm)."""
-        rope = rope_cos_sin(batch.positions, self.inv_freq, inputs_embeds.dtype)
+        """inputs_embeds [B, T, D] -> final hidden states [B, T, D] (after the last norm).
+        batch.positions: [B, T], or [3, B, T] (T, H, W) for MiniCPM-V 4.7's canvas M-RoPE."""
+        rope = mrope_cos_sin(batch.positions, self.inv_freq, self.config.mrope_section, inputs_embeds.dtype)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, batch, i, rope)

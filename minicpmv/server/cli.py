@@ -45,6 +45,14 @@ def add_serve_parser(sub, parents=()) -> None:
     p.add_argument("--max-request-mb", type=float, default=100, help="largest request body (default 100 MB)")
     p.add_argument("--encoder-cache-mb", type=float, default=512,
                    help="memory for cached vision encodings, reused when a chat re-sends an image (0 = off)")
+    p.add_argument("--kv-cache-memory", metavar="SIZE",
+                   help="memory for the state pool (KV blocks + recurrent slots), e.g. 2GiB (default: sized for "
+                        "--max-concurrency sequences of 4k tokens, at most a fifth of free memory)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=256,
+                   help="tokens per engine step: decode tokens plus prompt chunks; a long prompt is spread over "
+                        "steps of this size so running streams keep flowing (default 256)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not keep prompt/reply state for reuse by later requests with the same prefix")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="least severe messages logged (default info: start-up banner and one line per request)")
     p.add_argument("--log-format", default="text", choices=["text", "json"],
@@ -65,6 +73,7 @@ def check_serve_args(args):
     check_range("--max-image-pixels", args.max_image_pixels, 1)
     check_range("--max-request-mb", args.max_request_mb, 0, low_open=True)
     check_range("--encoder-cache-mb", args.encoder_cache_mb, 0)
+    check_range("--max-num-batched-tokens", args.max_num_batched_tokens, 1)
     check_range("--threads", args.threads, 1)
     folder = args.allowed_local_media_path
     if folder is not None and not folder.is_dir():
@@ -92,8 +101,19 @@ def run_serve(args) -> int:
         media_fetch_timeout_s=args.media_fetch_timeout, max_request_bytes=int(args.max_request_mb * 2**20),
         encoder_cache_bytes=int(args.encoder_cache_mb * 2**20),
         **({"max_image_pixels": args.max_image_pixels} if args.max_image_pixels else {}))
+    from ..cli.errors import CliError
+    from ..engine.config import parse_bytes  # imports torch: after every torch-free check
+
+    try:
+        kv_bytes = parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None
+    except ValueError as e:
+        raise CliError(f"--kv-cache-memory: {e}") from e
     log = logging.getLogger("minicpmv.server")
-    model = load_model(info, args, progress=sys.stderr.isatty(), say=log.info)
+    model = load_model(info, args, progress=sys.stderr.isatty(), say=log.info, kv_cache_memory=kv_bytes,
+                       max_num_seqs=args.max_concurrency, max_num_batched_tokens=args.max_num_batched_tokens,
+                       enable_prefix_caching=not args.no_prefix_caching,
+                       encoder_cache_bytes=int(args.encoder_cache_mb * 2**20))
+    log.info("engine: %s", model.engine.describe())
 
     import uvicorn
 

@@ -30,6 +30,9 @@ class Job:
     params: list[SamplingParams]  # one per choice
     tools: list[dict] | None
     stop: list[str]
+    position_ids: object = None  # multi-axis RoPE positions of the prompt (4.7), else None
+    rope_delta: int = 0
+    reuse_boundary: int | None = None  # where the engine keeps state for the next turn
 
 
 def build_job(model, request: ChatCompletionRequest, policy: MediaPolicy, grammars: GrammarFactory | None,
@@ -62,7 +65,8 @@ def build_job(model, request: ChatCompletionRequest, policy: MediaPolicy, gramma
     for v in prepared.vision:
         v.cache_key = content_key(v)  # hashed here, off the engine thread
     params = [_sampling(model, request, i, grammars, prepared.starts_in_reasoning) for i in range(request.n)]
-    return Job(prepared.input_ids, prepared.vision, prepared.starts_in_reasoning, params, tools, request.stop or [])
+    return Job(prepared.input_ids, prepared.vision, prepared.starts_in_reasoning, params, tools, request.stop or [],
+               prepared.position_ids, prepared.rope_delta, prepared.reuse_boundary)
 
 
 def _sampling(model, request: ChatCompletionRequest, index: int, grammars, starts_in_reasoning) -> SamplingParams:
