@@ -102,7 +102,7 @@ def test_batch_of_50_with_2_bad_lines_then_resume(tiny46_dir, requests_file, tmp
     assert {k: v.get("usage") for k, v in again.items()} == {k: v.get("usage") for k, v in got.items()}
 
     # everything answered: the model is not even loaded
-    monkeypatch.setattr(minicpmv.loading, "load", lambda *a, **k: pytest.fail("loaded with nothing to do"))
+    monkeypatch.setattr(minicpmv, "load", lambda *a, **k: pytest.fail("loaded with nothing to do"))
     assert main(argv) == 0
     assert "nothing to run" in capsys.readouterr().err
 
@@ -110,7 +110,7 @@ def test_batch_of_50_with_2_bad_lines_then_resume(tiny46_dir, requests_file, tmp
 def test_bad_lines_are_found_before_loading(tmp_path, capsys, monkeypatch):
     from cli_support import fake_checkpoint
 
-    monkeypatch.setattr(minicpmv.loading, "load", lambda *a, **k: pytest.fail("loaded with nothing runnable"))
+    monkeypatch.setattr(minicpmv, "load", lambda *a, **k: pytest.fail("loaded with nothing runnable"))
     (tmp_path / "in.jsonl").write_text("\n".join([
         json.dumps({"id": "a", "messages": user({"type": "image_url", "image_url": {"url": "nowhere.png"}})}),
         json.dumps({"id": "b", "messages": []}),

@@ -24,6 +24,7 @@ def never_load(monkeypatch):
         raise AssertionError("the model was loaded although the input was at fault")
 
     monkeypatch.setattr(minicpmv.loading, "load", boom)
+    monkeypatch.setattr(minicpmv, "load", boom)
     monkeypatch.setattr(minicpmv.hub, "resolve_model_path", boom)
 
 

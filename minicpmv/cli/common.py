@@ -41,8 +41,9 @@ def load_model(info: ModelInfo, args, progress: bool = True, say=None, **engine_
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    import minicpmv  # its `load` attribute (test launchers wrap it)
+
     from ..hub import resolve_model_path
-    from ..loading import load
 
     folder = info.folder
     if folder is None:
@@ -56,7 +57,7 @@ def load_model(info: ModelInfo, args, progress: bool = True, say=None, **engine_
         info.folder = folder
     t0 = time.perf_counter()
     say(f"loading {info.family_name} from {folder} (dtype {args.dtype}, device {args.device}) ...")
-    model = load(folder, dtype=args.dtype, device=None if args.device == "auto" else args.device, progress=progress,
+    model = minicpmv.load(folder, dtype=args.dtype, device=None if args.device == "auto" else args.device, progress=progress,
                  **engine_settings)
     say(f"loaded in {time.perf_counter() - t0:.1f} s ({describe_model(model)})")
     return model

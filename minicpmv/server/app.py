@@ -92,7 +92,7 @@ class Server:
         gauges = {
             "minicpmv_sequences_running": ("Sequences in the engine's running batch", e["running"]),
             "minicpmv_sequences_waiting": ("Sequences in the engine waiting for memory or a batch place", e["waiting"]),
-            "minicpmv_kv_blocks_total": ("KV-cache blocks in the state pool", e["kv_blocks_total"]),
+            "minicpmv_kv_blocks_capacity": ("KV-cache blocks in the state pool", e["kv_blocks_total"]),
             "minicpmv_kv_blocks_free": ("KV-cache blocks free", e["kv_blocks_free"]),
             "minicpmv_state_slots_free": ("Recurrent-state slots free", e["state_slots_free"]),
             "minicpmv_prefix_cache_entries": ("Prefix snapshots kept for reuse", e["prefix_entries"]),
