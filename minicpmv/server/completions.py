@@ -1,7 +1,8 @@
 """Engine outputs of one request -> an OpenAI chat completion: SSE chunks while streaming, or
-one object at the end. Reasoning goes to `reasoning_content`, tool calls to `tool_calls` (one
-delta per call, sent whole once its closing tag arrives), and `usage` counts exactly the tokens
-that made the answer (the prompt once; every generated token up to the stop, across choices)."""
+one object at the end. Reasoning goes to `reasoning_content`, tool calls to `tool_calls` (while
+streaming: the call's id and name as soon as they are known, then its arguments in pieces), and
+`usage` counts exactly the tokens that made the answer (the prompt once; every generated token up
+to the stop, across choices)."""
 from __future__ import annotations
 
 import time
@@ -10,7 +11,7 @@ from collections.abc import AsyncIterator
 from .choice import ChoiceDecoder
 from .jobs import Job
 from .protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice, ChunkChoice,
-                       Delta, FunctionCall, ToolCall, ToolCallDelta, Usage)
+                       Delta, FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta, Usage)
 from .worker import RequestHandle, Worker
 
 
@@ -53,7 +54,7 @@ class Completion:
 
     # -- one-shot -------------------------------------------------------------------------
     async def collect(self) -> ChatCompletion:
-        parts = [{"reasoning": [], "content": [], "tool_call": []} for _ in self.decoders]
+        parts = [{"reasoning": [], "content": [], "tool_call": [], "tool_call_delta": []} for _ in self.decoders]
         async for events in self.steps():
             for index, got in events.items():
                 for kind, value in got:
@@ -69,7 +70,6 @@ class Completion:
 
     # -- streaming ------------------------------------------------------------------------
     async def sse(self) -> AsyncIterator[str]:
-        n_calls = [0] * len(self.decoders)
         yield self._chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
                            for i in range(len(self.decoders))])
         async for events in self.steps():
@@ -77,11 +77,10 @@ class Completion:
             for index, got in sorted(events.items()):
                 delta = Delta()
                 for kind, value in got:
-                    if kind == "tool_call":
-                        call = ToolCallDelta(index=n_calls[index], id=value["id"],
-                                             function=FunctionCall(**value["function"]))
-                        delta.tool_calls = (delta.tool_calls or []) + [call]
-                        n_calls[index] += 1
+                    if kind == "tool_call_delta":
+                        delta.tool_calls = _add_tool_delta(delta.tool_calls or [], value)
+                    elif kind == "tool_call":
+                        continue  # already streamed in pieces
                     elif kind == "reasoning":
                         delta.reasoning_content = (delta.reasoning_content or "") + value
                     else:
@@ -110,3 +109,14 @@ class Completion:
         chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model_name, choices=choices,
                                     usage=usage)
         return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+
+def _add_tool_delta(calls: list[ToolCallDelta], piece: dict) -> list[ToolCallDelta]:
+    """Fold one parser delta into the chunk's tool_calls: arguments pieces of the same call join up."""
+    if "name" in piece:
+        return calls + [ToolCallDelta(index=piece["index"], id=piece["id"], type="function",
+                                      function=FunctionCallDelta(name=piece["name"], arguments=""))]
+    if calls and calls[-1].index == piece["index"]:
+        calls[-1].function.arguments = (calls[-1].function.arguments or "") + piece["arguments"]
+        return calls
+    return calls + [ToolCallDelta(index=piece["index"], function=FunctionCallDelta(arguments=piece["arguments"]))]

@@ -207,8 +207,19 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class ToolCallDelta(ToolCall):
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """Streaming: the first delta of a call has its id, type and name (arguments ""), the next ones
+    arguments pieces whose concatenation is the call's `arguments`."""
+
     index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
 
 
 class ChatMessage(BaseModel):
