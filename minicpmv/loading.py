@@ -78,7 +78,9 @@ def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_pe
     load_weights(model, folder, model.checkpoint_key, dtype_for, device, progress=progress)
     model.tie_weights()
     if quant is not None:
-        quant.finish(model)
+        # float32 asked for: the GPTQ layers compute exactly as transformers + gptqmodel do in fp32
+        # (fp16-rounded dequantized weights, fp32 math); otherwise the fast int4 kernels
+        quant.finish(model, "fp16_weight" if dtype == torch.float32 else "auto")
     if pack_per_token and device.type == "cpu" and dtype != torch.float32 and fp16_packed.available():
         # the per-token matrices go to fbgemm's fp16 GEMM: fp32 math at half the bytes, and the
         # fastest CPU path at every batch size measured (layers/fp16_packed.py)
