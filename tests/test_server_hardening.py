@@ -60,6 +60,8 @@ def bad_inputs():
         ("seed + n over 64 bits", {**BODY, "seed": 2 ** 64 - 2, "n": 3}, {}, 400, "seed + n - 1", "seed"),
         ("absurd max_tokens", {**BODY, "max_tokens": 1_000_000_000}, {}, 400, "more than the model's context",
          "max_tokens"),
+        ("max_tokens written 1e9", raw('{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
+                                       '"max_tokens": 1e9}'), {}, 400, "max_tokens is 1000000000", "max_tokens"),
         ("max_completion_tokens over the context", {**BODY, "max_completion_tokens": 4097}, {}, 400,
          "context of 4096", "max_completion_tokens"),
         ("negative temperature", {**BODY, "temperature": -0.5}, {}, 400, "temperature", "temperature"),
