@@ -27,7 +27,7 @@ from minicpmv.quant.quantize_cli import (DEFAULT_SEQUENTIAL_GROUPS, quantization
                                          synthetic_images, write_quantized_checkpoint)
 from minicpmv.quant.gptq import GPTQParams
 
-N_TOKENS = 10
+N_TOKENS = 8
 
 
 def gptqmodel_raw_config(spec: GPTQSpec) -> dict:
