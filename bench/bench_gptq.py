@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "minicpm-v-4.6"
 
-from minicpmv.engine.state import ForwardBatch, SequenceState  # noqa: E402
+from minicpmv.state import SingleSequence  # noqa: E402
 from minicpmv.layers.fp16_packed import PackedFP16Linear, pack_fp16  # noqa: E402
 from minicpmv.layers.mixed import mixed_precision_plan  # noqa: E402
 from minicpmv.models.minicpmv4_6 import MiniCPMV46Config  # noqa: E402
@@ -207,15 +207,15 @@ def quantize_body(model: TextLM) -> dict[str, dict[str, torch.Tensor]]:
 def decode(model: TextLM, prompt_len=16, steps=24) -> list[float]:
     """Greedy decode with fp32 activations; returns the seconds of each step after the prompt."""
     lm = model.language_model
-    state = SequenceState.allocate(lm.state_spec(), prompt_len + steps + 1, torch.float32, "cpu")
+    state = SingleSequence(lm.state_spec(), prompt_len + steps + 1, torch.float32)
     ids = torch.randint(0, 1000, (prompt_len,), generator=torch.Generator().manual_seed(1))
-    h = lm(lm.embed_tokens(ids).float()[None], ForwardBatch([state], torch.arange(prompt_len)[None]))
+    h = lm(lm.embed_tokens(ids).float()[None], state.batch(prompt_len))
     logits = model.lm_head(h[:, -1])
     times = []
     for step in range(steps):
         t = time.perf_counter()
         tok = logits.argmax(-1)
-        h = lm(lm.embed_tokens(tok).float()[None], ForwardBatch([state], torch.tensor([[prompt_len + step]])))
+        h = lm(lm.embed_tokens(tok).float()[None], state.batch(1))
         logits = model.lm_head(h[:, -1])
         times.append(time.perf_counter() - t)
     return times
@@ -254,8 +254,8 @@ def weight_bytes(model: TextLM) -> int:
 
 
 def state_bytes(model: TextLM) -> int:
-    st = SequenceState.allocate(model.language_model.state_spec(), 64, torch.float32, "cpu")
-    return sum(layer.recurrent.nbytes + layer.conv.nbytes for layer in st.layers if hasattr(layer, "recurrent"))
+    spec = model.language_model.state_spec()
+    return sum(s.bytes_per_slot(torch.float32) for s in spec if hasattr(s, "bytes_per_slot"))
 
 
 # -- 4. transformers + gptqmodel ----------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import common  # noqa: F401  (puts the repository on sys.path)
-from minicpmv.engine.state import ForwardBatch, SequenceState
+from minicpmv.state import SingleSequence
 from minicpmv.layers.fp16_packed import PackedFP16Linear, pack_fp16
 from minicpmv.layers.mixed import mixed_precision_plan
 from minicpmv.models.llama import LlamaConfig
@@ -74,15 +74,15 @@ def step_time(model: Qwen3ForCausalLM, layers: int, steps: int, prompt_len: int 
     all_layers = body.layers
     body.layers = all_layers[:layers]
     try:
-        state = SequenceState.allocate(body.state_spec(), prompt_len + steps + 1, torch.float32, "cpu")
+        state = SingleSequence(body.state_spec(), prompt_len + steps + 1, torch.float32)
         ids = torch.randint(0, 1000, (prompt_len,), generator=torch.Generator().manual_seed(1))
-        h = body(body.embed_tokens(ids)[None], ForwardBatch([state], torch.arange(prompt_len)[None]))
+        h = body(body.embed_tokens(ids)[None], state.batch(prompt_len))
         logits = model.lm_head(h[:, -1])
         times = []
         for i in range(steps):
             t = time.perf_counter()
             tok = logits.argmax(-1)
-            h = body(body.embed_tokens(tok)[None], ForwardBatch([state], torch.tensor([[prompt_len + i]])))
+            h = body(body.embed_tokens(tok)[None], state.batch(1))
             logits = model.lm_head(h[:, -1])
             times.append(time.perf_counter() - t)
         return statistics.median(times)

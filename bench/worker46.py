@@ -80,18 +80,16 @@ def our_engine(folder, dtype):
         stamps = []
         while engine.has_work():
             engine.step()
-            stamps.append(time.perf_counter())
+            if all(s.output_ids for s in seqs):  # from the step in which the last one got its first token
+                stamps.append(time.perf_counter())
         assert all(len(s.output_ids) == n for s in seqs)
-        # prefills run one sequence per step: the first batch-1 stamps are other sequences' prefills
-        return t0, stamps[batch - 1:] if batch > 1 else stamps
+        return t0, stamps
 
     def first_logits(inputs):
-        from minicpmv.engine.state import ForwardBatch, SequenceState
+        from minicpmv.engine.prefill import encode_with, prompt_forward, vision_features
 
-        ids = inputs["input_ids"][0]
-        feats = {v.token_id: model.encode_vision(v.pixel_values, v.target_sizes) for v in vision_of(inputs)}
-        state = SequenceState.allocate(model.state_spec(), len(ids), model.dtype, "cpu")
-        hidden = model(model.embed(ids, feats), ForwardBatch([state], torch.arange(len(ids))[None]))
+        feats = vision_features(vision_of(inputs), encode_with(model))
+        hidden, _ = prompt_forward(model, inputs["input_ids"][0], feats)
         return model.logits(hidden[0, -1]).float()
 
     return generate, first_logits

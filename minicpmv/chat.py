@@ -11,6 +11,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from .engine.beam_search import BeamSearchParams, beam_search
+from .engine.config import EngineConfig
 from .engine.engine import Engine
 from .engine.sampling import SamplingParams
 from .engine.sequence import Sequence
@@ -62,22 +63,25 @@ class GenerationResult:
 
 
 class MiniCPMV:
-    def __init__(self, folder: Path, model, config: dict, tokenizer: Tokenizer, family):
+    def __init__(self, folder: Path, model, config: dict, tokenizer: Tokenizer, family,
+                 engine_config: EngineConfig | None = None):
         self.folder = folder
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
         self.family = family
         self.max_context = family.max_context
-        self.engine = Engine(model, self.max_context)
+        self.engine = Engine(model, engine_config or EngineConfig(max_context=self.max_context))
 
     @classmethod
-    def from_parts(cls, folder: Path, model, config: dict) -> "MiniCPMV":
+    def from_parts(cls, folder: Path, model, config: dict, **engine_settings) -> "MiniCPMV":
         tokenizer_file = folder / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{folder} has no tokenizer.json")
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        return cls(folder, model, config, tokenizer, adapter_for(folder, config, tokenizer))
+        family = adapter_for(folder, config, tokenizer)
+        engine_config = EngineConfig(max_context=family.max_context, **engine_settings)
+        return cls(folder, model, config, tokenizer, family, engine_config)
 
     # -- building requests ----------------------------------------------------------------
     def sampling_params(self, max_new_tokens=None, do_sample=None, temperature=None, top_p=None, top_k=None,
@@ -106,7 +110,8 @@ class MiniCPMV:
         """Run one request through the engine; yield (kind, text) pieces as they decode, where
         kind is "reasoning" or "content". The finished Sequence is returned by the generator.
         With num_beams > 1 the beam search runs to the end first, then its text comes in one go."""
-        seq = Sequence(prompt_ids=prepared.input_ids, params=params, vision=prepared.vision)
+        seq = Sequence(prepared.input_ids, params, prepared.vision, position_ids=prepared.position_ids,
+                       rope_delta=prepared.rope_delta, reuse_boundary=prepared.reuse_boundary)
         parser = ReasoningStreamParser(in_reasoning=prepared.starts_in_reasoning)
         stop_ids = set(params.stop_token_ids)
         if getattr(params, "num_beams", 1) > 1:
@@ -118,20 +123,21 @@ class MiniCPMV:
         self.engine.add(seq)
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=False)
         try:
-            while True:
+            while not seq.finished:
                 for out in self.engine.step():
-                    if out.seq is not seq:
+                    if out.seq is not seq or out.token_id is None:
                         continue
                     if out.token_id not in stop_ids:
                         text = detok.add(out.token_id)
                         if text:
                             yield from parser.feed(text)
-                    if out.finished:
-                        yield from parser.feed(detok.flush())
-                        yield from parser.flush()
-                        return seq
+            if seq.error is not None:
+                raise seq.error
+            yield from parser.feed(detok.flush())
+            yield from parser.flush()
+            return seq
         finally:
-            self.engine.abort(seq)  # no-op when finished; frees the slot if the caller stopped early
+            self.engine.abort(seq)  # no-op when finished; frees the state if the caller stopped early
 
     def chat(self, msgs=None, image=None, tokenizer=None, processor=None, *, messages=None, stream: bool = False,
              max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
@@ -181,7 +187,7 @@ class MiniCPMV:
             content, tool_calls = parse_tool_calls(content, tools)
             content = content or ""
         usage = {"prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.output_ids),
-                 "total_tokens": len(seq.prompt_ids) + len(seq.output_ids)}
+                 "total_tokens": len(seq.prompt_ids) + len(seq.output_ids), "cached_tokens": seq.num_cached}
         return Reply(content, reasoning=reasoning, raw=raw, tool_calls=tool_calls, finish_reason=seq.finish_reason,
                      usage=usage)
 

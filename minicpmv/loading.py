@@ -90,10 +90,16 @@ def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_pe
 
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, dtype="auto", device=None, revision: str | None = None,
-         progress: bool = True):
-    """Load a MiniCPM-V checkpoint (local folder or hub id) ready for `.chat(...)`."""
+         progress: bool = True, **engine_settings):
+    """Load a MiniCPM-V checkpoint (local folder or hub id) ready for `.chat(...)`.
+    engine_settings: EngineConfig fields (kv_cache_memory in bytes, max_num_seqs,
+    max_num_batched_tokens, enable_prefix_caching, ...)."""
     from .chat import MiniCPMV
+    from .engine.config import EngineConfig
 
+    unknown = sorted(set(engine_settings) - (set(EngineConfig.__dataclass_fields__) - {"max_context"}))
+    if unknown:
+        raise TypeError(f"load() got unknown engine setting(s) {unknown}")
     folder = resolve_model_path(model, revision)
     net, config = load_model(folder, dtype, device, progress)
-    return MiniCPMV.from_parts(folder, net, config)
+    return MiniCPMV.from_parts(folder, net, config, **engine_settings)

@@ -175,7 +175,7 @@ def test_chat_sampling_false_is_the_reference_beam_search():
     with torch.no_grad():
         features = {}
         for v in prepared.vision:
-            feats = engine._encode(v)
+            feats = engine.runner.encode_unit(v)
             features[v.token_id] = torch.cat([features[v.token_id], feats]) if v.token_id in features else feats
         embeds = engine.model.embed(torch.tensor(prepared.input_ids), features)
         cfg = transformers.Qwen3Config(**{k: v for k, v in model.config.items() if k not in ("architectures", "auto_map")})

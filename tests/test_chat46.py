@@ -122,14 +122,19 @@ def test_unknown_option_is_rejected(model):
 
 
 def test_top_k_top_p_sampling_only_draws_allowed_tokens():
-    from minicpmv.engine.sampling import SamplingParams, sample_next
+    from minicpmv.engine.sampling import SamplingParams, sample_rows
 
     logits = torch.tensor([5.0, 4.0, 3.0, 0.0, -1.0, 2.9])
     g = torch.Generator().manual_seed(0)
-    top_k = {sample_next(logits, SamplingParams(do_sample=True, top_k=3), None, g) for _ in range(300)}
-    assert top_k == {0, 1, 2}
+
+    def draws(params, n=300):
+        out = sample_rows(logits.expand(n, -1).clone(), [params] * n, [[]] * n, [[]] * n, [g] + [None] * (n - 1))
+        return set(out)
+
+    assert draws(SamplingParams(do_sample=True, top_k=3)) == {0, 1, 2}
     # top_p 0.7 over softmax([5, 4, 3, 2.9, 0, -1]) keeps only the two most likely
-    top_p = {sample_next(logits, SamplingParams(do_sample=True, top_p=0.7), None, g) for _ in range(300)}
-    assert top_p == {0, 1}
-    both = {sample_next(logits, SamplingParams(do_sample=True, top_k=3, top_p=0.7), None, g) for _ in range(300)}
-    assert both == {0, 1}
+    assert draws(SamplingParams(do_sample=True, top_p=0.7)) == {0, 1}
+    assert draws(SamplingParams(do_sample=True, top_k=3, top_p=0.7)) == {0, 1}
+    # min_p 0.3: only tokens with at least 0.3x the top probability (5.0 and 4.0: e^-1 = 0.37)
+    assert draws(SamplingParams(do_sample=True, min_p=0.3)) == {0, 1}
+    assert draws(SamplingParams(do_sample=True)) >= {0, 1, 2, 5}

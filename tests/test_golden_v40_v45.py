@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from minicpmv.engine.engine import Engine
 from minicpmv.engine.sampling import SamplingParams
 from minicpmv.engine.sequence import Sequence
-from minicpmv.engine.state import ForwardBatch, SequenceState
+from minicpmv.state import SingleSequence
 from minicpmv.layers.fp16_packed import PackedFP16Linear
 from minicpmv.loading import load_model
 from minicpmv.processing.processor_v4x import ProcessorV4x
@@ -140,8 +140,7 @@ def test_vision_and_prefill_logits(version, name):
         ids = torch.tensor(out.input_ids)
         embeds = model.embed(ids, {out.placeholder_id: feats})
         torch.testing.assert_close(embeds, g["inputs_embeds"], atol=ATOL, rtol=0)
-        state = SequenceState.allocate(model.state_spec(), len(ids), torch.float32, "cpu")
-        hidden = model(embeds, ForwardBatch([state], torch.arange(len(ids))[None]))
+        hidden = model(embeds, SingleSequence.for_model(model, len(ids)).batch(len(ids)))
         logits = model.logits(hidden[0, -1])
     torch.testing.assert_close(logits, g["last_logits"], atol=ATOL, rtol=ATOL)
     assert int(logits.argmax()) == int(g["last_logits"].argmax())

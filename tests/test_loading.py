@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import minicpmv
-from minicpmv.engine.state import ForwardBatch, SequenceState
+from minicpmv.engine.prefill import prompt_forward
 from minicpmv.errors import ModelNotFoundError
 from minicpmv.hub import resolve_model_path
 from minicpmv.layers.fp16_packed import PackedFP16Linear
@@ -15,8 +15,7 @@ from tiny46 import build_tiny_46
 
 
 def last_logits(model, ids):
-    state = SequenceState.allocate(model.state_spec(), len(ids), model.dtype, "cpu")
-    hidden = model(model.embed(ids, {}), ForwardBatch([state], torch.arange(len(ids))[None]))
+    hidden, _ = prompt_forward(model, ids)
     return model.logits(hidden[0, -1])
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from minicpmv.engine.engine import Engine
 from minicpmv.engine.sampling import SamplingParams
 from minicpmv.engine.sequence import Sequence, VisionInputs
-from minicpmv.engine.state import ForwardBatch, SequenceState
+from minicpmv.engine.prefill import prompt_forward
 from minicpmv.loading import load_model
 
 IMAGE_TOKEN, VIDEO_TOKEN = 248056, 248057
@@ -53,8 +53,7 @@ def our_prefill_logits(model, ids, vision):
     feats = {}
     for v in vision:
         feats[v.token_id] = model.encode_vision(v.pixel_values, v.target_sizes, v.downsample_mode)
-    state = SequenceState.allocate(model.state_spec(), len(ids), torch.float32, "cpu")
-    hidden = model(model.embed(torch.tensor(ids), feats), ForwardBatch([state], torch.arange(len(ids))[None]))
+    hidden, _ = prompt_forward(model, ids, feats)
     return model.logits(hidden[0, -1])
 
 

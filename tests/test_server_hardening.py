@@ -8,7 +8,6 @@ import httpx
 import jsonschema
 import openai
 import pytest
-import torch
 from PIL import Image
 
 from test_server_support import MODEL_NAME, ServerProcess, image_part, photo, user
@@ -56,7 +55,7 @@ def bad_inputs():
     big = flat(300, 400, 1)  # 120k pixels
     return [
         ("seed over 64 bits", {**BODY, "seed": 2 ** 64}, {}, 400, "seed", "seed"),
-        ("seed under int64", {**BODY, "seed": -(2 ** 63) - 1}, {}, 400, "seed", "seed"),
+        ("negative seed", {**BODY, "seed": -1}, {}, 400, "seed", "seed"),
         ("seed + n over 64 bits", {**BODY, "seed": 2 ** 64 - 2, "n": 3}, {}, 400, "seed + n - 1", "seed"),
         ("absurd max_tokens", {**BODY, "max_tokens": 1_000_000_000}, {}, 400, "more than the model's context",
          "max_tokens"),
@@ -183,9 +182,8 @@ def test_common_openai_fields_are_accepted(server):
     assert chunks[-1].usage.completion_tokens == 4
 
 
-def test_presence_and_frequency_penalties_are_applied_only_when_set(server, local):
+def test_presence_and_frequency_penalties_reach_the_sampler(server, local):
     from minicpmv.server.jobs import build_job
-    from minicpmv.server.penalties import OccurrencePenalty
     from minicpmv.server.protocol import ChatCompletionRequest
 
     client = server.client()
@@ -193,26 +191,10 @@ def test_presence_and_frequency_penalties_are_applied_only_when_set(server, loca
         model=MODEL_NAME, messages=user("Say something."), max_tokens=12, temperature=0, **kw).choices[0].message
     assert ask(presence_penalty=0.0, frequency_penalty=0.0).content == ask().content
     assert ask(presence_penalty=1.5, frequency_penalty=-0.5).content  # accepted and served
-    # the job carries one penalty processor per choice with the request's values, and none when they are 0
-    for penalties, expected in (({"presence_penalty": 1.5, "frequency_penalty": -0.5}, (1.5, -0.5)),
-                                ({"presence_penalty": 0, "frequency_penalty": 0}, None)):
+    for penalties, expected in (({"presence_penalty": 1.5, "frequency_penalty": -0.5}, (1.5, -0.5)), ({}, (0, 0))):
         chat = ChatCompletionRequest.model_validate({**BODY, "n": 2, **penalties})
         job = build_job(local, chat, chat.messages, None, 10 ** 6)
-        found = [[(p.presence, p.frequency) for p in params.logits_processors if isinstance(p, OccurrencePenalty)]
-                 for params in job.params]
-        assert found == ([[expected]] * 2 if expected else [[], []])
-
-
-def test_occurrence_penalty_arithmetic():
-    from minicpmv.server.penalties import OccurrencePenalty
-
-    penalty = OccurrencePenalty(presence=0.5, frequency=0.25)
-    logits = torch.zeros(6)
-    assert torch.equal(penalty([], logits), logits)
-    out = penalty([2, 2, 5, 2], logits)
-    assert torch.allclose(out, torch.tensor([0, 0, -0.5 - 0.75, 0, 0, -0.5 - 0.25]))
-    out = penalty([2, 2, 5, 2, 0], logits)  # counted incrementally
-    assert torch.allclose(out, torch.tensor([-0.75, 0, -1.25, 0, 0, -0.75]))
+        assert [(p.presence_penalty, p.frequency_penalty) for p in job.params] == [expected] * 2
 
 
 WEATHER = [
@@ -254,7 +236,7 @@ def test_the_python_api_raises_the_same_errors(local):
 
     model = local
     msgs = [{"role": "user", "content": "hi"}]
-    for kwargs, message in (({"seed": 2 ** 64}, "seed"), ({"seed": -(2 ** 63) - 1}, "seed"),
+    for kwargs, message in (({"seed": 2 ** 64}, "seed"), ({"seed": -1}, "seed"),
                             ({"temperature": float("nan")}, "temperature"), ({"temperature": -1}, "temperature"),
                             ({"top_p": float("nan")}, "top_p"), ({"repetition_penalty": float("inf")},
                                                                  "repetition_penalty"),
@@ -265,7 +247,7 @@ def test_the_python_api_raises_the_same_errors(local):
         model.chat(msgs=msgs, max_new_tokens=5000)
     # the edges of the range are fine, and the engine is left clean by the refusals
     assert model.chat(msgs=msgs, max_new_tokens=2, seed=2 ** 64 - 1, do_sample=True).usage["completion_tokens"] == 2
-    assert model.chat(msgs=msgs, max_new_tokens=2, seed=-(2 ** 63), do_sample=True).usage["completion_tokens"] == 2
+    assert model.chat(msgs=msgs, max_new_tokens=2, seed=0, do_sample=True).usage["completion_tokens"] == 2
     assert not model.engine.has_work()
 
 

@@ -28,11 +28,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model_dir, *args, log_path=None, api_key=API_KEY, startup_timeout=240):
+    def __init__(self, model_dir, *args, log_path=None, api_key=API_KEY, startup_timeout=240,
+                 launcher=("-m", "minicpmv.cli")):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
-        cmd = [sys.executable, "-m", "minicpmv.cli", "serve", "--model", str(model_dir), "--served-model-name",
+        cmd = [sys.executable, *launcher, "serve", "--model", str(model_dir), "--served-model-name",
                MODEL_NAME, "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--device", "cpu",
                "--threads", "1", "--log-level", "warning", *(["--api-key", api_key] if api_key else []), *args]
         self.log = open(log_path or os.devnull, "w")

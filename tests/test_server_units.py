@@ -9,7 +9,6 @@ from pydantic import ValidationError
 from tokenizers import Tokenizer
 
 import minicpmv
-from minicpmv.engine import engine as engine_module
 from minicpmv.engine.encoder_cache import EncoderCache
 from minicpmv.engine.sequence import Sequence
 from minicpmv.errors import InputError
@@ -130,8 +129,8 @@ def run(engine, seqs):
 
 
 def test_engine_hooks_keep_answers_unchanged(model, monkeypatch):
-    """Cached vision encodings, a tiny KV reserve that must grow, and a no-op logits processor
-    all give exactly the tokens of the plain path."""
+    """Cached vision encodings, a prompt fed in chunks of 8 tokens with another sequence beside it,
+    and a no-op logits processor all give exactly the tokens of the plain path."""
     prepared = model.prepare([{"role": "user", "content": [photo(150, 220, 3), "What is it?"]}])
     params = lambda **kw: model.sampling_params(do_sample=False, max_new_tokens=20, **kw)  # noqa: E731
     seq = lambda p: Sequence(prompt_ids=prepared.input_ids, params=p, vision=list(prepared.vision))  # noqa: E731
@@ -141,7 +140,7 @@ def test_engine_hooks_keep_answers_unchanged(model, monkeypatch):
     original = model.model.encode_vision
     monkeypatch.setattr(model.model, "encode_vision", lambda *a, **k: calls.append(1) or original(*a, **k))
     plain = run(engine, [seq(params())])
-    monkeypatch.setattr(engine_module, "KV_RESERVE", 2)
+    monkeypatch.setattr(engine.config, "max_num_batched_tokens", 8)  # the prompt in chunks of 8 tokens
     seen = []
     recorder = lambda ids, logits: seen.append(len(ids)) or logits  # noqa: E731
     p = params()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minicpmv.engine.state import ForwardBatch, SequenceState
+from minicpmv.state import SingleSequence
 from minicpmv.models.llama import LlamaConfig, LlamaForCausalLM
 from minicpmv.models.qwen3 import Qwen3ForCausalLM
 
@@ -20,11 +20,11 @@ BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_lay
 def run_ours(model, ids: torch.Tensor, decode_steps: int) -> torch.Tensor:
     """Prefill ids[:-decode_steps], then feed the rest one token at a time; logits of every fed position."""
     prompt = ids[: len(ids) - decode_steps]
-    state = SequenceState.allocate(model.model.state_spec(), len(ids), torch.float32, "cpu")
+    state = SingleSequence(model.model.state_spec(), len(ids), torch.float32)
     emb = model.model.embed_tokens
-    out = [model.lm_head(model.model(emb(prompt)[None], ForwardBatch([state], torch.arange(len(prompt))[None])))[0]]
+    out = [model.lm_head(model.model(emb(prompt)[None], state.batch(len(prompt))))[0]]
     for pos in range(len(prompt), len(ids)):
-        h = model.model(emb(ids[pos:pos + 1])[None], ForwardBatch([state], torch.tensor([[pos]])))
+        h = model.model(emb(ids[pos:pos + 1])[None], state.batch(1))
         out.append(model.lm_head(h)[0])
     return torch.cat(out)
 

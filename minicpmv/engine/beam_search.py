@@ -13,7 +13,8 @@ same ids:
     False (the default) = once num_beams hypotheses are finished and the best running beam, divided by
     its current length ** length_penalty, cannot beat the worst of them; True = as soon as num_beams
     hypotheses are finished; "never" = the canonical bound (max length when length_penalty > 0).
-Every running beam owns its KV state; a beam chosen twice as a parent is forked (SequenceState.fork).
+Every running beam owns its state in the engine's pool; a beam chosen twice as a parent is forked (full
+KV blocks shared, the last partial block and the recurrent slot copied).
 """
 from __future__ import annotations
 
@@ -21,11 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import PromptTooLongError
-from .engine import KV_RESERVE
+from ..state import ForwardBatch, SeqState
+from .prefill import prompt_forward, vision_features
 from .sampling import SamplingParams, apply_repetition_penalty
 from .sequence import Sequence, Status
-from .state import ForwardBatch, SequenceState
 
 NEG = -1.0e9  # transformers' "impossible" score
 
@@ -52,23 +52,52 @@ def beam_search(engine, seq: Sequence) -> Sequence:
     """Prefill `seq` (vision included, through the engine's encoder cache), search, and fill in
     seq.output_ids (the best hypothesis, its stop token included) and seq.finish_reason."""
     p: BeamSearchParams = seq.params
-    model, device, nb = engine.model, engine.device, p.num_beams
+    model, device, nb, manager = engine.model, engine.device, p.num_beams, engine.manager
     n_prompt = len(seq.prompt_ids)
-    if n_prompt >= engine.max_context:
-        raise PromptTooLongError(f"the prompt is {n_prompt} tokens but the model's context is {engine.max_context}")
-    max_new = min(p.max_new_tokens, engine.max_context - n_prompt)
+    engine.check_prompt(n_prompt)
+    max_new = min(p.max_new_tokens, min(engine.max_context, manager.max_tokens) - n_prompt)
     stops = set(p.stop_token_ids)
 
     # prefill once; every beam starts from this state (transformers prefills num_beams copies)
     ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=device)
-    features = {}
-    for v in seq.vision:
-        feats = engine._encode(v)
-        features[v.token_id] = torch.cat([features[v.token_id], feats]) if v.token_id in features else feats
+    features = vision_features(engine.split_vision(seq.vision), engine.runner.encode_unit)
     seq.vision = []
-    state = SequenceState.allocate(engine.spec, n_prompt + min(max_new, KV_RESERVE), model.dtype, device)
-    hidden = model(model.embed(ids, features), ForwardBatch([state], torch.arange(n_prompt, device=device)[None]))
-    logits = model.logits(hidden[0, -1:]).float().expand(nb, -1)
+    owned: list[SeqState] = []
+    try:
+        root = _new_state(manager, owned)
+        hidden, _ = prompt_forward(model, ids, features, _batch(engine, [root], n_prompt))
+        logits = model.logits(hidden[0, -1:]).float().expand(nb, -1)
+        return _search(engine, seq, p, root, logits, owned, max_new, stops)
+    except MemoryError as e:
+        raise MemoryError(f"beam search with {nb} beams does not fit the state pool ({e}); "
+                          f"use fewer beams or a larger kv_cache_memory") from None
+    finally:
+        for st in owned:
+            manager.free(st)
+
+
+def _new_state(manager, owned: list) -> SeqState:
+    st = SeqState()
+    owned.append(st)
+    manager.take_slot(st)
+    return st
+
+
+def _batch(engine, states: list[SeqState], n: int) -> ForwardBatch:
+    """A ForwardBatch for n new tokens of each state (all at the same length), counted as computed."""
+    start = states[0].num_computed
+    for st in states:
+        engine.manager.grow(st, start + n)
+    batch = ForwardBatch(engine.pool, torch.arange(start, start + n, device=engine.device).expand(len(states), n),
+                         [st.blocks for st in states], [start] * len(states), [st.slot or 0 for st in states])
+    for st in states:
+        st.num_computed += n
+    return batch
+
+
+def _search(engine, seq, p, state, logits, owned, max_new, stops):
+    model, nb, manager = engine.model, p.num_beams, engine.manager
+    n_prompt = len(seq.prompt_ids)
     seq.status = Status.RUNNING
 
     states = [state] * nb
@@ -108,8 +137,17 @@ def beam_search(engine, seq: Sequence) -> Sequence:
         claimed, next_states = set(), []
         for i in keep:
             parent = states[parents[i]]
-            next_states.append(parent.fork() if id(parent) in claimed else parent)
+            if id(parent) in claimed:
+                child = manager.fork(parent)
+                owned.append(child)
+                next_states.append(child)
+            else:
+                next_states.append(parent)
             claimed.add(id(parent))
+        for st in {id(s): s for s in states}.values():
+            if id(st) not in claimed:  # a beam no one continues: its state goes back to the pool
+                manager.free(st)
+                owned.remove(st)
         states = next_states
         running = [running[parents[i]] + [tokens[i]] for i in keep]
         running_scores = new_scores
@@ -118,10 +156,9 @@ def beam_search(engine, seq: Sequence) -> Sequence:
         if not (_improvable(running_scores, finished_scores, finished_mask, generated, max_new, p)
                 and not (finished_mask.all() and p.early_stopping is True) and not hits.all()):
             break
-        last = torch.tensor([r[-1] for r in running], dtype=torch.long, device=device)
+        last = torch.tensor([r[-1] for r in running], dtype=torch.long, device=engine.device)
         embeds = model.embed(last, {}).transpose(0, 1)  # [nb, 1, D]
-        positions = torch.full((nb, 1), n_prompt + generated - 1, device=device)
-        logits = model.logits(model(embeds, ForwardBatch(states, positions))[:, -1]).float()
+        logits = model.logits(model(embeds, _batch(engine, states, 1))[:, -1]).float()
 
     seq.output_ids = list(finished[0])
     seq.status = Status.FINISHED

@@ -1,137 +1,214 @@
-"""The single engine loop under the Python API, the CLI and the server.
+"""The engine loop under the Python API, the CLI, batch jobs and the server.
 
-Each `step()` either prefills one waiting sequence (vision encode, scatter, prompt forward,
-first token) or decodes one token for every running sequence in one batched forward. New
-sequences can join between any two steps: that is continuous batching.
-"""
+`step()` = schedule -> run (vision units, prompt chunks, one batched decode) -> sample -> update.
+New sequences join between any two steps (continuous batching). A failure inside a step fails
+only the sequences it touches: a vision unit or prompt chunk fails its own sequence; a failed
+batched decode sends its sequences back to be recomputed, each then decoding alone once so that
+a sequence which fails again fails by itself. step() itself never raises for a request's fault."""
 from __future__ import annotations
 
-from collections import deque
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import PromptTooLongError
+from ..state import StateManager, StatePool
+from .config import EngineConfig
 from .encoder_cache import EncoderCache, content_key
-from .sampling import sample_next
+from .runner import ModelRunner
+from .sampling import sample_sequences
+from .scheduler import Scheduler
 from .sequence import Sequence, Status
-from .state import ForwardBatch, SequenceState
 
-# KV slots reserved past the prompt at prefill; caches grow by doubling beyond it, so a large
-# max_tokens does not pin memory for tokens that may never be generated.
-KV_RESERVE = 256
+log = logging.getLogger("minicpmv.engine")
 
 
 @dataclass
 class StepOutput:
     seq: Sequence
-    token_id: int
+    token_id: int | None  # None when the sequence ended without a new token (error)
     finished: bool
 
 
 class Engine:
-    def __init__(self, model, max_context: int, max_batch_size: int = 32, encoder_cache_bytes: int = 256 << 20):
+    def __init__(self, model, config: EngineConfig | None = None, **overrides):
+        if config is None:
+            config = EngineConfig(**overrides)
+        elif overrides:
+            raise TypeError("pass either an EngineConfig or keyword settings, not both")
         self.model = model
-        self.max_context = max_context
-        self.max_batch_size = max_batch_size
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.config = config
         self.device = next(model.parameters()).device
         self.spec = model.state_spec()
-        self.encoder_cache = EncoderCache(encoder_cache_bytes)
+        self.plan = config.plan(self.spec, model.dtype)
+        self.pool = StatePool(self.spec, self.plan, model.dtype, self.device)
+        self.manager = StateManager(self.plan, self.pool, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.manager, config)
+        self.encoder_cache = EncoderCache(config.encoder_cache_bytes)
+        self.runner = ModelRunner(model, self.pool, self.encoder_cache)
+        self.num_steps = 0
+        self.num_failed = 0
 
-    # -- requests -------------------------------------------------------------------------
+    @property
+    def max_context(self) -> int:
+        return self.config.max_context
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    def describe(self) -> str:
+        return f"state pool {self.plan.describe()}; up to {self.config.max_num_seqs} sequences, " \
+               f"{self.config.max_num_batched_tokens} tokens per step"
+
+    # -- requests -------------------------------------------------------------------------------
+    def check_prompt(self, n: int) -> None:
+        """Raise PromptTooLongError when a prompt of n tokens can never run (before any work)."""
+        limit = min(self.max_context, self.manager.max_tokens)
+        if n >= limit:
+            where = (f"the model's context is {limit} tokens" if limit == self.max_context else
+                     f"the KV cache holds {limit} tokens (raise kv_cache_memory / --kv-cache-memory)")
+            raise PromptTooLongError(
+                f"the prompt is {n} tokens (text and vision placeholders) but {where}; shorten the text, "
+                f"send fewer/smaller images or frames, or lower max_slice_nums")
+
     def add(self, seq: Sequence) -> Sequence:
         n = len(seq.prompt_ids)
-        if n >= self.max_context:
-            raise PromptTooLongError(
-                f"the prompt is {n} tokens (text and vision placeholders) but the model's context is "
-                f"{self.max_context} tokens; shorten the text, send fewer/smaller images or frames, "
-                f"or lower max_slice_nums")
-        seq.params.max_new_tokens = min(seq.params.max_new_tokens, self.max_context - n)
-        seq.generator = seq.params.make_generator()
-        self.waiting.append(seq)
+        self.check_prompt(n)
+        seq.params.max_new_tokens = min(seq.params.max_new_tokens,
+                                        min(self.max_context, self.manager.max_tokens) - n)
+        seq.vision_parts = self.split_vision(seq.vision)
+        self.scheduler.add(seq)
         return seq
 
+    def split_vision(self, vision: list) -> list:
+        """Vision inputs -> bounded units (content keys set), in placeholder order."""
+        parts = []
+        split = getattr(self.model, "vision_chunks", None)
+        for v in vision:
+            if v.cache_key is None:
+                v.cache_key = content_key(v)
+            pieces = split(v, self.config.encoder_chunk_patches) if split else [v]
+            for i, p in enumerate(pieces):
+                if len(pieces) > 1:
+                    p.cache_key = f"{v.cache_key}#{i}/{len(pieces)}"
+                parts.append(p)
+        return parts
+
     def abort(self, seq: Sequence) -> None:
-        if seq.status is Status.FINISHED:
-            return
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        if seq in self.running:
-            self.running.remove(seq)
-        self._finish(seq, "abort")
+        if seq.status is not Status.FINISHED:
+            self._finish(seq, "abort")
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_work()
 
-    # -- the loop -------------------------------------------------------------------------
+    # -- the loop -------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        if self.waiting and len(self.running) < self.max_batch_size:
-            seq = self.waiting.popleft()
+        plan = self.scheduler.schedule()
+        self.num_steps += 1
+        outputs: list[StepOutput] = []
+        for seq, units in plan.encode:
+            self._guard(outputs, seq, self.runner.encode, seq, units)
+        to_sample, rows = [], []
+        for seq, n in plan.prefill:
+            if seq.finished:
+                continue
+            logits = self._guard(outputs, seq, self.runner.prefill, seq, n)
+            if seq.finished:
+                continue
+            if seq.num_computed == seq.reuse_boundary:
+                self.manager.snapshot(seq.state, seq.token_ids, seq.vision)
+            if seq.num_computed >= len(seq.prompt_ids):
+                seq.features = None  # every placeholder is in the pool now
+            if logits is not None:
+                to_sample.append(seq)
+                rows.append(logits[None])
+        if plan.decode:
             try:
-                return [self._prefill(seq)]
-            except Exception:
-                self._finish(seq, "error")  # the caller can tell which request failed
-                raise
-        if self.running:
-            return self._decode(list(self.running))
-        return []
+                rows.append(self.runner.decode(plan.decode))
+                to_sample += plan.decode
+            except Exception as e:  # noqa: BLE001 - attribute it by recomputing each alone
+                if len(plan.decode) == 1:
+                    self._fail(outputs, plan.decode[0], e)
+                else:
+                    log.warning("a batched decode of %d sequences failed (%s); recomputing each alone",
+                                len(plan.decode), e)
+                    for seq in plan.decode:
+                        self.scheduler.requeue(seq)
+                        seq.isolate = True
+        for seq in plan.isolated:
+            logits = self._guard(outputs, seq, self.runner.decode, [seq])
+            if not seq.finished:
+                seq.isolate = False
+                to_sample.append(seq)
+                rows.append(logits)
+        if to_sample:
+            self._sample(torch.cat(rows).float(), to_sample, outputs)
+        return outputs
 
-    def _prefill(self, seq: Sequence) -> StepOutput:
-        model = self.model
-        ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.device)
-        features = {}
-        for v in seq.vision:
-            feats = self._encode(v)
-            features[v.token_id] = torch.cat([features[v.token_id], feats]) if v.token_id in features else feats
-        seq.vision = []  # the pixels are not needed again; free them while the sequence decodes
-        embeds = model.embed(ids, features)
-        capacity = len(seq.prompt_ids) + min(seq.params.max_new_tokens, KV_RESERVE)
-        seq.state = SequenceState.allocate(self.spec, capacity, model.dtype, self.device)
-        positions = torch.arange(len(ids), device=self.device)[None]
-        hidden = model(embeds, ForwardBatch([seq.state], positions))
-        seq.status = Status.RUNNING
-        self.running.append(seq)
-        return self._accept(seq, model.logits(hidden[0, -1:])[0])
+    def _guard(self, outputs, seq, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - one request's fault ends that request only
+            self._fail(outputs, seq, e)
+            return None
 
-    def _encode(self, v) -> torch.Tensor:
-        cache = self.encoder_cache
-        key = (v.cache_key or content_key(v)) if cache.max_bytes else None
-        feats = cache.get(key) if key else None
-        if feats is None:
-            feats = self.model.encode_vision(v.pixel_values.to(self.device), v.target_sizes, v.downsample_mode,
-                                             **v.extra)
-            if key:
-                cache.put(key, feats)
-        return feats
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], outputs: list[StepOutput]) -> None:
+        try:
+            tokens = sample_sequences(logits, seqs)
+        except Exception:  # noqa: BLE001 - a logits processor of one request failed: find it
+            tokens = [self._guard(outputs, s, lambda i=i, s=s: sample_sequences(logits[i:i + 1], [s])[0])
+                      for i, s in enumerate(seqs)]
+        for seq, token in zip(seqs, tokens):
+            if seq.finished:
+                continue
+            seq.append(token)
+            p = seq.params
+            if token in p.stop_token_ids:
+                self._finish(seq, "stop")
+            elif len(seq.output_ids) >= p.max_new_tokens:
+                self._finish(seq, "length")
+            outputs.append(StepOutput(seq, token, seq.finished))
 
-    def _decode(self, seqs: list[Sequence]) -> list[StepOutput]:
-        model = self.model
-        ids = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=self.device)
-        embeds = model.embed(ids, {}).transpose(0, 1)  # [B, 1, D]
-        positions = torch.tensor([[s.num_tokens - 1] for s in seqs], device=self.device)
-        hidden = model(embeds, ForwardBatch([s.state for s in seqs], positions))
-        logits = model.logits(hidden[:, -1])
-        return [self._accept(s, logits[i]) for i, s in enumerate(seqs)]
-
-    def _accept(self, seq: Sequence, logits: torch.Tensor) -> StepOutput:
-        p = seq.params
-        for process in p.logits_processors:
-            logits = process(seq.output_ids, logits)
-        seen = seq.seen_ids() if p.repetition_penalty != 1.0 else None
-        token = sample_next(logits, p, seen, seq.generator)
-        seq.output_ids.append(token)
-        if token in p.stop_token_ids:
-            self._finish(seq, "stop")
-        elif len(seq.output_ids) >= p.max_new_tokens:
-            self._finish(seq, "length")
-        return StepOutput(seq, token, seq.status is Status.FINISHED)
+    def _fail(self, outputs: list[StepOutput], seq: Sequence, error: BaseException) -> None:
+        log.warning("sequence %d failed: %s: %s", seq.seq_id, type(error).__name__, error)
+        self.num_failed += 1
+        seq.error = error
+        self._finish(seq, "error")
+        outputs.append(StepOutput(seq, None, True))
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        if reason in ("stop", "length") and seq.num_computed:
+            self.manager.snapshot(seq.state, seq.token_ids, seq.vision)
+        self.scheduler.remove(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
-        seq.state = None  # free the caches at once
-        if seq in self.running:
-            self.running.remove(seq)
+        seq.features = None
+
+    def fail_all(self, error: BaseException) -> list[StepOutput]:
+        """End every sequence with an error (the loop hit a fault it cannot attribute)."""
+        outputs: list[StepOutput] = []
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._fail(outputs, seq, error)
+        return outputs
+
+    # -- observability ----------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        m = self.manager
+        prefix = m.prefix
+        return {
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            "steps": self.num_steps, "preemptions": self.scheduler.num_preemptions, "failed": self.num_failed,
+            "kv_blocks_total": m.plan.num_blocks, "kv_blocks_free": m.blocks.num_free,
+            "state_slots_total": m.plan.num_slots, "state_slots_free": m.slots.num_free,
+            "prefix_entries": len(prefix) if prefix else 0, "prefix_hits": prefix.hits if prefix else 0,
+            "prefix_misses": prefix.misses if prefix else 0, "prefix_hit_tokens": prefix.hit_tokens if prefix else 0,
+            "encoder_cache_bytes": self.encoder_cache.nbytes, "encoder_cache_entries": len(self.encoder_cache.entries),
+            "encoder_cache_hits": self.encoder_cache.hits, "encoder_cache_misses": self.encoder_cache.misses,
+        }

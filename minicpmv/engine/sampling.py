@@ -1,5 +1,7 @@
-"""Sampling parameters and the sampler (greedy, temperature, top-k, top-p, repetition penalty),
-with the same order of operations as transformers' generate: penalty, temperature, top-k, top-p."""
+"""Sampling parameters and the batched sampler. Order of operations as transformers' generate
+(logits processors, repetition penalty, temperature, top-k, top-p), then OpenAI's presence /
+frequency penalties before the temperature and min-p last, as vLLM. Every step samples all rows
+of the batch with tensor ops; per-request seeds only get their own noise draw."""
 from __future__ import annotations
 
 import math
@@ -7,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
+SEED_MAX = 2**64 - 1
 
 
 @dataclass
@@ -17,7 +19,10 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     # transformers penalises every token in input_ids; 4.0/4.5's remote code generates from
     # embeddings, so only generated tokens count there
     penalize_prompt: bool = True
@@ -27,25 +32,33 @@ class SamplingParams:
     logits_processors: list = field(default_factory=list)
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN fails every comparison
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
-        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise ValueError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
+            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if self.seed is not None and not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed}")
         if self.temperature == 0:  # as in vLLM / the OpenAI API: temperature 0 means greedy
             self.do_sample = False
 
     def make_generator(self) -> torch.Generator | None:
         if self.seed is None:
             return None
-        return torch.Generator().manual_seed(self.seed)
+        return torch.Generator().manual_seed(self.seed % 2**63)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -56,23 +69,69 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(0, seen, scores)
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
-                generator: torch.Generator | None) -> int:
-    """logits [V] float32 -> next token id."""
-    if params.repetition_penalty != 1.0 and seen is not None and len(seen):
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if not params.do_sample:
-        return int(logits.argmax())
-    logits = logits / max(params.temperature, 1e-5)
-    candidates = None  # token ids of `logits` when narrowed to the top k
-    if 0 < params.top_k < logits.shape[-1]:
-        # top-p and the draw then run over k values instead of the whole 150k-250k vocabulary
-        logits, candidates = torch.topk(logits, params.top_k)
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum <= (1 - params.top_p)
-        drop[-1] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    choice = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
-    return choice if candidates is None else int(candidates[choice])
+def _penalties(logits: torch.Tensor, rows: list, seen: list[list[int]], outputs: list[list[int]]) -> torch.Tensor:
+    """Repetition (transformers), presence and frequency (OpenAI) penalties for all rows at once."""
+    N, V = logits.shape
+    rep = torch.tensor([p.repetition_penalty for p in rows])
+    if (rep != 1).any():
+        mask = torch.zeros(N, V, dtype=torch.bool)
+        for i, ids in enumerate(seen):
+            if rows[i].repetition_penalty != 1 and ids:
+                mask[i, torch.tensor(ids)] = True
+        r = rep[:, None].to(logits.dtype)
+        logits = torch.where(mask, torch.where(logits < 0, logits * r, logits / r), logits)
+    pres = torch.tensor([p.presence_penalty for p in rows], dtype=logits.dtype)
+    freq = torch.tensor([p.frequency_penalty for p in rows], dtype=logits.dtype)
+    if pres.any() or freq.any():
+        counts = torch.zeros(N, V, dtype=logits.dtype)
+        for i, ids in enumerate(outputs):
+            if ids:
+                counts[i].index_add_(0, torch.tensor(ids), torch.ones(len(ids), dtype=logits.dtype))
+        logits = logits - freq[:, None] * counts - pres[:, None] * (counts > 0)
+    return logits
+
+
+def _filter(logits: torch.Tensor, rows: list) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p over the sampling rows [N, V] -> probabilities."""
+    V = logits.shape[-1]
+    logits = logits / torch.tensor([max(p.temperature, 1e-5) for p in rows], dtype=logits.dtype)[:, None]
+    ks = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in rows])
+    if (ks < V).any():
+        kth = torch.topk(logits, int(ks.max()), dim=-1).values.gather(1, (ks - 1)[:, None])
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_p = torch.tensor([p.top_p for p in rows], dtype=logits.dtype)
+    if (top_p < 1).any():
+        ascending, order = torch.sort(logits, dim=-1)
+        drop = ascending.softmax(-1).cumsum(-1) <= (1 - top_p)[:, None]
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    min_p = torch.tensor([p.min_p for p in rows], dtype=probs.dtype)
+    if min_p.any():
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
+    return probs
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seen: list[list[int]],
+                outputs: list[list[int]], generators: list) -> list[int]:
+    """logits [N, V] float32 (one row per sequence) -> one token id per row."""
+    for i, p in enumerate(params):
+        for process in p.logits_processors:
+            logits[i] = process(outputs[i], logits[i])
+    logits = _penalties(logits, params, seen, outputs)
+    tokens = logits.argmax(-1)
+    rows = [i for i, p in enumerate(params) if p.do_sample]
+    if rows:
+        probs = _filter(logits[rows], [params[i] for i in rows])
+        # an exponential race: argmax(p / E) with E ~ Exp(1) draws from p, like multinomial
+        noise = torch.empty_like(probs).exponential_()
+        for j, i in enumerate(rows):
+            if generators[i] is not None:
+                noise[j] = torch.empty(probs.shape[-1], dtype=probs.dtype).exponential_(generator=generators[i])
+        tokens[rows] = (probs / noise).argmax(-1)
+    return tokens.tolist()
+
+
+def sample_sequences(logits: torch.Tensor, seqs: list) -> list[int]:
+    return sample_rows(logits, [s.params for s in seqs], [s.seen_ids() for s in seqs], [s.output_ids for s in seqs],
+                       [s.generator for s in seqs])

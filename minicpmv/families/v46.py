@@ -11,7 +11,7 @@ from ..processing.processor46 import Processor46
 from ..prompt.chat_template import ChatTemplate
 from ..prompt.messages import normalize_messages
 from ..prompt.reasoning import prompt_opens_reasoning
-from .base import PreparedPrompt
+from .base import PreparedPrompt, last_turn_start
 
 # Processor keywords a caller may set per request (defaults: preprocessor_config.json).
 MEDIA_OPTIONS = ("max_slice_nums", "use_image_id", "downsample_mode", "slice_mode", "video_max_slice_nums",
@@ -27,6 +27,7 @@ class Family46:
     sampling_option_names: tuple = ()  # no family-specific sampling switches (4.0/4.5 have `sampling`)
 
     def __init__(self, folder: Path, config: dict, tokenizer):
+        self.turn_start_id = tokenizer.token_to_id("<|im_start|>")
         self.template = ChatTemplate.from_folder(folder)
         self.processor = Processor46.from_pretrained(folder)
         self.image_token_id = config["image_token_id"]
@@ -69,4 +70,5 @@ class Family46:
         if processed.pixel_values_videos is not None:
             vision.append(VisionInputs(self.video_token_id, processed.pixel_values_videos,
                                        processed.target_sizes_videos, mode))
-        return PreparedPrompt(prompt, processed.input_ids, vision, prompt_opens_reasoning(prompt))
+        return PreparedPrompt(prompt, processed.input_ids, vision, prompt_opens_reasoning(prompt),
+                              reuse_boundary=last_turn_start(self.turn_start_id, processed.input_ids))

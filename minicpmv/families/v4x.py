@@ -28,7 +28,7 @@ from ..processing.video_v45 import MAX_NUM_FRAMES_V40, MAX_NUM_FRAMES_V45, MAX_N
 from ..prompt.chat_template import ChatTemplate
 from ..prompt.messages import normalize_messages
 from ..prompt.reasoning import prompt_opens_reasoning
-from .base import PreparedPrompt
+from .base import PreparedPrompt, last_turn_start
 
 IMAGE_OPTIONS = ("max_slice_nums", "use_image_id", "max_inp_length")
 VIDEO_OPTIONS = ("choose_fps", "force_packing", "max_num_frames", "max_num_packing", "fps", "packing")
@@ -40,6 +40,7 @@ class FamilyV4x:
     sampling_option_names = ("sampling",)
 
     def __init__(self, folder: Path, config: dict, tokenizer):
+        self.turn_start_id = tokenizer.token_to_id("<|im_start|>")
         folder = Path(folder)
         self.version = str(config.get("version", ""))
         self.is_45 = self.version == "4.5"
@@ -95,7 +96,8 @@ class FamilyV4x:
             media.setdefault("max_slice_nums", 1 if self.is_45 else 2)
         media.setdefault("max_inp_length", self.default_max_inp_length)
         processed = self.processor(prompt, images, videos, temporal_ids=temporal_ids, **media)
-        return PreparedPrompt(prompt, processed.input_ids, processed.vision_inputs(), prompt_opens_reasoning(prompt))
+        return PreparedPrompt(prompt, processed.input_ids, processed.vision_inputs(), prompt_opens_reasoning(prompt),
+                              reuse_boundary=last_turn_start(self.turn_start_id, processed.input_ids))
 
     def _video(self, src, options: dict) -> VideoFrames:
         if isinstance(src, VideoFrames):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..engine.state import AttentionSpec, ForwardBatch
+from ..state import AttentionSpec, ForwardBatch
 from ..layers.attention import cached_attention
 from ..layers.mlp import GatedMLP
 from ..layers.norm import RMSNorm

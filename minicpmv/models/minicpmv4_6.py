@@ -4,13 +4,14 @@ text tower. Module names mirror the transformers-native checkpoint (`model.visio
 `model.merger.*`, `model.language_model.*`, `lm_head.weight`)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.state import ForwardBatch
+from ..state import ForwardBatch
 from .scatter import scatter_vision
 from .qwen3_5 import Qwen35TextConfig, Qwen35TextModel
 from .siglip import (SiglipAttention, SiglipEmbeddings, SiglipEncoder, bucketed_position_ids, pad_crops,
@@ -228,6 +229,21 @@ class MiniCPMV46(nn.Module):
             out.append(self.merger(feats, sizes))
             crop, col = crop + n_crops, col + n_patches
         return out[0] if len(out) == 1 else torch.cat(out)
+
+    def vision_chunks(self, v, max_patches: int) -> list:
+        """Cut one VisionInputs into consecutive crop groups of about max_patches patches each
+        (crops are encoded independently, so the features of the parts, concatenated, are the
+        features of the whole): the engine schedules vision work in such bounded units."""
+        groups = crop_groups(v.target_sizes.tolist(), max_patches)
+        if len(groups) == 1:
+            return [v]
+        ps, parts, crop, col = self.config.vision.patch_size, [], 0, 0
+        for n_crops, n_patches in groups:
+            parts.append(dataclasses.replace(
+                v, pixel_values=v.pixel_values[..., col * ps:(col + n_patches) * ps].contiguous(),
+                target_sizes=v.target_sizes[crop:crop + n_crops]))
+            crop, col = crop + n_crops, col + n_patches
+        return parts
 
     def embed(self, input_ids: torch.Tensor, vision: dict[int, torch.Tensor]) -> torch.Tensor:
         """input_ids [T] -> inputs_embeds [1, T, D]; vision maps a placeholder token id to the

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..engine.state import ForwardBatch
+from ..state import ForwardBatch
 from .llama import LlamaConfig, LlamaForCausalLM
 from .resampler import Resampler
 from .scatter import scatter_vision

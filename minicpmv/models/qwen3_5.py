@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.state import AttentionSpec, ForwardBatch, LinearSpec
+from ..state import AttentionSpec, ForwardBatch, LinearSpec
 from ..layers.attention import cached_attention
 from ..layers.derived import Derived
 from ..layers.gated_delta import chunk_gated_delta_rule, l2_normalize, recurrent_gated_delta_step
@@ -94,7 +94,7 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, layer_idx: int) -> torch.Tensor:
         B, T, _ = x.shape
-        states = [s.layers[layer_idx] for s in batch.states]
+        conv_state, recurrent = batch.linear_state(layer_idx)  # [B, C, K-1], [B, H, dk, dv] fp32
         if self.in_proj is not None:
             qkv, z, b, a = self.in_proj(x).split([self.conv_dim, self.value_size, self.num_v_heads,
                                                   self.num_v_heads], dim=-1)
@@ -106,9 +106,8 @@ class GatedDeltaNet(nn.Module):
         g = self.neg_A(self.A_log) * F.softplus(a.float() + self.dt_bias)
 
         # short causal conv, continuing from the cached window of previous inputs
-        window = torch.cat([torch.stack([s.conv for s in states]), qkv], dim=-1)
-        for s, w in zip(states, window[..., -(self.kernel - 1):]):
-            s.conv.copy_(w)
+        window = torch.cat([conv_state.to(qkv.dtype), qkv], dim=-1)
+        new_conv = window[..., -(self.kernel - 1):]
         w = self.conv1d.weight
         if T == 1 and window.dtype == w.dtype == torch.float32:
             # one output per channel: a multiply-add over the window beats a conv call ~10x. fp32
@@ -129,23 +128,15 @@ class GatedDeltaNet(nn.Module):
         v = v.float()
 
         if T == 1:
-            # decode: each sequence's state is updated in place where it lives; stacking B states
-            # (18.9 MB each at the real size) and copying them back cost more than B small steps
-            q, k, v, g, beta = q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0].float()
-            if B == 1:
-                o = recurrent_gated_delta_step(q, k, v, g, beta, states[0].recurrent[None])
-            else:
-                o = torch.cat([recurrent_gated_delta_step(q[i:i + 1], k[i:i + 1], v[i:i + 1], g[i:i + 1],
-                                                          beta[i:i + 1], s.recurrent[None])
-                               for i, s in enumerate(states)])
+            # decode: the batch's states are updated in place (views into the pool when their
+            # slots are contiguous), one batched step for every sequence
+            o = recurrent_gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0].float(), recurrent)
             o = o.unsqueeze(1)  # [B, 1, H, dv]
         else:
-            recurrent = states[0].recurrent[None] if B == 1 else torch.stack([s.recurrent for s in states])
-            o, final = chunk_gated_delta_rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              g.transpose(1, 2), beta.float().transpose(1, 2), recurrent)
-            for s, r in zip(states, final):
-                s.recurrent.copy_(r)
+            o, recurrent = chunk_gated_delta_rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  g.transpose(1, 2), beta.float().transpose(1, 2), recurrent)
             o = o.transpose(1, 2)
+        batch.store_linear(layer_idx, new_conv, recurrent)
 
         o = self.norm(o.to(x.dtype), z)
         return self.out_proj(o.reshape(B, T, self.value_size))

@@ -166,43 +166,36 @@ def prepare_samples(items: list, tokenizer, family=None, max_tokens: int = 512, 
 
 def engine_run_sample(model):
     """Forward of one calibration sample through an engine model (vision, scatter, text)."""
-    from ..engine.state import ForwardBatch, SequenceState
+    from ..engine.prefill import encode_with, prompt_forward, vision_features
 
-    device = next(model.parameters()).device
+    encode = encode_with(model)
 
     def run(sample):
-        ids = sample["input_ids"].to(device)
-        feats: dict[int, torch.Tensor] = {}
-        for v in sample.get("vision", ()):
-            f = model.encode_vision(v.pixel_values.to(device), v.target_sizes, v.downsample_mode, **v.extra)
-            feats[v.token_id] = torch.cat([feats[v.token_id], f]) if v.token_id in feats else f
-        embeds = model.embed(ids, feats)
-        state = SequenceState.allocate(model.state_spec(), len(ids), model.dtype, device)
-        return model(embeds, ForwardBatch([state], torch.arange(len(ids), device=device)[None]))
+        features = vision_features(sample.get("vision", ()), encode)
+        return prompt_forward(model, sample["input_ids"], features)[0]
 
     return run
 
 
 def engine_compact(args, kwargs):
-    """Captured layer-0 inputs keep only the positions of their ForwardBatch: the per-sequence
-    caches allocated for the capture forward are rebuilt fresh by `engine_call_layer`."""
-    from ..engine.state import ForwardBatch
+    """Captured layer-0 inputs keep only the positions of their ForwardBatch: the state pool of
+    the capture forward is not kept; `engine_call_layer` gives each layer call a fresh one."""
+    from types import SimpleNamespace
 
-    return (args[0], ForwardBatch([], args[1].positions), *args[2:]), kwargs
+    return (args[0], SimpleNamespace(positions=args[1].positions), *args[2:]), kwargs
 
 
 def engine_call_layer(model):
-    """Run decoder layer i on captured inputs (x, batch, layer_idx, *rest) with fresh state."""
-    from ..engine.state import ForwardBatch, SequenceState
+    """Run decoder layer i on captured inputs (x, batch, layer_idx, *rest) with fresh state for it alone."""
+    from ..state import SingleSequence
 
     specs = model.state_spec()
 
     def call(layer, i, args, kwargs):
-        x, batch = args[0], args[1]
-        layers = [None] * len(specs)
-        layers[i] = SequenceState.allocate([specs[i]], x.shape[1], x.dtype, x.device).layers[0]
-        fresh = ForwardBatch([SequenceState(layers)], batch.positions)
-        return layer(x, fresh, i, *args[3:], **kwargs)
+        x, captured = args[0], args[1]
+        only = [s if j == i else None for j, s in enumerate(specs)]
+        state = SingleSequence(only, x.shape[1], x.dtype, x.device)
+        return layer(x, state.batch(x.shape[1], captured.positions), i, *args[3:], **kwargs)
 
     return call
 

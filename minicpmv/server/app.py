@@ -90,17 +90,26 @@ class Server:
         return JSONResponse({"status": "ok"})
 
     async def prometheus(self, request: Request) -> Response:
-        engine, cache = self.model.engine, self.model.engine.encoder_cache
+        e = self.worker.snapshot()
         gauges = {
-            "minicpmv_sequences_running": ("Sequences in the engine's decode batch", len(engine.running)),
+            "minicpmv_sequences_running": ("Sequences in the engine's running batch", e["running"]),
+            "minicpmv_sequences_waiting": ("Sequences in the engine waiting for memory or a batch place", e["waiting"]),
+            "minicpmv_kv_blocks_total": ("KV-cache blocks in the state pool", e["kv_blocks_total"]),
+            "minicpmv_kv_blocks_free": ("KV-cache blocks free", e["kv_blocks_free"]),
+            "minicpmv_state_slots_free": ("Recurrent-state slots free", e["state_slots_free"]),
+            "minicpmv_prefix_cache_entries": ("Prefix snapshots kept for reuse", e["prefix_entries"]),
+            "minicpmv_prefix_cache_hits": ("Requests that reused a cached prefix", e["prefix_hits"]),
+            "minicpmv_prefix_cache_hit_tokens": ("Prompt tokens served from the prefix cache", e["prefix_hit_tokens"]),
+            "minicpmv_preemptions": ("Sequences preempted for memory and recomputed later", e["preemptions"]),
+            "minicpmv_failed_sequences": ("Sequences ended by an error inside the engine", e["failed"]),
             "minicpmv_queue_depth": ("Sequences admitted but not yet running (preparing or waiting)",
                                      self.worker.queue_depth()),
             "minicpmv_sequences_admitted": ("Sequences admitted and not finished", self.worker.admitted),
             "minicpmv_max_concurrency": ("Most sequences decoded together", self.config.max_concurrency),
             "minicpmv_max_queue": ("Most sequences waiting beyond max_concurrency", self.config.max_queue),
-            "minicpmv_encoder_cache_hits": ("Vision encodings served from the cache", cache.hits),
-            "minicpmv_encoder_cache_misses": ("Vision encodings computed", cache.misses),
-            "minicpmv_encoder_cache_bytes": ("Bytes held by the vision-encoding cache", cache.nbytes),
+            "minicpmv_encoder_cache_hits": ("Vision encodings served from the cache", e["encoder_cache_hits"]),
+            "minicpmv_encoder_cache_misses": ("Vision encodings computed", e["encoder_cache_misses"]),
+            "minicpmv_encoder_cache_bytes": ("Bytes held by the vision-encoding cache", e["encoder_cache_bytes"]),
         }
         return PlainTextResponse(self.metrics.render(gauges), media_type="text/plain; version=0.0.4")
 

@@ -56,6 +56,14 @@ def add_serve_parser(sub) -> None:
                         f"(default {limits.max_inflight_pixels:,})")
     p.add_argument("--encoder-cache-mb", type=float, default=512,
                    help="memory for cached vision encodings, reused when a chat re-sends an image (0 = off)")
+    p.add_argument("--kv-cache-memory", metavar="SIZE",
+                   help="memory for the state pool (KV blocks + recurrent slots), e.g. 2GiB (default: sized for "
+                        "--max-concurrency sequences of 4k tokens, at most a fifth of free memory)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=256,
+                   help="tokens per engine step: decode tokens plus prompt chunks; a long prompt is spread over "
+                        "steps of this size so running streams keep flowing (default 256)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not keep prompt/reply state for reuse by later requests with the same prefix")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run_serve)
@@ -88,7 +96,19 @@ def run_serve(args) -> int:
         print(f"minicpmv serve: --allowed-local-media-path {config.allowed_local_media_path} is not a folder",
               file=sys.stderr)
         return 2
-    model = minicpmv.load(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
+    from ..engine.config import parse_bytes
+
+    try:
+        kv_bytes = parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None
+    except ValueError as e:
+        print(f"minicpmv serve: --kv-cache-memory: {e}", file=sys.stderr)
+        return 2
+    model = minicpmv.load(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
+                          kv_cache_memory=kv_bytes, max_num_seqs=args.max_concurrency,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          enable_prefix_caching=not args.no_prefix_caching,
+                          encoder_cache_bytes=int(args.encoder_cache_mb * 2**20))
+    logging.getLogger("minicpmv.server").info("engine: %s", model.engine.describe())
     app = create_app(model, config)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.log_level == "debug")
     return 0

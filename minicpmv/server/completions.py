@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from .choice import ChoiceDecoder
 from .jobs import Job
 from .protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice, ChunkChoice,
-                       Delta, FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta, Usage)
+                       Delta, FunctionCall, FunctionCallDelta, PromptTokensDetails, ToolCall, ToolCallDelta, Usage)
 from .worker import RequestHandle, Worker
 
 
@@ -50,7 +50,8 @@ class Completion:
 
     def usage(self) -> Usage:
         prompt, completion = len(self.job.prompt_ids), sum(d.num_tokens for d in self.decoders)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.handle.cached_tokens))
 
     # -- one-shot -------------------------------------------------------------------------
     async def collect(self) -> ChatCompletion:

@@ -13,7 +13,6 @@ from ..engine.encoder_cache import content_key
 from ..engine.sampling import SamplingParams
 from ..errors import InputError, PromptTooLongError
 from .constrained import GrammarFactory
-from .penalties import OccurrencePenalty
 from .protocol import ChatCompletionRequest
 from .tool_choice import chosen_function, tool_call_grammar
 
@@ -31,6 +30,9 @@ class Job:
     params: list[SamplingParams]  # one per choice
     tools: list[dict] | None
     stop: list[str]
+    position_ids: object = None  # multi-axis RoPE positions of the prompt (4.7), else None
+    rope_delta: int = 0
+    reuse_boundary: int | None = None  # where the engine keeps state for the next turn
     pixels: int = 0  # media pixels reserved from the server's in-flight budget
 
 
@@ -66,7 +68,8 @@ def build_job(model, request: ChatCompletionRequest, messages: list[dict], gramm
     constraint = _tool_constraint(request, tools, grammars) or request.constraint()
     params = [_sampling(model, request, i, grammars, constraint, prepared.starts_in_reasoning)
               for i in range(request.n)]
-    return Job(prepared.input_ids, prepared.vision, prepared.starts_in_reasoning, params, tools, request.stop or [])
+    return Job(prepared.input_ids, prepared.vision, prepared.starts_in_reasoning, params, tools, request.stop or [],
+               prepared.position_ids, prepared.rope_delta, prepared.reuse_boundary)
 
 
 def _tool_constraint(request: ChatCompletionRequest, tools: list[dict] | None, grammars) -> tuple[str, str] | None:
@@ -90,9 +93,8 @@ def _sampling(model, request: ChatCompletionRequest, index: int, grammars, const
         raise InputError(str(e)) from e
     if request.ignore_eos:
         params.stop_token_ids = []
-    if request.presence_penalty or request.frequency_penalty:
-        params.logits_processors.append(OccurrencePenalty(request.presence_penalty or 0.0,
-                                                          request.frequency_penalty or 0.0))
+    params.presence_penalty = request.presence_penalty or 0.0  # OpenAI's penalties, applied by the engine's sampler
+    params.frequency_penalty = request.frequency_penalty or 0.0
     if constraint is not None:
         if grammars is None:
             raise InputError("constrained output needs llguidance, which is not installed on this server")

@@ -15,14 +15,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..engine.sampling import SEED_RANGE
+from ..engine.sampling import SEED_MAX
 from .tool_choice import chosen_function
 
 # Per-request preprocessing knobs accepted at the top level and in mm_processor_kwargs; they go
 # to the family adapter as they are, and one the family does not know is a 400.
 MEDIA_FIELDS = ("max_slice_nums", "downsample_mode", "use_image_id", "fps", "max_num_frames", "stack_frames",
                 "packing")
-SEED_MIN, SEED_MAX = SEED_RANGE
+SEED_MIN = 0  # the engine seeds a torch generator: [0, 2**64 - 1]
 
 # Fields outside this API's model that would change the answer: refused unless left neutral.
 # field -> (neutral values, what to use instead)
@@ -224,10 +224,15 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class FunctionCall(BaseModel):

@@ -5,9 +5,13 @@ engine steps the thread takes everything waiting there, so a new request joins t
 batch at the next step (continuous batching) and an abort frees its sequence's state before the
 next step runs. Outputs go back per request, one call into the event loop per step.
 
+The loop cannot be killed by a request: the engine fails only the sequences a fault touches, a
+fault the engine cannot attribute fails the requests in flight (each gets an error) and the loop
+goes on, and if the thread ever ends every request still waiting is answered with an error.
+
 Admission is counted on the event loop side in sequences (n > 1 counts n): at most
 --max-concurrency run in the engine's batch and --max-queue more wait; beyond that a request is
-answered 429 at once instead of piling up.
+answered 429 at once instead of piling up. Within that, the engine admits by free memory.
 """
 from __future__ import annotations
 
@@ -16,8 +20,9 @@ import ctypes
 import logging
 import queue
 import threading
+import time
 
-from ..engine.sequence import Sequence, Status
+from ..engine.sequence import Sequence
 from ..errors import InputError
 from .errors import ApiError
 from .jobs import Job
@@ -35,10 +40,12 @@ class RequestHandle:
         self.arrival = arrival
         self.queue: asyncio.Queue = asyncio.Queue()
         self.first_token_at: float | None = None
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache (set by the engine thread)
+        self.done = False  # set by the engine thread once no sequence of it is in the engine
 
     @property
     def finished(self) -> bool:
-        return all(s.status is Status.FINISHED for s in self.seqs)
+        return self.done
 
     async def outputs(self):
         while True:
@@ -52,14 +59,16 @@ class Worker:
     def __init__(self, model, metrics: Metrics, max_concurrency: int, max_queue: int):
         self.model = model
         self.engine = model.engine
-        self.engine.max_batch_size = max_concurrency
         self.metrics = metrics
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.admitted = 0  # sequences admitted and not yet done; event loop only
+        self.last_step_at = time.monotonic()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._owners: dict[int, tuple[RequestHandle, int]] = {}  # seq_id -> (handle, choice index); engine thread
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._snapshot: dict = self.engine.metrics()
         self._thread = threading.Thread(target=self._run, name="minicpmv-engine", daemon=True)
 
     # -- event loop side ------------------------------------------------------------------
@@ -68,12 +77,13 @@ class Worker:
         self._thread.start()
 
     def stop(self) -> None:
+        self._stopping = True
         self._inbox.put(None)
         self._thread.join(timeout=30)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and not self._stopping
 
     def admit(self, n: int) -> None:
         if not self.alive:
@@ -89,8 +99,11 @@ class Worker:
         self.admitted -= n
 
     def submit(self, job: Job, arrival: float) -> RequestHandle:
-        seqs = [Sequence(prompt_ids=job.prompt_ids, params=p, vision=job.vision) for p in job.params]
+        seqs = [Sequence(job.prompt_ids, p, job.vision, position_ids=job.position_ids, rope_delta=job.rope_delta,
+                         reuse_boundary=job.reuse_boundary) for p in job.params]
         handle = RequestHandle(seqs, arrival)
+        if not self.alive:
+            raise ApiError(503, "the engine is not running; the server is starting or shutting down")
         self._inbox.put(("add", handle, None))
         return handle
 
@@ -103,8 +116,21 @@ class Worker:
     def queue_depth(self) -> int:
         return max(self.admitted - len(self.engine.running), 0)
 
+    def snapshot(self) -> dict:
+        """The engine's counters, as last published by the engine thread (plain numbers)."""
+        return dict(self._snapshot)
+
     # -- engine thread --------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop_forever()
+        except BaseException as e:  # noqa: BLE001 - nothing may leave a request waiting forever
+            log.exception("the engine thread stopped")
+            self._fail_everything(ApiError(503, f"the engine stopped: {type(e).__name__}"))
+        finally:
+            self._fail_everything(ApiError(503, "the server is shutting down"))
+
+    def _loop_forever(self) -> None:
         was_busy = False
         while True:
             messages = [self._inbox.get()] if not self.engine.has_work() else []
@@ -116,7 +142,8 @@ class Worker:
             for message in messages:
                 if message is None:
                     return
-                self._take(*message)
+                self._guarded(self._take, *message)
+            self._snapshot = self.engine.metrics()
             if not self.engine.has_work():
                 if was_busy:
                     _release_freed_memory()
@@ -125,16 +152,25 @@ class Worker:
             was_busy = True
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
-                self._fail_step(e)
-                continue
-            self._deliver(outputs)
+            except Exception as e:  # noqa: BLE001 - a fault the engine could not pin on one request
+                log.exception("engine step failed")
+                outputs = self.engine.fail_all(e)
+            self.last_step_at = time.monotonic()
+            self._guarded(self._deliver, outputs)
+            self._snapshot = self.engine.metrics()
+
+    def _guarded(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 - bookkeeping must not end the loop either
+            log.exception("engine thread: %s failed", fn.__name__)
 
     def _take(self, kind: str, handle: RequestHandle, index: int | None = None) -> None:
         if kind == "abort":
             for seq in handle.seqs if index is None else [handle.seqs[index]]:
                 if self._owners.pop(seq.seq_id, None) is not None:
                     self.engine.abort(seq)
+            self._mark_done(handle)
             return
         for i, seq in enumerate(handle.seqs):
             try:
@@ -147,35 +183,61 @@ class Worker:
 
     def _deliver(self, outputs) -> None:
         per_handle: dict[int, tuple[RequestHandle, list]] = {}
-        prompt_tokens = 0
+        failed: dict[int, tuple[RequestHandle, BaseException]] = {}
+        prompt_tokens = new_tokens = 0
         for out in outputs:
-            handle, index = self._owners[out.seq.seq_id]
-            if len(out.seq.output_ids) == 1:
-                prompt_tokens += len(out.seq.prompt_ids)
+            owner = self._owners.get(out.seq.seq_id)
+            if owner is None:
+                continue
+            handle, index = owner
             if out.finished:
                 del self._owners[out.seq.seq_id]
+            if out.token_id is None:  # the engine failed this sequence
+                failed[id(handle)] = (handle, out.seq.error)
+                continue
+            new_tokens += 1
+            if len(out.seq.output_ids) == 1:
+                prompt_tokens += len(out.seq.prompt_ids)
+                handle.cached_tokens = max(handle.cached_tokens, out.seq.num_cached)
             per_handle.setdefault(id(handle), (handle, []))[1].append(
                 (index, out.token_id, out.finished, out.seq.finish_reason))
-        self.metrics.step(len(outputs), prompt_tokens)
-        for handle, items in per_handle.values():
-            self._send(handle, items)
+        self.metrics.step(new_tokens, prompt_tokens)
+        for key, (handle, items) in per_handle.items():
+            if key not in failed:
+                self._send(handle, items)
+                self._mark_done(handle)
+        for handle, error in failed.values():
+            self._take("abort", handle)  # the request's other choices go too
+            self._send(handle, _api_error(error))
 
-    def _fail_step(self, error: Exception) -> None:
-        log.exception("engine step failed")
-        failed = [(sid, h) for sid, (h, i) in self._owners.items() if h.seqs[i].finish_reason == "error"]
-        if not failed:  # a batched decode failed: every running sequence is suspect
-            failed = [(s.seq_id, self._owners[s.seq_id][0]) for s in list(self.engine.running)]
-        status = 400 if isinstance(error, ValueError) else 500
-        for sid, handle in failed:
-            if sid in self._owners:
-                self._take("abort", handle)
-                self._send(handle, ApiError(status, f"generation failed: {error}"))
+    def _mark_done(self, handle: RequestHandle) -> None:
+        handle.done = not any(s.seq_id in self._owners for s in handle.seqs)
+
+    def _fail_everything(self, error: ApiError) -> None:
+        for handle, _ in list(self._owners.values()):
+            self._send(handle, error)
+            handle.done = True
+        self._owners.clear()
+        while True:  # requests handed over but never taken
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if message is not None and message[0] == "add":
+                self._send(message[1], error)
 
     def _send(self, handle: RequestHandle, item) -> None:
         try:
             self._loop.call_soon_threadsafe(handle.queue.put_nowait, item)
         except RuntimeError:  # the event loop is closed: the server is shutting down
             pass
+
+
+def _api_error(error: BaseException | None) -> ApiError:
+    if isinstance(error, ValueError):  # InputError and friends: the request's own content
+        return ApiError(400, f"generation failed: {error}")
+    return ApiError(500, f"generation failed: {type(error).__name__}: {error}" if error else "generation failed",
+                    code="internal_error")
 
 
 def _release_freed_memory() -> None:

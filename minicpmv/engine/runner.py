@@ -1,0 +1,79 @@
+"""The model runner: turns the scheduler's plan into model calls. Vision units are encoded (or
+taken from the encoder cache), prompt chunks are embedded (vision features scattered where their
+placeholders fall in the chunk) and run one call each, and all decoding sequences run as one
+batched call. It returns logits; sampling and bookkeeping are the engine's."""
+from __future__ import annotations
+
+import torch
+
+from ..state import ForwardBatch, StatePool
+from .encoder_cache import EncoderCache
+from .sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model, pool: StatePool, encoder_cache: EncoderCache):
+        self.model = model
+        self.pool = pool
+        self.encoder_cache = encoder_cache
+        self.device = pool.device
+
+    def encode(self, seq: Sequence, units: int) -> None:
+        """Encode the sequence's next `units` vision units; once all are done its features are
+        ready for the prompt chunks."""
+        if seq.features is None:
+            seq.features = {}
+        for part in seq.vision_parts[seq.encoded_units:seq.encoded_units + units]:
+            seq.features.setdefault(part.token_id, []).append(self.encode_unit(part))
+            seq.encoded_units += 1
+        if seq.encoded_units == seq.vision_units:
+            seq.features = {k: (v[0] if len(v) == 1 else torch.cat(v)) for k, v in seq.features.items()}
+
+    def encode_unit(self, part) -> torch.Tensor:
+        cache, key = self.encoder_cache, part.cache_key
+        feats = cache.get(key) if (key and cache.max_bytes) else None
+        if feats is None:
+            feats = self.model.encode_vision(part.pixel_values.to(self.device), part.target_sizes,
+                                             part.downsample_mode, **part.extra)
+            if key and cache.max_bytes:
+                cache.put(key, feats)
+        return feats
+
+    def prefill(self, seq: Sequence, n: int) -> torch.Tensor | None:
+        """Feed tokens [num_computed, num_computed + n) of `seq`; logits [V] of the last one when the
+        chunk reaches the end of what the sequence has to compute, else None."""
+        start = seq.num_computed
+        ids = torch.tensor(seq.token_ids[start:start + n], dtype=torch.long, device=self.device)
+        embeds = self.model.embed(ids, self._features(seq, start, n))
+        batch = ForwardBatch(self.pool, seq.positions(start, start + n).to(self.device), [seq.state.blocks], [start],
+                             [seq.state.slot or 0])
+        hidden = self.model(embeds, batch)
+        seq.state.num_computed += n
+        if seq.num_pending:
+            return None
+        return self.model.logits(hidden[0, -1:])[0]
+
+    def _features(self, seq: Sequence, start: int, n: int) -> dict[int, torch.Tensor]:
+        """The rows of each placeholder id's features that fall in prompt positions [start, start+n)."""
+        if not seq.features:
+            return {}
+        prompt = seq.prompt_ids
+        out = {}
+        for token_id, feats in seq.features.items():
+            inside = prompt[start:start + n].count(token_id)
+            if inside:
+                before = prompt[:start].count(token_id)
+                out[token_id] = feats[before:before + inside]
+        return out
+
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One new token for each sequence, in one call -> logits [B, V]."""
+        ids = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=self.device)
+        embeds = self.model.embed(ids, {}).transpose(0, 1)  # [B, 1, D]
+        positions = torch.cat([s.positions(s.num_computed, s.num_computed + 1) for s in seqs], dim=-2)
+        batch = ForwardBatch(self.pool, positions.to(self.device), [s.state.blocks for s in seqs],
+                             [s.num_computed for s in seqs], [s.state.slot or 0 for s in seqs])
+        hidden = self.model(embeds, batch)
+        for s in seqs:
+            s.state.num_computed += 1
+        return self.model.logits(hidden[:, -1])

@@ -1,0 +1,60 @@
+"""Integer bookkeeping of the state pool: which KV blocks and which DeltaNet slots are free.
+Pure Python (no tensors), so the scheduler and its tests run without a model."""
+from __future__ import annotations
+
+
+class BlockAllocator:
+    """Reference-counted blocks: a block shared by several sequences (a reused prefix) returns to
+    the free list when its last holder lets go."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self.refs = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise MemoryError(f"{n} KV blocks asked, {len(self._free)} free")
+        out = [self._free.pop() for _ in range(n)]
+        for b in out:
+            self.refs[b] = 1
+        return out
+
+    def share(self, blocks: list[int]) -> None:
+        for b in blocks:
+            assert self.refs[b] > 0, f"block {b} is free"
+            self.refs[b] += 1
+
+    def release(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.refs[b] -= 1
+            assert self.refs[b] >= 0, f"block {b} released twice"
+            if self.refs[b] == 0:
+                self._free.append(b)
+
+
+class SlotAllocator:
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+        self._free = list(range(num_slots - 1, -1, -1))
+        self.used = [False] * num_slots
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise MemoryError("no free state slot")
+        s = self._free.pop()
+        self.used[s] = True
+        return s
+
+    def release(self, slot: int) -> None:
+        assert self.used[slot], f"slot {slot} released twice"
+        self.used[slot] = False
+        self._free.append(slot)

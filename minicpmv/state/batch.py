@@ -1,0 +1,92 @@
+"""What one text-model call works on, as the layers see it: B sequences with T new tokens each
+(one prompt chunk, or one decode token per sequence), their positions, and where their state
+lives in the pool. Layers reach their state only through this object."""
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+
+from .pool import StatePool
+
+
+class ForwardBatch:
+    def __init__(self, pool: StatePool, positions: torch.Tensor, block_tables: list[list[int]],
+                 context_lens: list[int], slots: list[int]):
+        """positions [B, T] (or [streams, B, T] for multi-axis RoPE); context_lens: tokens of each
+        sequence already in the pool before this call; slots: each sequence's DeltaNet slot."""
+        self.pool = pool
+        self.positions = positions
+        self.block_tables = block_tables
+        self.context_lens = context_lens
+        self.slots = slots
+        self.batch_size = len(context_lens)
+        self.num_new = positions.shape[-1]
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_new == 1
+
+    # -- attention: rows of the flattened KV pool ---------------------------------------------
+    def _rows(self, b: int, start: int, end: int) -> torch.Tensor:
+        bs = self.pool.block_size
+        t = torch.arange(start, end)
+        table = torch.tensor(self.block_tables[b], dtype=torch.long)
+        return table[t // bs] * bs + t % bs
+
+    @cached_property
+    def write_rows(self) -> torch.Tensor:
+        """[B * T] pool rows the new tokens' keys/values go to."""
+        T = self.num_new
+        return torch.cat([self._rows(b, c, c + T) for b, c in enumerate(self.context_lens)]).to(self.pool.device)
+
+    @cached_property
+    def read_rows(self) -> torch.Tensor:
+        """[B, L] pool rows of every cached token (padded with row 0 up to the longest)."""
+        T, L = self.num_new, max(self.context_lens) + self.num_new
+        rows = torch.zeros(self.batch_size, L, dtype=torch.long)
+        for b, c in enumerate(self.context_lens):
+            rows[b, :c + T] = self._rows(b, 0, c + T)
+        return rows.to(self.pool.device)
+
+    @cached_property
+    def attn_mask(self) -> torch.Tensor | None:
+        """None when plain causal attention (is_causal) or no mask at all is exact; else a bool
+        mask [B, 1, T, L]: query i of sequence b sees keys 0 .. context_b + i."""
+        T = self.num_new
+        if self.batch_size == 1 and self.context_lens[0] == 0:
+            return None
+        if T == 1 and len(set(self.context_lens)) == 1:
+            return None
+        L = max(self.context_lens) + T
+        ctx = torch.tensor(self.context_lens)[:, None, None]
+        last_visible = ctx + torch.arange(T)[None, :, None]  # [B, T, 1]
+        return (torch.arange(L)[None, None, :] <= last_visible).unsqueeze(1).to(self.pool.device)
+
+    @property
+    def causal(self) -> bool:
+        return self.batch_size == 1 and self.context_lens[0] == 0 and self.num_new > 1
+
+    # -- linear (DeltaNet) state: one slot per sequence ---------------------------------------
+    @cached_property
+    def _slot_index(self):
+        s = self.slots
+        if s == list(range(s[0], s[0] + len(s))):
+            return slice(s[0], s[0] + len(s))  # contiguous: views, updated in place
+        return torch.tensor(s, dtype=torch.long, device=self.pool.device)
+
+    def linear_state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv window [B, C, K-1], recurrent [B, H, dk, dv] fp32): views into the pool when the
+        slots are contiguous, else gathered copies (write them back with store_linear)."""
+        idx = self._slot_index
+        return self.pool.conv[layer][idx], self.pool.recurrent[layer][idx]
+
+    def store_linear(self, layer: int, conv: torch.Tensor, recurrent: torch.Tensor) -> None:
+        idx = self._slot_index
+        for target, value in ((self.pool.conv[layer], conv), (self.pool.recurrent[layer], recurrent)):
+            if isinstance(idx, slice):
+                view = target[idx]
+                if view.data_ptr() != value.data_ptr():
+                    view.copy_(value)
+            else:
+                target.index_copy_(0, idx, value.to(target.dtype))

@@ -1,0 +1,218 @@
+"""The engine core on a fake model: chunked prefill, admission by memory, preemption and resume,
+prefix reuse, vision units, cancellation and faults. Every test ends with the pool empty."""
+import pytest
+import torch
+
+from fake_model import PLACEHOLDER, FakeModel, reference_tokens
+from minicpmv.engine.config import EngineConfig, parse_bytes
+from minicpmv.engine.engine import Engine
+from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sequence import Sequence, VisionInputs
+from minicpmv.errors import PromptTooLongError
+
+BLOCK = 4
+
+
+def engine_for(model=None, blocks=64, slots=8, **kw):
+    model = model or FakeModel()
+    probe = EngineConfig(max_context=10_000, block_size=BLOCK).plan(model.state_spec(), model.dtype)
+    budget = blocks * probe.bytes_per_block + slots * probe.bytes_per_slot
+    kw.setdefault("max_num_seqs", slots // 2)
+    return Engine(model, EngineConfig(max_context=10_000, block_size=BLOCK, kv_cache_memory=budget, **kw))
+
+
+def seq(prompt, n=6, vision=None):
+    return Sequence(list(prompt), SamplingParams(max_new_tokens=n, stop_token_ids=[]), vision)
+
+
+def prompt(i, length):
+    return [(7 * i + 3 * j) % 90 + 1 for j in range(length)]
+
+
+def run(engine, seqs, on_step=None):
+    for s in seqs:
+        engine.add(s)
+    steps = 0
+    while engine.has_work():
+        plan_tokens = engine.step()
+        steps += 1
+        if on_step:
+            on_step(engine, plan_tokens)
+        assert steps < 10_000
+    return [s.output_ids for s in seqs]
+
+
+@pytest.fixture(autouse=True)
+def pool_back_to_empty(request):
+    engines = []
+    request.node.engines = engines
+    yield
+    for e in engines:
+        e.manager.clear_prefix_cache()
+        assert e.manager.blocks.num_free == e.plan.num_blocks, "KV blocks leaked"
+        assert e.manager.slots.num_free == e.plan.num_slots, "state slots leaked"
+        assert not e.has_work()
+
+
+def track(request, engine):
+    request.node.engines.append(engine)
+    return engine
+
+
+def test_outputs_match_the_reference(request):
+    e = track(request, engine_for())
+    seqs = [seq(prompt(i, 5 + 3 * i), n=8) for i in range(3)]
+    assert run(e, seqs) == [reference_tokens(s.prompt_ids, 8) for s in seqs]
+    assert all(s.finish_reason == "length" for s in seqs)
+
+
+def test_prompts_are_fed_in_chunks_under_the_token_budget(request):
+    e = track(request, engine_for(max_num_batched_tokens=8))
+    long, short = seq(prompt(1, 30), n=5), seq(prompt(2, 3), n=12)
+    chunks = []
+    orig = e.runner.prefill
+    e.runner.prefill = lambda s, n: chunks.append((s.seq_id, n)) or orig(s, n)
+    gaps = []
+
+    def on_step(engine, outs):
+        gaps.append([o.seq.seq_id for o in outs])
+
+    e.add(short)
+    e.step()  # the short one is decoding before the long one arrives
+    out = run(e, [long], on_step)
+    assert out == [reference_tokens(long.prompt_ids, 5)]
+    assert short.output_ids == reference_tokens(short.prompt_ids, 12)
+    long_chunks = [n for sid, n in chunks if sid == long.seq_id]
+    assert long_chunks == [7, 7, 7, 7, 2], long_chunks  # the decode token takes one of the 8 each step
+    # the running stream got a token in every step while the long prompt was prefilled
+    assert all(short.seq_id in ids for ids in gaps[:4])
+
+
+def test_admission_waits_for_memory_and_everyone_finishes(request):
+    e = track(request, engine_for(blocks=12, slots=10, max_num_seqs=5, enable_prefix_caching=False))
+    seqs = [seq(prompt(i, 9), n=6) for i in range(5)]  # a 9-token prompt takes 3 blocks: 4 fit at once
+    peak = []
+    run(e, seqs, lambda engine, _: peak.append((len(engine.running), len(engine.waiting))))
+    assert max(r for r, _ in peak) == 4 and peak[0] == (4, 1)  # the fifth waited for memory, not a place
+    assert [s.output_ids for s in seqs] == [reference_tokens(s.prompt_ids, 6) for s in seqs]
+
+
+def test_preempted_sequences_resume_with_identical_output(request):
+    e = track(request, engine_for(blocks=10, slots=8, max_num_seqs=4, enable_prefix_caching=False))
+    seqs = [seq(prompt(i, 6), n=14) for i in range(3)]  # 3 x 2 blocks to start, 3 x 5 blocks to end
+    run(e, seqs)
+    assert e.scheduler.num_preemptions > 0
+    assert [s.output_ids for s in seqs] == [reference_tokens(s.prompt_ids, 14) for s in seqs]
+
+
+def test_a_prompt_that_can_never_fit_is_refused_before_any_work(request):
+    e = track(request, engine_for(blocks=4))
+    with pytest.raises(PromptTooLongError, match="KV cache holds 16 tokens"):
+        e.add(seq(prompt(0, 16)))
+    s = e.add(seq(prompt(0, 10), n=50))
+    assert s.params.max_new_tokens == 6  # capped to what the pool can ever hold
+    run(e, [])
+
+
+def test_prefix_reuse_skips_the_shared_part_and_keeps_the_output(request):
+    e = track(request, engine_for())
+    first = seq(prompt(3, 10), n=5)
+    run(e, [first])
+    fed = []
+    orig = e.runner.prefill
+    e.runner.prefill = lambda s, n: fed.append(n) or orig(s, n)
+    turn2 = seq(first.token_ids + [5, 6, 7], n=5)  # the reply (but its last token) is in the pool
+    run(e, [turn2])
+    assert turn2.num_cached == len(first.token_ids) - 1
+    assert sum(fed) == 4
+    assert turn2.output_ids == reference_tokens(turn2.prompt_ids, 5)
+    other = seq(prompt(4, 13), n=3)  # nothing in common
+    run(e, [other])
+    assert other.num_cached == 0 and other.output_ids == reference_tokens(other.prompt_ids, 3)
+    hits, misses = e.manager.prefix.hits, e.manager.prefix.misses
+    assert (hits, misses) == (1, 2)
+
+
+def vision(values):
+    return VisionInputs(PLACEHOLDER, torch.tensor(values, dtype=torch.float64), torch.ones(len(values), 2))
+
+
+def test_prefix_keys_include_the_pixels(request):
+    e = track(request, engine_for())
+    toks = [1, 2, PLACEHOLDER, PLACEHOLDER, 3, 4]
+    a = seq(toks, n=4, vision=[vision([10.0, 20.0])])
+    run(e, [a])
+    assert a.output_ids == reference_tokens([1, 2, 10, 20, 3, 4], 4)
+    same = seq(a.token_ids + [9], n=3, vision=[vision([10.0, 20.0])])
+    other = seq(a.token_ids + [9], n=3, vision=[vision([11.0, 20.0])])
+    run(e, [same])
+    run(e, [other])
+    assert same.num_cached > 0 and other.num_cached == 0
+    assert other.output_ids == reference_tokens([1, 2, 11, 20, 3, 4] + a.output_ids + [9], 3)
+    assert same.output_ids == reference_tokens([1, 2, 10, 20, 3, 4] + a.output_ids + [9], 3)
+
+
+def test_vision_is_encoded_in_bounded_units_between_decode_steps(request):
+    model = FakeModel()
+    e = track(request, engine_for(model, encoder_chunk_patches=1, enable_prefix_caching=False))
+    runner = seq(prompt(5, 4), n=10)
+    e.add(runner)
+    e.step()
+    pictures = seq([1] + [PLACEHOLDER] * 4 + [2], n=3, vision=[vision([5.0, 6.0, 7.0, 8.0])])
+    steps_with_runner_token = []
+    run(e, [pictures], lambda engine, outs: steps_with_runner_token.append(any(o.seq is runner for o in outs)))
+    assert model.encode_calls == 4  # one unit per step
+    assert all(steps_with_runner_token[:4])
+    assert pictures.output_ids == reference_tokens([1, 5, 6, 7, 8, 2], 3)
+
+
+def test_cancelled_sequences_free_their_blocks_and_slots(request):
+    e = track(request, engine_for(max_num_batched_tokens=4))
+    mid_prefill, decoding, queued = seq(prompt(1, 20)), seq(prompt(2, 3), n=50), seq(prompt(3, 5))
+    e.add(decoding)
+    e.step()
+    e.add(mid_prefill)
+    e.step()
+    assert 0 < mid_prefill.num_computed < 20
+    e.add(queued)
+    for s in (mid_prefill, decoding, queued):
+        e.abort(s)
+        assert s.finish_reason == "abort"
+    assert not e.has_work()
+
+
+def test_a_fault_in_one_request_fails_only_that_request(request):
+    model = FakeModel(fail_on_token=55, fail_in="prefill")
+    e = track(request, engine_for(model))
+    good = [seq(prompt(i, 6), n=8) for i in range(3)]
+    bad = seq([1, 55, 2], n=8)
+    run(e, good[:1])
+    run(e, good[1:] + [bad])
+    assert bad.finish_reason == "error" and "injected fault" in str(bad.error)
+    assert [s.output_ids for s in good] == [reference_tokens(s.prompt_ids, 8) for s in good]
+
+
+def test_a_fault_inside_a_batched_decode_is_pinned_on_its_sequence(request):
+    model = FakeModel(fail_on_token=None, fail_in="decode")
+    e = track(request, engine_for(model))
+    seqs = [seq(prompt(i, 5), n=10) for i in range(4)]
+    doomed = seqs[2]
+    expected = reference_tokens(doomed.prompt_ids, 10)
+    model.fail_on_token = expected[3]  # doomed's 4th token, fed back in the decode that follows
+    others = [s for s in seqs if s is not doomed]
+    # the trigger token appears in no other sequence's input
+    assert not any(model.fail_on_token in s.prompt_ids + reference_tokens(s.prompt_ids, 10)[:-1] for s in others)
+    run(e, seqs)
+    assert doomed.finish_reason == "error" and doomed.output_ids == expected[:4]
+    assert [s.output_ids for s in others] == [reference_tokens(s.prompt_ids, 10) for s in others]
+
+
+def test_sequences_have_identity():
+    a, b = seq([1, 2, 3]), seq([1, 2, 3])
+    assert a != b and a not in [b] and a in [a]
+
+
+def test_kv_cache_memory_sizes_parse():
+    assert parse_bytes("2GiB") == 2 << 30 and parse_bytes("512M") == 512 << 20 and parse_bytes("1000") == 1000
+    with pytest.raises(ValueError):
+        parse_bytes("lots")
