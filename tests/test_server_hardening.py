@@ -73,6 +73,7 @@ def bad_inputs():
          "repetition_penalty"),
         ("presence_penalty out of range", {**BODY, "presence_penalty": -3}, {}, 400, "presence_penalty",
          "presence_penalty"),
+        ("min_p over 1", {**BODY, "min_p": 1.5}, {}, 400, "min_p", "min_p"),
         ("four images", {**BODY, "messages": user(*tiny_images(4), "hi")}, {}, 400,
          "4 images, over this server's limit of 3", "messages"),
         ("a thousand tiny images", {**BODY, "messages": user(*tiny_images(1000), "hi")}, {}, 400,
@@ -182,7 +183,7 @@ def test_common_openai_fields_are_accepted(server):
     assert chunks[-1].usage.completion_tokens == 4
 
 
-def test_presence_and_frequency_penalties_reach_the_sampler(server, local):
+def test_presence_frequency_and_min_p_reach_the_sampler(server, local):
     from minicpmv.server.jobs import build_job
     from minicpmv.server.protocol import ChatCompletionRequest
 
@@ -191,10 +192,11 @@ def test_presence_and_frequency_penalties_reach_the_sampler(server, local):
         model=MODEL_NAME, messages=user("Say something."), max_tokens=12, temperature=0, **kw).choices[0].message
     assert ask(presence_penalty=0.0, frequency_penalty=0.0).content == ask().content
     assert ask(presence_penalty=1.5, frequency_penalty=-0.5).content  # accepted and served
-    for penalties, expected in (({"presence_penalty": 1.5, "frequency_penalty": -0.5}, (1.5, -0.5)), ({}, (0, 0))):
-        chat = ChatCompletionRequest.model_validate({**BODY, "n": 2, **penalties})
+    for knobs, expected in (({"presence_penalty": 1.5, "frequency_penalty": -0.5, "min_p": 0.1}, (1.5, -0.5, 0.1)),
+                            ({}, (0, 0, 0))):
+        chat = ChatCompletionRequest.model_validate({**BODY, "n": 2, **knobs})
         job = build_job(local, chat, chat.messages, None, 10 ** 6)
-        assert [(p.presence_penalty, p.frequency_penalty) for p in job.params] == [expected] * 2
+        assert [(p.presence_penalty, p.frequency_penalty, p.min_p) for p in job.params] == [expected] * 2
 
 
 WEATHER = [

@@ -222,3 +222,25 @@ def test_streamed_arguments_arrive_per_parameter_after_the_name():
 def test_a_call_without_parameters_streams_empty_arguments():
     _, _, calls = assert_every_split_agrees("<tool_call>\n<function=search>\n</function>\n</tool_call>")
     assert calls == [("search", "{}")]
+
+
+FRAGMENTS = ["<tool_call>", "</tool_call>", "<tool_call>\n", "<function=search>", "<function=run_code>\n",
+             "<function=bad>\n", "</function>", "<parameter=query>\n", "<parameter=retries>\n", "<parameter=code>\n",
+             "</parameter>", "\n", " ", "x", "3", "<", ">", "{", "}", '"', "'", "=", "hello", "<think>", "</think>",
+             '{"name": "search", "arguments": {"query": "a"}}']
+
+
+def test_random_markup_streams_as_it_parses_and_loses_nothing():
+    """Seeded soup of tags and text: streaming under random cuts equals the one-shot parse, every call's
+    arguments are JSON, and when no call is found the content is the text, verbatim."""
+    rng = random.Random(13)
+    for _ in range(400):
+        text = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 14)))
+        for in_reasoning in (False, True):
+            expected = one_shot(text, in_reasoning)
+            for _ in range(2):
+                cuts = sorted(rng.randint(0, len(text)) for _ in range(rng.randint(1, 6)))
+                assert streamed([text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])], in_reasoning) == expected
+            assert all(isinstance(json.loads(arguments), dict) for _, arguments in expected[2])
+        content, calls = parse_tool_calls(text, TOOLS)
+        assert calls or (content or "") == text

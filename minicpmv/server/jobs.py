@@ -93,8 +93,10 @@ def _sampling(model, request: ChatCompletionRequest, index: int, grammars, const
         raise InputError(str(e)) from e
     if request.ignore_eos:
         params.stop_token_ids = []
-    params.presence_penalty = request.presence_penalty or 0.0  # OpenAI's penalties, applied by the engine's sampler
+    # knobs the engine's sampler has but the checkpoint defaults do not name (ranges checked by the protocol)
+    params.presence_penalty = request.presence_penalty or 0.0
     params.frequency_penalty = request.frequency_penalty or 0.0
+    params.min_p = request.min_p or 0.0
     if constraint is not None:
         if grammars is None:
             raise InputError("constrained output needs llguidance, which is not installed on this server")

@@ -32,7 +32,6 @@ REFUSED = {
     "top_logprobs": ((None, 0), "log probabilities are not returned by this server"),
     "best_of": ((None, 1), "use n"),
     "min_tokens": ((None, 0), "it is not supported"),
-    "min_p": ((None, 0, 0.0), "use top_p or top_k"),
     "echo": ((None, False), "it is not supported"),
     "functions": ((None, []), "use tools"),
     "function_call": ((None, "none", "auto"), "use tool_choice"),
@@ -128,6 +127,7 @@ class ChatCompletionRequest(Lenient):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: off (vLLM spells "off" -1)
+    min_p: float | None = Field(None, ge=0, le=1)  # vLLM's knob; 0: off
     repetition_penalty: float | None = Field(None, gt=0, le=100)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
