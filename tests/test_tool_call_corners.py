@@ -244,3 +244,18 @@ def test_random_markup_streams_as_it_parses_and_loses_nothing():
             assert all(isinstance(json.loads(arguments), dict) for _, arguments in expected[2])
         content, calls = parse_tool_calls(text, TOOLS)
         assert calls or (content or "") == text
+
+
+def test_a_long_value_is_scanned_once_not_once_per_delta(monkeypatch):
+    """20k characters of HTML in a string value, streamed 4 characters at a time: each '<' is looked at a
+    bounded number of times in all (rescanning the value on every delta made this quadratic)."""
+    from minicpmv.prompt import tool_call_scan
+
+    looks = []
+    original = tool_call_scan.CallScan._tag_at
+    monkeypatch.setattr(tool_call_scan.CallScan, "_tag_at", lambda self, lt: looks.append(lt) or original(self, lt))
+    code = "".join(f"<div class='r{i}'>{i} < {i + 1}</div>\n" for i in range(600))
+    text = call("run_code", code=code)
+    _, content, calls = streamed([text[i:i + 4] for i in range(0, len(text), 4)], False)
+    assert content is None and args_of(calls) == [("run_code", {"code": code})]
+    assert len(looks) < 3 * text.count("<")

@@ -32,8 +32,13 @@ class _More(Exception):
 
 
 class CallScan:
-    def __init__(self, text: str, *, final: bool, schemas: dict[str, dict] | None = None, check_names: bool = False):
+    def __init__(self, text: str, *, final: bool, schemas: dict[str, dict] | None = None, check_names: bool = False,
+                 memo: dict | None = None):
+        """`memo`: kept by a streaming caller across scans of one growing call, so a long value is scanned once
+        in all, not once per delta (valid because the text only grows and every decision before a wait was
+        final)."""
         self.text, self.final = text, final
+        self._memo = {} if memo is None else memo  # value start -> (scan position, open-tag stack) at the last wait
         self.schemas, self.check_names = schemas or {}, check_names
         self.status = "wait"  # "call" | "text" | "wait"
         self.end = 0  # characters of `text` the call (or the unreadable text) spans
@@ -135,27 +140,31 @@ class CallScan:
         """(raw value, where scanning goes on) for the value that starts at `start`."""
         t = self.text
         nested = _is_text(self._properties.get(name))
-        stack: list[str] = []
-        k = start
-        while True:
-            lt = t.find("<", k)
-            if lt == -1:
-                self._need(True)
-                return t[start:], len(t)
-            tag = self._tag_at(lt)
-            if tag is None:
-                k = lt + 1
-                continue
-            kind, opening, length = tag
-            if opening:
-                if nested:
-                    stack.append(kind)
-            elif stack:
-                if stack[-1] == kind:
-                    stack.pop()
-            elif self._closes_value(kind, lt + length):
-                return t[start:lt], (lt + length if kind == "parameter" else lt)
-            k = lt + length
+        k, stack = self._memo.get(start, (start, []))
+        stack = list(stack)
+        try:
+            while True:  # k: every tag before it is decided (a raise below leaves k and stack as they were)
+                lt = t.find("<", k)
+                if lt == -1:
+                    self._need(True)
+                    return t[start:], len(t)
+                tag = self._tag_at(lt)
+                if tag is None:
+                    k = lt + 1
+                    continue
+                kind, opening, length = tag
+                if opening:
+                    if nested:
+                        stack.append(kind)
+                elif stack:
+                    if stack[-1] == kind:
+                        stack.pop()
+                elif self._closes_value(kind, lt + length):
+                    return t[start:lt], (lt + length if kind == "parameter" else lt)
+                k = lt + length
+        except _More:
+            self._memo[start] = (k, stack)
+            raise
 
     def _tag_at(self, lt: int) -> tuple[str, bool, int] | None:
         """(kind, opening, length) of the markup at `lt`, or None for a plain '<'."""

@@ -60,6 +60,7 @@ class ToolCallStreamParser:
         self._index = 0  # the next call's position in tool_calls
         self._id = ""  # the current call's id
         self._sent_params = -1  # parameters of the current call already streamed; -1: not announced yet
+        self._memo: dict = {}  # the scanner's progress through the current call (see CallScan)
 
     def feed(self, delta: str) -> list[tuple[str, Any]]:
         out: list[tuple[str, Any]] = []
@@ -89,8 +90,9 @@ class ToolCallStreamParser:
                 self._emit(text[:start], out)
                 self._space_before_call, self._held_space = self._held_space, ""
                 self._in_call, self._buffer = True, text[start:]
-                self._id, self._sent_params = f"call_{uuid.uuid4().hex[:24]}", -1
-            scan = CallScan(self._buffer, final=final, schemas=self._schemas, check_names=self._check_names).run()
+                self._id, self._sent_params, self._memo = f"call_{uuid.uuid4().hex[:24]}", -1, {}
+            scan = CallScan(self._buffer, final=final, schemas=self._schemas, check_names=self._check_names,
+                            memo=self._memo).run()
             self._stream(scan, out)
             if scan.status == "wait":
                 return
