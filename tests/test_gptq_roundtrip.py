@@ -207,8 +207,12 @@ def test_cli_with_a_calibration_folder(tiny46_dir, tmp_path):
     assert q["bits"] == 8 and q["group_size"] == 32
     model, _ = load_model(out, "float32", "cpu", progress=False)
     layers = [m for m in model.modules() if isinstance(m, GPTQLinear)]
-    assert len(layers) == 26 and all(m.backend == "dequant" for m in layers)  # 8-bit: per-call dequantization
+    assert len(layers) == 26 and all(m.backend == "fp16_weight" for m in layers)  # float32: the exact path
     ids, vision = prompts(out)[1]
+    assert torch.isfinite(our_logits(model, ids, vision)).all()
+    for m in layers:
+        m.prepare("auto")
+    assert all(m.backend == "dequant" for m in layers)  # 8-bit otherwise: per-call dequantization
     assert torch.isfinite(our_logits(model, ids, vision)).all()
 
 
