@@ -85,7 +85,9 @@ def bad_inputs():
         ("pixels over the request budget", {**BODY, "messages": user(big, big, "hi")}, {}, 400,
          "240000 pixels, over this server's limit of 200000", None),
         ("a field that changes the answer", {**BODY, "logit_bias": {"11": 100}}, {}, 400, "logit_bias", "logit_bias"),
-        ("logprobs asked for", {**BODY, "logprobs": True}, {}, 400, "logprobs", "logprobs"),
+        ("top_logprobs without logprobs", {**BODY, "top_logprobs": 2}, {}, 400, "top_logprobs", "top_logprobs"),
+        ("too many top_logprobs", {**BODY, "logprobs": True, "top_logprobs": 21}, {}, 400, "top_logprobs",
+         "top_logprobs"),
         ("tool_choice names an unknown function", {**BODY, "tools": [{"type": "function", "function": {"name": "f"}}],
                                                    "tool_choice": {"type": "function", "function": {"name": "g"}}},
          {}, 400, "'g'", "tool_choice"),
@@ -251,6 +253,26 @@ def test_the_python_api_raises_the_same_errors(local):
     assert model.chat(msgs=msgs, max_new_tokens=2, seed=2 ** 64 - 1, do_sample=True).usage["completion_tokens"] == 2
     assert model.chat(msgs=msgs, max_new_tokens=2, seed=0, do_sample=True).usage["completion_tokens"] == 2
     assert not model.engine.has_work()
+
+
+def test_logprobs_one_shot_and_streamed(server):
+    client = server.client()
+    kwargs = dict(model=MODEL_NAME, messages=user("Count with me."), max_tokens=6, temperature=0, logprobs=True,
+                  top_logprobs=3)
+    reply = client.chat.completions.create(**kwargs)
+    entries = reply.choices[0].logprobs.content
+    assert len(entries) == reply.usage.completion_tokens == 6
+    for e in entries:  # greedy, no constraint: the chosen token is the most likely one
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+        assert e.logprob == e.top_logprobs[0].logprob <= 0
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+    assert bytes(b for e in entries for b in e.bytes).decode() == reply.choices[0].message.content
+    streamed = [e for chunk in client.chat.completions.create(**kwargs, stream=True) if chunk.choices
+                for e in ((chunk.choices[0].logprobs.content or []) if chunk.choices[0].logprobs else [])]
+    assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in entries]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(streamed, entries)) < 1e-5
+    plain = client.chat.completions.create(**{**kwargs, "logprobs": False, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == reply.choices[0].message.content
 
 
 def test_error_bodies_for_openai_clients(server):

@@ -106,7 +106,7 @@ def test_request_model_checks_and_merges_options():
         == ("json", {"type": "object"})
     choice = ChatCompletionRequest.model_validate({**base, "structured_outputs": {"choice": ["a+", "b"]}})
     assert choice.constraint() == ("regex", r"a\+|b")
-    for bad in ({"n": 0}, {"temperature": -1}, {"logprobs": True}, {"tool_choice": "required"}, {"seed": -1},
+    for bad in ({"n": 0}, {"temperature": -1}, {"top_logprobs": 3}, {"tool_choice": "required"}, {"seed": -1},
                 {"top_p": float("nan")}, {"logit_bias": {"1": 2}}, {"guided_json": {}},
                 {"structured_outputs": {"regex": "a", "choice": ["b"]}}):
         with pytest.raises(ValidationError):

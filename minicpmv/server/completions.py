@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from .choice import ChoiceDecoder
 from .jobs import Job
+from .logprobs import TokenText
 from .protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice, ChunkChoice,
                        Delta, FunctionCall, FunctionCallDelta, PromptTokensDetails, ToolCall, ToolCallDelta, Usage)
 from .worker import RequestHandle, Worker
@@ -25,6 +26,7 @@ class Completion:
         self.id, self.model_name, self.created = completion_id, model_name, int(time.time())
         self.decoders = [ChoiceDecoder(tokenizer, stop_ids, starts_in_reasoning=job.starts_in_reasoning,
                                        tools=job.tools, stop=job.stop) for _ in job.params]
+        self.token_text = TokenText(tokenizer) if any(job.logprobs) else None
         self._reported: set[int] = set()  # choices whose finish_reason chunk was sent
         self.ended = False  # the server has released this request (streaming)
 
@@ -38,7 +40,10 @@ class Completion:
             for index, token, finished, reason in items:
                 decoder = self.decoders[index]
                 was_done = decoder.done
+                entry = self._logprob(index, token, decoder)
                 got = decoder.feed(token)
+                if entry is not None:
+                    got = [("logprobs", entry)] + got
                 if finished:
                     got += decoder.finish(reason)
                 elif decoder.done and not was_done:
@@ -48,6 +53,15 @@ class Completion:
             if all(d.done for d in self.decoders):
                 return
 
+    def _logprob(self, index: int, token, decoder) -> dict | None:
+        """The OpenAI logprobs entry of a token that belongs to the answer (not a stop token, not after a stop
+        string), when the request asked for them."""
+        recorder = self.job.logprobs[index]
+        if recorder is None or token is None or decoder.done or token in decoder.stop_token_ids:
+            return None
+        taken = recorder.take(decoder.num_tokens, token)  # its position: the tokens before it
+        return None if taken is None else self.token_text.entry(token, *taken)
+
     def usage(self) -> Usage:
         prompt, completion = len(self.job.prompt_ids), sum(d.num_tokens for d in self.decoders)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
@@ -55,7 +69,8 @@ class Completion:
 
     # -- one-shot -------------------------------------------------------------------------
     async def collect(self) -> ChatCompletion:
-        parts = [{"reasoning": [], "content": [], "tool_call": [], "tool_call_delta": []} for _ in self.decoders]
+        parts = [{"reasoning": [], "content": [], "tool_call": [], "tool_call_delta": [], "logprobs": []}
+                 for _ in self.decoders]
         async for events in self.steps():
             for index, got in events.items():
                 for kind, value in got:
@@ -66,7 +81,8 @@ class Completion:
             content = "".join(p["content"])
             message = ChatMessage(content=content or (None if calls else ""),
                                   reasoning_content="".join(p["reasoning"]) or None, tool_calls=calls)
-            choices.append(Choice(index=i, message=message, finish_reason=decoder.finish_reason))
+            logprobs = {"content": p["logprobs"]} if self.job.logprobs[i] is not None else None
+            choices.append(Choice(index=i, message=message, finish_reason=decoder.finish_reason, logprobs=logprobs))
         return ChatCompletion(id=self.id, model=self.model_name, choices=choices, usage=self.usage())
 
     # -- streaming ------------------------------------------------------------------------
@@ -76,9 +92,11 @@ class Completion:
         async for events in self.steps():
             choices, finished = [], []
             for index, got in sorted(events.items()):
-                delta = Delta()
+                delta, entries = Delta(), []
                 for kind, value in got:
-                    if kind == "tool_call_delta":
+                    if kind == "logprobs":
+                        entries.append(value)
+                    elif kind == "tool_call_delta":
                         delta.tool_calls = _add_tool_delta(delta.tool_calls or [], value)
                     elif kind == "tool_call":
                         continue  # already streamed in pieces
@@ -86,8 +104,9 @@ class Completion:
                         delta.reasoning_content = (delta.reasoning_content or "") + value
                     else:
                         delta.content = (delta.content or "") + value
-                if delta.content or delta.reasoning_content or delta.tool_calls:
-                    choices.append(ChunkChoice(index=index, delta=delta))
+                if delta.content or delta.reasoning_content or delta.tool_calls or entries:
+                    choices.append(ChunkChoice(index=index, delta=delta,
+                                               logprobs={"content": entries} if entries else None))
                 if self.decoders[index].done and self._just_finished(index):
                     finished.append(ChunkChoice(index=index, delta=Delta(),
                                                 finish_reason=self.decoders[index].finish_reason))

@@ -7,12 +7,13 @@ decoding the running sequences meanwhile.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..engine.encoder_cache import content_key
 from ..engine.sampling import SamplingParams
 from ..errors import InputError, PromptTooLongError
 from .constrained import GrammarFactory
+from .logprobs import LogprobRecorder
 from .protocol import ChatCompletionRequest
 from .tool_choice import chosen_function, tool_call_grammar
 
@@ -34,6 +35,7 @@ class Job:
     rope_delta: int = 0
     reuse_boundary: int | None = None  # where the engine keeps state for the next turn
     pixels: int = 0  # media pixels reserved from the server's in-flight budget
+    logprobs: list = field(default_factory=list)  # per choice: its LogprobRecorder, or None
 
 
 def build_job(model, request: ChatCompletionRequest, messages: list[dict], grammars: GrammarFactory | None,
@@ -68,8 +70,12 @@ def build_job(model, request: ChatCompletionRequest, messages: list[dict], gramm
     constraint = _tool_constraint(request, tools, grammars) or request.constraint()
     params = [_sampling(model, request, i, grammars, constraint, prepared.starts_in_reasoning)
               for i in range(request.n)]
+    recorders = [LogprobRecorder(request.top_logprobs or 0) if request.logprobs else None for _ in params]
+    for p, recorder in zip(params, recorders):
+        if recorder is not None:
+            p.logits_processors.insert(0, recorder)  # first: it sees the model's own logits
     return Job(prepared.input_ids, prepared.vision, prepared.starts_in_reasoning, params, tools, request.stop or [],
-               prepared.position_ids, prepared.rope_delta, prepared.reuse_boundary)
+               prepared.position_ids, prepared.rope_delta, prepared.reuse_boundary, logprobs=recorders)
 
 
 def _tool_constraint(request: ChatCompletionRequest, tools: list[dict] | None, grammars) -> tuple[str, str] | None:

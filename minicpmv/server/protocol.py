@@ -2,9 +2,8 @@
 
 Requests are lenient where OpenAI and vLLM are: an unknown field is ignored, and fields that change
 nothing here (user, store, metadata, prompt_cache_key, safety_identifier, service_tier,
-parallel_tool_calls) are accepted. A known field whose meaning we cannot honour (logprobs,
-logit_bias, vLLM's old guided_* names...) is a 400 naming it rather than a silently different
-answer. Numbers must be finite; every sampling value is range-checked here, before any work.
+parallel_tool_calls) are accepted. A known field whose meaning we cannot honour (logit_bias,
+vLLM's old guided_* names...) is a 400 naming it rather than a silently different answer. Numbers must be finite; every sampling value is range-checked here, before any work.
 """
 from __future__ import annotations
 
@@ -28,8 +27,6 @@ SEED_MIN = 0  # the engine seeds a torch generator: [0, 2**64 - 1]
 # field -> (neutral values, what to use instead)
 REFUSED = {
     "logit_bias": ((None, {}), "it is not supported"),
-    "logprobs": ((None, False), "log probabilities are not returned by this server"),
-    "top_logprobs": ((None, 0), "log probabilities are not returned by this server"),
     "best_of": ((None, 1), "use n"),
     "min_tokens": ((None, 0), "it is not supported"),
     "echo": ((None, False), "it is not supported"),
@@ -140,6 +137,8 @@ class ChatCompletionRequest(Lenient):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -181,6 +180,8 @@ class ChatCompletionRequest(Lenient):
                 raise ValueError(f"'{name}' is not supported by this server: {REFUSED[name][1]}")
         if self.structured_outputs and self.response_format and self.response_format.type != "text":
             raise ValueError("response_format and structured_outputs: give one of them, not both")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         if self.seed is not None and self.seed + self.n - 1 > SEED_MAX:
             raise ValueError(f"seed + n - 1 must be at most {SEED_MAX} (each choice samples with seed + its index)")
         if self.tool_choice == "required" or isinstance(self.tool_choice, dict):
@@ -272,7 +273,7 @@ class Choice(BaseModel):
     index: int
     message: ChatMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -295,7 +296,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
