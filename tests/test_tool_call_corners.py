@@ -157,6 +157,17 @@ def test_a_function_block_without_the_tool_call_wrapper():
     assert content is None and args_of(calls) == [("search", {"query": "q"})]
 
 
+def test_json_arguments_inside_a_function_block():
+    for text in ('<tool_call>\n<function=run_code>\n{"code": "a </function> b", "retries": 2}\n</function>\n'
+                 "</tool_call>", "Sure.\n<function=run_code>{'code': 'x', 'verbose': True}</function>"):
+        _, content, calls = assert_every_split_agrees(text)
+        assert content in (None, "Sure.") and calls[0][0] == "run_code"
+    assert args_of(calls) == [("run_code", {"code": "x", "verbose": True})]
+    _, _, calls = one_shot('<tool_call>\n<function=run_code>\n{"code": "a </function> b", "retries": 2}\n'
+                           "</function>\n</tool_call>", False)
+    assert args_of(calls) == [("run_code", {"code": "a </function> b", "retries": 2})]
+
+
 def test_a_function_tag_in_prose_is_prose():
     for text in ["Write <function=search> to call it.", "<function=unknown>\n<parameter=a>\n1\n</parameter>\n"
                                                          "</function>", "<function=search> is the tool"]:

@@ -89,16 +89,41 @@ class CallScan:
         if name is None:
             return self._unreadable(i) if wrapped else ("text", len(FUNCTION_OPEN))
         known = not self.check_names or name in self.schemas
+        if wrapped and known:
+            self.name = name  # inside <tool_call>, a known function name is a call: announce it now
+        j = self._skip_space(after)
+        json_arguments = j < len(self.text) and self.text[j] == "{"
         if not wrapped:  # a bare block is a call only if it names a tool and goes on like one
-            j = self._skip_space(after)
-            looks_like_call = j < len(self.text) and (self._at(j, PARAMETER_OPEN) or self._at(j, FUNCTION_CLOSE))
+            looks_like_call = j < len(self.text) and (
+                json_arguments or self._at(j, PARAMETER_OPEN) or self._at(j, FUNCTION_CLOSE))
             if not (known and looks_like_call):
                 return "text", after
         self._properties = self.schemas.get(name, {})
         if known:
             self.name = name
+        if json_arguments:  # `<function=NAME>{"arg": ...}</function>`: JSON (or Python-dict) arguments
+            found = self._json_arguments(j)
+            if found is not None:
+                return ("call" if known else "text"), found
         _, end = self._parameters(after)
         return ("call" if known else "text"), end
+
+    def _json_arguments(self, i: int) -> int | None:
+        """Where the call ends, when a JSON object of arguments runs from `i` to a `</function>`; else None."""
+        t = self.text
+        search = i
+        while True:
+            close = t.find(FUNCTION_CLOSE, search)
+            if close == -1:
+                self._need(True)
+            body = t[i:] if close == -1 else t[i:close]
+            arguments = load_literal(body.strip())
+            if isinstance(arguments, dict):
+                self._json_body, self.pieces = True, [json.dumps(arguments, ensure_ascii=False)]
+                return len(t) if close == -1 else self._after_function(close + len(FUNCTION_CLOSE))[1]
+            if close == -1 or not _open_string(body):
+                return None
+            search = close + 1
 
     def _parameters(self, i: int) -> tuple[str, int]:
         t = self.text

@@ -10,7 +10,7 @@ Two bodies can sit inside `<tool_call>…</tool_call>`, told apart per call:
 The XML body is read by a scanner (tool_call_scan.py), not a first-match regex: a string value may hold
 tool-call markup of its own (code, a quoted example), so a closing tag ends a value only at nesting depth 0 and
 only when what follows it continues a call. A `<function=...>` block without its `<tool_call>` wrapper is a call
-too. A call that cannot be read (or names a function the request did not offer) is given back as content,
+too, and so is one whose arguments are a JSON (or Python-dict) object instead of `<parameter=...>` tags. A call that cannot be read (or names a function the request did not offer) is given back as content,
 verbatim; nothing is dropped.
 
 Streaming follows OpenAI: a call is announced (id and name) as soon as its `<function=NAME>` is read, then its
