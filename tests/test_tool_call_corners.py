@@ -174,6 +174,14 @@ def test_a_function_tag_in_prose_is_prose():
         assert assert_every_split_agrees(text)[1:] == (text, [])
 
 
+def test_quoted_and_namespaced_function_names():
+    text = (call('"search"', query="q") + "\n" + '<tool_call>\n{"name": "functions.run_code", "arguments": {}}\n'
+            "</tool_call>\n" + call("functions.search", query="r"))
+    _, content, calls = assert_every_split_agrees(text)
+    assert content is None
+    assert args_of(calls) == [("search", {"query": "q"}), ("run_code", {}), ("search", {"query": "r"})]
+
+
 def test_python_dict_bodies_and_arguments():
     text = ("<tool_call>\n{'name': 'run_code', 'arguments': {'code': 'x', 'verbose': True, 'limit': None}}\n"
             "</tool_call>\n<tool_call>\n{\"name\": \"search\", \"arguments\": \"{'query': 'py'}\"}\n</tool_call>")

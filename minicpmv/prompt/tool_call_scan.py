@@ -88,6 +88,7 @@ class CallScan:
         name, after = self._tag_name(i, FUNCTION_OPEN)
         if name is None:
             return self._unreadable(i) if wrapped else ("text", len(FUNCTION_OPEN))
+        name = self._tool_name(name)
         known = not self.check_names or name in self.schemas
         if wrapped and known:
             self.name = name  # inside <tool_call>, a known function name is a call: announce it now
@@ -252,6 +253,7 @@ class CallScan:
             call = read_json_call(body)
             if call is not None:
                 name, arguments = call
+                name = self._tool_name(name)
                 if self.check_names and name not in self.schemas:
                     return "text", end
                 self.name, self._json_body = name, True
@@ -260,6 +262,12 @@ class CallScan:
             if close == -1 or not _open_string(body):
                 return "text", end
             search = close + 1  # the `</tool_call>` sat inside a string: the call goes on
+
+    def _tool_name(self, name: str) -> str:
+        """`functions.get_weather` (OpenAI's namespace, which some models copy) is `get_weather` when that is
+        one of the request's tools."""
+        bare = name.removeprefix("functions.")
+        return bare if bare != name and bare in self.schemas and name not in self.schemas else name
 
     # -- small readers -------------------------------------------------------------------------
     def _need(self, undecided: bool) -> None:
