@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the tiny-checkpoint helpers live with the tests
+# the code under test: this checkout, or another one (bench_engine.py runs an older commit beside it)
+CODE = Path(os.environ.get("MINICPMV_BENCH_CODE", ROOT))
+sys.path[:0] = [str(CODE), str(ROOT / "tests")]  # the tiny-checkpoint helpers live with the tests
 SHARED = ROOT.parent / "shared"
 REAL_46_CONFIG = SHARED / "fixtures" / "minicpm-v-4.6" / "config.json"
 CACHE = Path(os.environ.get("MINICPMV_BENCH_CACHE", Path.home() / ".cache" / "minicpmv-bench"))

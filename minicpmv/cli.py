@@ -40,7 +40,7 @@ def add_chat_parser(sub) -> None:
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
     p.add_argument("--max-slice-nums", type=int, help="most slices per image (default: preprocessor_config.json)")
-    p.add_argument("--downsample-mode", choices=["16x", "4x"], help="4.6 vision tokens: 16x (default) or 4x more")
+    p.add_argument("--downsample-mode", choices=["16x", "4x"], help="4.6/4.7 vision tokens: 16x (default) or 4x more")
     p.add_argument("--max-num-frames", type=int, help="most video frames sampled (4.6: 1 fps up to this)")
     p.add_argument("--stack-frames", type=int, help="4.6: frames per second stacked into one composite (default 1)")
     p.set_defaults(func=run_chat)
@@ -73,7 +73,7 @@ def run_chat(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minicpmv",
-        description="minicpmv: run MiniCPM-V 4.0 / 4.5 / 4.6 models (BF16 and GPTQ int4) on CPU or GPU.",
+        description="minicpmv: run MiniCPM-V 4.0 / 4.5 / 4.6 / 4.7 models (BF16 and GPTQ int4) on CPU or GPU.",
         epilog="Run `minicpmv COMMAND --help` for the options of each command.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_chat_parser(sub)

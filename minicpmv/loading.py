@@ -75,7 +75,8 @@ def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_pe
     else:
         def dtype_for(name):
             return None if keep(name) else dtype
-    load_weights(model, folder, model.checkpoint_key, dtype_for, device, progress=progress)
+    regroup = model.checkpoint_regrouper() if hasattr(model, "checkpoint_regrouper") else None
+    load_weights(model, folder, model.checkpoint_key, dtype_for, device, progress=progress, regroup=regroup)
     model.tie_weights()
     if quant is not None:
         # float32 asked for: the GPTQ layers compute exactly as transformers + gptqmodel do in fp32

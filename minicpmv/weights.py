@@ -67,10 +67,13 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_weights(model: torch.nn.Module, folder: Path, rename, dtype_for, device, progress: bool = True) -> None:
+def load_weights(model: torch.nn.Module, folder: Path, rename, dtype_for, device, progress: bool = True,
+                 regroup=None) -> None:
     """Assign every checkpoint tensor to the parameter/buffer `rename(key)` names (None = skip).
     Floating tensors are cast to `dtype_for(name)` (None = keep the checkpoint's dtype); every
-    parameter must be covered, except ones tied to another (lm_head with tied embeddings)."""
+    parameter must be covered, except ones tied to another (lm_head with tied embeddings).
+    `regroup` (optional, e.g. models/expert_layout.py) may merge several stored tensors into one
+    before renaming: `.feed(pairs)` maps (key, tensor) pairs, `.finish()` checks nothing is left."""
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers()))
     expected = {n for n, _ in model.named_parameters()}
@@ -79,7 +82,8 @@ def load_weights(model: torch.nn.Module, folder: Path, rename, dtype_for, device
     files = checkpoint_files(folder)
     bar = tqdm(total=len(files), desc="Loading weights", unit="file", disable=not progress or len(files) < 2)
     for path in files:
-        for key, t in read_safetensors(path):
+        tensors = read_safetensors(path)
+        for key, t in (tensors if regroup is None else regroup.feed(tensors)):
             name = rename(key)
             if name is None or name in tied:
                 continue
@@ -95,6 +99,8 @@ def load_weights(model: torch.nn.Module, folder: Path, rename, dtype_for, device
             loaded.add(name)
         bar.update(1)
     bar.close()
+    if regroup is not None:
+        regroup.finish()
     missing = expected - loaded
     if missing:
         raise KeyError(f"checkpoint in {folder} lacks {len(missing)} tensors, e.g. {sorted(missing)[:5]}")

@@ -65,7 +65,7 @@ def beam_search(engine, seq: Sequence) -> Sequence:
     owned: list[SeqState] = []
     try:
         root = _new_state(manager, owned)
-        hidden, _ = prompt_forward(model, ids, features, _batch(engine, [root], n_prompt))
+        hidden, _ = prompt_forward(model, ids, features, _batch(engine, [root], n_prompt, seq.positions(0, n_prompt)))
         logits = model.logits(hidden[0, -1:]).float().expand(nb, -1)
         return _search(engine, seq, p, root, logits, owned, max_new, stops)
     except MemoryError as e:
@@ -83,13 +83,13 @@ def _new_state(manager, owned: list) -> SeqState:
     return st
 
 
-def _batch(engine, states: list[SeqState], n: int) -> ForwardBatch:
+def _batch(engine, states: list[SeqState], n: int, positions: torch.Tensor) -> ForwardBatch:
     """A ForwardBatch for n new tokens of each state (all at the same length), counted as computed."""
     start = states[0].num_computed
     for st in states:
         engine.manager.grow(st, start + n)
-    batch = ForwardBatch(engine.pool, torch.arange(start, start + n, device=engine.device).expand(len(states), n),
-                         [st.blocks for st in states], [start] * len(states), [st.slot or 0 for st in states])
+    batch = ForwardBatch(engine.pool, positions.to(engine.device), [st.blocks for st in states],
+                         [start] * len(states), [st.slot or 0 for st in states])
     for st in states:
         st.num_computed += n
     return batch
@@ -158,7 +158,9 @@ def _search(engine, seq, p, state, logits, owned, max_new, stops):
             break
         last = torch.tensor([r[-1] for r in running], dtype=torch.long, device=engine.device)
         embeds = model.embed(last, {}).transpose(0, 1)  # [nb, 1, D]
-        logits = model.logits(model(embeds, _batch(engine, states, 1))[:, -1]).float()
+        # with M-RoPE, decode positions are the same on every stream: a [B, 1] tensor says so
+        positions = torch.full((nb, 1), n_prompt + generated - 1 + seq.rope_delta)
+        logits = model.logits(model(embeds, _batch(engine, states, 1, positions))[:, -1]).float()
 
     seq.output_ids = list(finished[0])
     seq.status = Status.FINISHED

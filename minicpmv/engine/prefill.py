@@ -24,13 +24,15 @@ def encode_with(model):
 
 
 def prompt_forward(model, ids, features: dict | None = None, batch: ForwardBatch | None = None,
-                   capacity: int | None = None) -> tuple[torch.Tensor, SingleSequence | None]:
+                   capacity: int | None = None, positions: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, SingleSequence | None]:
     """ids [T] (list or tensor) -> (final hidden states [1, T, D], the private state, or None when a
-    batch was given). `capacity` leaves room for tokens fed later through state.batch(...)."""
+    batch was given). `capacity` leaves room for tokens fed later through state.batch(...);
+    `positions` ([3, T] M-RoPE positions) replace 0..T-1."""
     device = next(model.parameters()).device
     ids = torch.as_tensor(ids, dtype=torch.long, device=device)
     state = None
     if batch is None:
         state = SingleSequence.for_model(model, capacity or len(ids))
-        batch = state.batch(len(ids))
+        batch = state.batch(len(ids), None if positions is None else positions.to(device)[:, None])
     return model(model.embed(ids, features or {}), batch), state

@@ -11,6 +11,10 @@ def adapter_for(folder, config: dict, tokenizer):
         from .v46 import Family46
 
         return Family46(folder, config, tokenizer)
+    if family == "minicpmv4_7":
+        from .v47 import Family47
+
+        return Family47(folder, config, tokenizer)
     if family in ("minicpmv4_0", "minicpmv4_5"):
         from .v4x import FamilyV4x
 

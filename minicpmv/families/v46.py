@@ -25,11 +25,12 @@ def read_json(path: Path) -> dict:
 class Family46:
     name = "minicpmv4_6"
     sampling_option_names: tuple = ()  # no family-specific sampling switches (4.0/4.5 have `sampling`)
+    processor_class = Processor46
 
     def __init__(self, folder: Path, config: dict, tokenizer):
         self.turn_start_id = tokenizer.token_to_id("<|im_start|>")
         self.template = ChatTemplate.from_folder(folder)
-        self.processor = Processor46.from_pretrained(folder)
+        self.processor = self.processor_class.from_pretrained(folder)
         self.image_token_id = config["image_token_id"]
         self.video_token_id = config["video_token_id"]
         self.generation_config = read_json(folder / "generation_config.json")

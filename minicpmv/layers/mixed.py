@@ -76,4 +76,6 @@ def mixed_precision_plan(model: nn.Module) -> set[str]:
         elif type(module) is nn.Embedding:
             module.__class__ = MixedEmbedding
             half.add(f"{name}.weight")
+        else:  # modules holding raw matrices (MoE experts) cast them per use themselves
+            half.update(f"{name}.{p}" for p in getattr(module, "matrix_names", ()))
     return half

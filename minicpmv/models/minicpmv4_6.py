@@ -57,11 +57,15 @@ class MiniCPMV46Config:
             insert_layer_id=d.get("insert_layer_id", v.get("insert_layer_id", 6)), window_kernel=wk[0])
         tie = d.get("tie_word_embeddings", False)
         eos = d.get("eos_token_id")
-        return cls(vision=vision, text=Qwen35TextConfig.from_dict(d["text_config"], tie),
+        return cls(vision=vision, text=cls.text_config_from_dict(d["text_config"], tie),
                    image_token_id=d.get("image_token_id"), video_token_id=d.get("video_token_id"),
                    downsample_mode=d.get("downsample_mode", "16x"), merge_kernel=mk[0],
                    merger_times=d.get("merger_times", 1),
                    eos_token_id=[] if eos is None else (eos if isinstance(eos, list) else [eos]))
+
+    @staticmethod
+    def text_config_from_dict(d: dict, tie: bool) -> Qwen35TextConfig:
+        return Qwen35TextConfig.from_dict(d, tie)
 
 
 def group_windows(x: torch.Tensor, h: int, w: int, k: int) -> torch.Tensor:
@@ -181,13 +185,14 @@ class MiniCPMV46(nn.Module):
     # modules whose matrices run once per generated token (the CPU loader packs them, see
     # layers/fp16_packed.py); the vision side runs once per image
     per_token_prefixes = ("language_model.", "lm_head")
+    text_model_class = Qwen35TextModel
 
     def __init__(self, cfg: MiniCPMV46Config):
         super().__init__()
         self.config = cfg
         self.vision_tower = VisionTower46(cfg.vision)
         self.merger = Merger(cfg)
-        self.language_model = Qwen35TextModel(cfg.text)
+        self.language_model = self.text_model_class(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.tie_weights()
 

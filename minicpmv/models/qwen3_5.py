@@ -14,7 +14,7 @@ from ..layers.derived import Derived
 from ..layers.gated_delta import chunk_gated_delta_rule, l2_normalize, recurrent_gated_delta_step
 from ..layers.mlp import GatedMLP
 from ..layers.norm import GatedRMSNorm, ZeroCenteredRMSNorm
-from ..layers.rotary import apply_rope, rope_cos_sin, rope_inv_freq
+from ..layers.rotary import apply_rope, mrope_cos_sin, rope_inv_freq
 
 
 @dataclass
@@ -37,6 +37,7 @@ class Qwen35TextConfig:
     linear_num_value_heads: int
     max_position_embeddings: int
     tie_word_embeddings: bool
+    mrope_section: tuple = (11, 11, 10)  # frequency slots per T/H/W stream (interleaved M-RoPE)
 
     @classmethod
     def from_dict(cls, d: dict, tie_word_embeddings: bool) -> "Qwen35TextConfig":
@@ -60,6 +61,7 @@ class Qwen35TextConfig:
             linear_num_value_heads=d.get("linear_num_value_heads", 32),
             max_position_embeddings=d.get("max_position_embeddings", 32768),
             tie_word_embeddings=tie_word_embeddings,
+            mrope_section=tuple(rope.get("mrope_section", d.get("mrope_section", (11, 11, 10)))),
         )
 
 
@@ -191,9 +193,12 @@ class DecoderLayer(nn.Module):
             self.self_attn = GatedAttention(cfg)
         else:
             raise ValueError(f"unknown Qwen3.5 layer type {layer_type!r}")
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = self.make_mlp(cfg)
         self.input_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def make_mlp(self, cfg: Qwen35TextConfig) -> nn.Module:
+        return GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
     @property
     def mixer(self) -> nn.Module:
@@ -210,11 +215,13 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen35TextModel(nn.Module):
+    layer_class = DecoderLayer  # the MoE tower swaps in its own (models/qwen3_5_moe.py)
+
     def __init__(self, cfg: Qwen35TextConfig):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, t) for t in cfg.layer_types)
+        self.layers = nn.ModuleList(self.layer_class(cfg, t) for t in cfg.layer_types)
         self.norm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         rotary_dim = int(cfg.head_dim * cfg.partial_rotary_factor)
         # a plain attribute, not a buffer: the model is built on the meta device and this is
@@ -225,8 +232,9 @@ class Qwen35TextModel(nn.Module):
         return [layer.mixer.state_spec() for layer in self.layers]
 
     def forward(self, inputs_embeds: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """inputs_embeds [B, T, D] -> final hidden states [B, T, D] (after the last norm)."""
-        rope = rope_cos_sin(batch.positions, self.inv_freq, inputs_embeds.dtype)
+        """inputs_embeds [B, T, D] -> final hidden states [B, T, D] (after the last norm).
+        batch.positions: [B, T], or [3, B, T] (T, H, W) for MiniCPM-V 4.7's canvas M-RoPE."""
+        rope = mrope_cos_sin(batch.positions, self.inv_freq, self.config.mrope_section, inputs_embeds.dtype)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, batch, i, rope)

@@ -152,7 +152,10 @@ def prepare_samples(items: list, tokenizer, family=None, max_tokens: int = 512, 
                 max_len = len(ids)
             else:
                 max_len = max_tokens
-            samples.append({"input_ids": torch.tensor(ids[:max_len], dtype=torch.long), "vision": vision})
+            sample = {"input_ids": torch.tensor(ids[:max_len], dtype=torch.long), "vision": vision}
+            if prepared.position_ids is not None:  # M-RoPE (4.7): the canvas positions of the prompt
+                sample["position_ids"] = prepared.position_ids[:, :max_len]
+            samples.append(sample)
         else:
             ids = tokenizer.encode(item["text"], add_special_tokens=False).ids[:max_tokens]
             if ids:
@@ -172,7 +175,7 @@ def engine_run_sample(model):
 
     def run(sample):
         features = vision_features(sample.get("vision", ()), encode)
-        return prompt_forward(model, sample["input_ids"], features)[0]
+        return prompt_forward(model, sample["input_ids"], features, positions=sample.get("position_ids"))[0]
 
     return run
 

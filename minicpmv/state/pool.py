@@ -63,11 +63,17 @@ class StatePool:
         self.keys, self.values, self.conv, self.recurrent = {}, {}, {}, {}
         for i, s in enumerate(spec):
             if isinstance(s, AttentionSpec):
-                self.keys[i] = torch.zeros(rows, s.num_kv_heads, s.head_dim, dtype=dtype, device=device)
-                self.values[i] = torch.zeros(rows, s.num_kv_heads, s.head_dim, dtype=dtype, device=device)
+                # empty, not zeros: the pool's pages are committed as blocks are first written. Row 0
+                # is zeroed because padded reads point there (masked, but a NaN would still leak)
+                self.keys[i] = torch.empty(rows, s.num_kv_heads, s.head_dim, dtype=dtype, device=device)
+                self.values[i] = torch.empty(rows, s.num_kv_heads, s.head_dim, dtype=dtype, device=device)
+                if rows:
+                    self.keys[i][0].zero_()
+                    self.values[i][0].zero_()
             elif isinstance(s, LinearSpec):
-                self.conv[i] = torch.zeros(plan.num_slots, s.conv_dim, s.conv_kernel - 1, dtype=dtype, device=device)
-                self.recurrent[i] = torch.zeros(plan.num_slots, s.num_heads, s.key_dim, s.value_dim,
+                # zeroed when a sequence takes the slot
+                self.conv[i] = torch.empty(plan.num_slots, s.conv_dim, s.conv_kernel - 1, dtype=dtype, device=device)
+                self.recurrent[i] = torch.empty(plan.num_slots, s.num_heads, s.key_dim, s.value_dim,
                                                 dtype=torch.float32, device=device)
             elif s is not None:  # None: a layer left out on purpose (one layer run alone)
                 raise TypeError(f"unknown state spec {s!r}")
