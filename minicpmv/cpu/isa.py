@@ -121,8 +121,8 @@ def _detect(force: str | None) -> CpuInfo:
         return info
     levels = info.levels
     if force not in levels:
-        raise ValueError(f"{ENV_ISA}={force!r}: expected one of {', '.join(levels)} on {arch}")
+        raise ValueError(f"CPU ISA level {force!r} ({ENV_ISA} / isa=): expected one of {', '.join(levels)} on {arch}")
     if levels.index(force) > levels.index(detected):
-        raise ValueError(f"{ENV_ISA}={force!r}: this CPU supports at most {detected!r}")
+        raise ValueError(f"CPU ISA level {force!r} ({ENV_ISA} / isa=): this CPU supports at most {detected!r}")
     return CpuInfo(arch=arch, model=info.model, flags=flags, torch_capability=cap, detected=detected,
                    level=force, forced=True)

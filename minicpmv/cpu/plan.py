@@ -8,12 +8,16 @@ serves both; the decode kernel picks it (decode is where a chat spends its time)
 kernel is the best one for that storage.
 
 Rules without a calibration:
-* CPUs with bf16 units (AVX512-BF16, AMX; ARM BF16): vision and text matrices run bf16 GEMMs
-  with fp32 accumulation; decode reads the bf16 copy (a bf16 GEMV).
+* AMX (bf16 tile units): vision and text matrices bf16, GEMMs in bf16 with fp32 accumulation
+  (~6x fp32 on the Xeon of ../shared/perf.md); decode reads the bf16 copy (a bf16 GEMV).
+* AVX512-BF16 without AMX (or ARM BF16): vision GEMMs in bf16; the text matrices stay fbgemm
+  fp16-packed (fp32 math), the fastest decode GEMV where it was probed (a noisy 2x over the bf16
+  GEMV on a Zen 5 box), so prompts run at fbgemm's rate rather than bf16's.
 * x86 with AVX2 (fbgemm): vision in fp32 on the bf16 weight widened per call, text matrices
   fbgemm fp16-packed with fp32 math (the AVX2-era path, measured in docs/performance.md).
 * anything else: bf16 storage widened to fp32 for many rows, bf16 GEMV for few (layers/mixed.py).
-With weights="int8"/"int4" the per-token matrices and the lm_head take that format whatever the CPU.
+With weights="int8"/"int4" the per-token matrices and the lm_head take that format whatever the
+CPU, their prompt GEMMs in bf16 where the CPU has bf16 units, else fp32.
 """
 from __future__ import annotations
 
@@ -45,11 +49,11 @@ class KernelPlan:
         gemm = "bf16" if self.gemm_dtype == torch.bfloat16 else "fp32"
         if weights == "int8":
             prefill = f"int8 widened per block + {gemm} GEMM"
-            decode = "int8 weight-only per-channel (_weight_int8pack_mm), fp32 activations"
+            decode = "int8 weight-only per-channel (_weight_int8pack_mm), bf16 activations"
             head = decode + "; the tied embedding reads it"
         elif weights == "int4":
             prefill = f"int4 widened per block + {gemm} GEMM"
-            decode = f"int4 weight-only g{INT4_GROUP} asymmetric (_weight_int4pack_mm_for_cpu), fp32 activations"
+            decode = f"int4 weight-only g{INT4_GROUP} asymmetric (_weight_int4pack_mm_for_cpu), bf16 activations"
             head = decode + "; the tied embedding reads it"
         elif self.text16 == FP16_PACKED:
             prefill = "fbgemm fp16-packed GEMM, fp32 math"
@@ -67,9 +71,12 @@ class KernelPlan:
 
 
 def rule_plan(cpu: CpuInfo) -> KernelPlan:
-    if cpu.fast_bf16:
+    fbgemm = cpu.arch in ("x86_64", "AMD64") and cpu.at_least("avx2") and fp16_packed.available()
+    if cpu.at_least("amx") or (cpu.fast_bf16 and not fbgemm):
         return KernelPlan(cpu, vision_bf16=True, text16=BF16, gemm_dtype=torch.bfloat16)
-    if cpu.at_least("avx2") and fp16_packed.available():
+    if cpu.fast_bf16:
+        return KernelPlan(cpu, vision_bf16=True, text16=FP16_PACKED, gemm_dtype=torch.bfloat16)
+    if fbgemm:
         return KernelPlan(cpu, vision_bf16=False, text16=FP16_PACKED, gemm_dtype=torch.float32)
     return KernelPlan(cpu, vision_bf16=False, text16=WIDENED, gemm_dtype=torch.float32)
 
