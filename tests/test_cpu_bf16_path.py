@@ -109,3 +109,22 @@ def test_greedy_agreement_with_bf16_text_matrices(tiny46, monkeypatch, version):
     acc = accuracy(exact, load(folder, monkeypatch), prompt, 256)
     print(f"{version} bf16 text matrices: {acc}")
     assert acc.top1_agreement >= TOP1[version]
+
+
+def test_auto_on_this_cpu_within_the_bf16_tolerance(tiny46):
+    """Whatever "auto" picks on the CPU running the tests (exact fp32 math on AVX2, bf16 vision and
+    one-call norms from AVX-512 up, bf16 text with AMX) stays within the bf16 path's tolerance."""
+    from transformers import AutoProcessor
+
+    from test_parity46 import our_prefill_logits
+
+    processor = AutoProcessor.from_pretrained(tiny46)
+    image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
+    inputs = ref_inputs(processor, image, images=[[picture(300, 300, 2)]])
+    ids, vision = inputs["input_ids"][0].tolist(), our_vision(inputs, "16x")
+    exact, _ = load_model(tiny46, "float32", "cpu", progress=False)
+    auto, _ = load_model(tiny46, "auto", "cpu", progress=False)
+    with torch.inference_mode():
+        error = rel(our_prefill_logits(auto, ids, vision), our_prefill_logits(exact, ids, vision))
+    print(f"auto on this CPU ({auto.kernel_plan.cpu.level}): prefill logits {error:.3g}")
+    assert error <= LOGIT_TOL

@@ -9,12 +9,17 @@ from torch import nn
 
 from ..layers import fp16_packed
 from ..layers.mixed import MixedLinear
+from ..layers.norm import GatedRMSNorm, RMSNorm, ZeroCenteredRMSNorm
 from ..layers.weight_formats import (Bf16Linear, Int4Linear, Int8Linear, QuantLinear, TiedQuantEmbedding,
                                      int4_layout_ok, swap_linears)
 from .plan import BF16, FP16_PACKED, INT4_GROUP, KernelPlan
 
 
 def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes: tuple[str, ...]) -> None:
+    if plan.fused_norm:
+        for module in model.modules():
+            if isinstance(module, (RMSNorm, ZeroCenteredRMSNorm, GatedRMSNorm)):
+                module.fused = True
     if plan.vision_bf16:
         for name, module in model.named_modules():
             if (type(module) is MixedLinear and not name.startswith(prefixes)

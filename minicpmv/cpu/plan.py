@@ -40,6 +40,7 @@ class KernelPlan:
     vision_bf16: bool          # vision GEMMs in bf16 (else fp32 on the widened weight)
     text16: str                # FP16_PACKED | BF16 | WIDENED, for 16-bit per-token matrices
     gemm_dtype: torch.dtype    # dtype of the GEMMs quantized matrices are widened to for prompts
+    fused_norm: bool = False   # RMSNorms as one F.rms_norm call (layers/norm.py)
     source: str = "rules"      # "rules", or the calibration file that decided
 
     def rows(self, weights: str | None = None) -> list[tuple[str, str]]:
@@ -67,17 +68,20 @@ class KernelPlan:
             prefill = "fp32 GEMM on the bf16 weights widened per call"
             decode = "bf16 GEMV (<= 4 rows), fp32 beyond"
             head = decode
-        return [("vision GEMMs", vision), ("prefill GEMMs", prefill), ("decode GEMVs", decode), ("lm_head", head)]
+        norms = "F.rms_norm, one call each" if self.fused_norm else "five tensor ops each"
+        return [("vision GEMMs", vision), ("prefill GEMMs", prefill), ("decode GEMVs", decode), ("lm_head", head),
+                ("RMSNorms", norms)]
 
 
 def rule_plan(cpu: CpuInfo) -> KernelPlan:
     fbgemm = cpu.arch in ("x86_64", "AMD64") and cpu.at_least("avx2") and fp16_packed.available()
+    fused_norm = cpu.at_least("avx512")  # F.rms_norm measured slower than five ops on the AVX2 box
     if cpu.at_least("amx") or (cpu.fast_bf16 and not fbgemm):
-        return KernelPlan(cpu, vision_bf16=True, text16=BF16, gemm_dtype=torch.bfloat16)
+        return KernelPlan(cpu, vision_bf16=True, text16=BF16, gemm_dtype=torch.bfloat16, fused_norm=fused_norm)
     if cpu.fast_bf16:
-        return KernelPlan(cpu, vision_bf16=True, text16=FP16_PACKED, gemm_dtype=torch.bfloat16)
+        return KernelPlan(cpu, vision_bf16=True, text16=FP16_PACKED, gemm_dtype=torch.bfloat16, fused_norm=fused_norm)
     if fbgemm:
-        return KernelPlan(cpu, vision_bf16=False, text16=FP16_PACKED, gemm_dtype=torch.float32)
+        return KernelPlan(cpu, vision_bf16=False, text16=FP16_PACKED, gemm_dtype=torch.float32, fused_norm=fused_norm)
     return KernelPlan(cpu, vision_bf16=False, text16=WIDENED, gemm_dtype=torch.float32)
 
 
