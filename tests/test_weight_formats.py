@@ -7,8 +7,11 @@ The stated tolerances (measured 2026-12-01 on torch 2.14.1; tiny random models a
 perturbation chaotically over long generations, so the end-to-end figures are far worse than on
 real weights; the per-matrix error bounds are the format's own promise):
   int8 per-channel:  |w - w_q| <= scale/2 per row; 4.6 top-1 >= 0.80, 4.5 top-1 >= 0.85
-  int4 g64 asym:     |w - w_q| <= scale/2 per group; 4.6 top-1 >= 0.10, 4.5 top-1 >= 0.25
-  (measured: int8 0.87 / 0.92, int4 0.15 / 0.34 over 300 steps; first-step logits in the table below)"""
+  int4 g64 asym:     per group, the squared error of the best of 4 clipped min/max grids (never
+                     worse than plain min/max, whose error is <= scale/2); 4.6 top-1 >= 0.10,
+                     4.5 top-1 >= 0.25, first-step max logit error <= 50% of the logit scale
+  (measured over 256 steps: int8 0.863 / 0.918, first step 3.5% / 3.4%; int4 0.141 / 0.387,
+  first step 41% / 36%; docs/performance.md has the table)"""
 import pytest
 import torch
 from torch import nn
@@ -16,14 +19,14 @@ from torch import nn
 from format_accuracy import accuracy
 from minicpmv.cpu.apply import format_bytes
 from minicpmv.layers.weight_formats import (INT4_ROW_BLOCK, Int4Linear, Int8Linear, TiedQuantEmbedding,
-                                            int4_layout_ok)
+                                            int4_grid, int4_layout_ok)
 from minicpmv.loading import load_model
 from test_golden_v40_v45 import version_dir
 from tiny46 import build_tiny_46
 
 STEPS = 256
 # format -> (min top-1 agreement on tiny 4.6, on tiny 4.5, max first-step logit error relative to the logit scale)
-TOLERANCE = {"int8": (0.80, 0.85, 0.05), "int4": (0.10, 0.25, 0.6)}
+TOLERANCE = {"int8": (0.80, 0.85, 0.05), "int4": (0.10, 0.25, 0.5)}
 
 
 def weight(n, k, seed=0):
@@ -50,16 +53,26 @@ def test_int8_rounds_each_row_to_half_a_step_and_its_kernels_agree():
     assert lin(torch.randn(2, 3, 128)).shape == (2, 3, 200)
 
 
-def test_int4_rounds_each_group_to_half_a_step_and_its_kernels_agree():
+def test_int4_grid_rounds_to_half_a_step_and_clipping_only_lowers_the_error():
+    g = weight(64, 128).float().view(64, 2, 64)
+    q, s, z = int4_grid(g, ranges=(1.0,))  # the plain min/max grid: every value within half a step
+    deq = (q.float() - 8) * s.float()[..., None] + z.float()[..., None]
+    assert int(q.max()) <= 15 and bool(((deq - g).abs() <= s.float()[..., None] / 2 + 1e-6).all())
+    plain_sse = (deq - g).pow(2).sum(-1)
+    q, s, z = int4_grid(g)  # searched: per group never worse than the plain grid
+    searched_sse = ((q.float() - 8) * s.float()[..., None] + z.float()[..., None] - g).pow(2).sum(-1)
+    assert bool((searched_sse <= plain_sse).all()) and searched_sse.sum() < plain_sse.sum()
+
+
+def test_int4_linear_stores_the_grid_and_its_kernels_agree():
     assert int4_layout_ok()
     w = weight(200, 128)  # 200 rows: padded to 256 for the kernel, the padding never returned
     lin = Int4Linear(w, None, group=64)
     assert lin.qweight.shape == (256, 64) and lin.qweight.dtype == torch.uint8
-    codes = lin.codes(0, 200)
-    assert int(codes.max()) <= 15
+    q, s, z = int4_grid(w.float().view(200, 2, 64))
+    assert torch.equal(lin.codes(0, 200), q.view(200, 128))
     deq = lin.dequantize(0, 200)
-    step = lin.scale_zero[:, :200, 0].float().t().repeat_interleave(64, 1)
-    assert bool(((deq - w.float()).abs() <= step / 2 + 1e-6).all())
+    torch.testing.assert_close(deq, ((q.float() - 8) * s.float()[..., None] + z.float()[..., None]).view(200, 128))
     assert (deq - w.float()).abs()[5, 64:].max() < 0.05  # the outlier's other group keeps its grid
     ids = torch.tensor([0, 5, 63, 64, 127, 199])
     torch.testing.assert_close(lin.embedding(ids), deq[ids])

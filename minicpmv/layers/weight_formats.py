@@ -119,8 +119,8 @@ class Int8Linear(QuantLinear):
 
 
 class Int4Linear(QuantLinear):
-    """W ~ (q - 8) * s + z per group of `group` inputs, q in [0, 15]: the asymmetric min/max
-    grid (s = (max - min) / 15, z = min + 8 s, both bf16; q = round((w - (z - 8 s)) / s)). Rows are padded to a
+    """W ~ (q - 8) * s + z per group of `group` inputs, q in [0, 15], s and z bf16: an asymmetric
+    grid over (a clipped part of) each group's min..max range (`int4_grid`). Rows are padded to a
     multiple of 64 (the kernel's packing block); the padding rows are zero and never returned."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = 64):
@@ -139,12 +139,8 @@ class Int4Linear(QuantLinear):
             w = torch.zeros(rows, K)
             real = max(0, min(rows, self.out_features - i))
             w[:real] = weight[i:i + real].float()
-            g = w.view(rows, G, group)
-            lo, hi = g.amin(-1), g.amax(-1)
-            s = ((hi - lo) / 15.0).clamp_min(1e-30).bfloat16()
-            z = (lo + 8.0 * s.float()).bfloat16()
-            base = z.float() - 8.0 * s.float()  # the grid's w at q = 0, as the kernel will compute it
-            q = torch.round((g - base[..., None]) / s.float()[..., None]).clamp_(0, 15).to(torch.int32).view(rows, K)
+            q, s, z = int4_grid(w.view(rows, G, group))
+            q = q.to(torch.int32).view(rows, K)
             packed[i:i + rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1).view(rows, K // 2)
             sz[:, i:i + rows, 0] = s.t()
             sz[:, i:i + rows, 1] = z.t()
@@ -185,6 +181,36 @@ class Int4Linear(QuantLinear):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"int4 group={self.group} asymmetric")
+
+
+# Grid ranges tried per group, as fractions of its min..max span (kept around its centre): clipping
+# a group's extremes can lower its total squared error; each group keeps the best.
+INT4_RANGES = (1.0, 0.9, 0.8, 0.7)
+
+
+def int4_grid(g: torch.Tensor, ranges=INT4_RANGES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest on a 16-level grid per group: g [..., group] fp32 -> (q uint8 [..., group],
+    s, z bf16 [...]) with w ~ (q - 8) s + z. Each group's grid spans a fraction of its min..max
+    range (`ranges`), the one with the least squared error; s and z are rounded to bf16 first and
+    the codes chosen on the grid the kernel will actually use."""
+    lo, hi = g.amin(-1), g.amax(-1)
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    best = None
+    for frac in ranges:
+        a = mid - frac * half
+        s = (2 * frac * half / 15.0).clamp_min(1e-30).bfloat16()
+        z = (a + 8.0 * s.float()).bfloat16()
+        sf, base = s.float()[..., None], (z.float() - 8.0 * s.float())[..., None]
+        q = torch.round((g - base) / sf).clamp_(0, 15)
+        err = (q * sf + base - g).pow_(2).sum(-1)
+        if best is None:
+            best = [q, s, z, err]
+            continue
+        better = err < best[3]
+        best[0] = torch.where(better[..., None], q, best[0])
+        best[1], best[2] = torch.where(better, s, best[1]), torch.where(better, z, best[2])
+        best[3] = torch.minimum(err, best[3])
+    return best[0].to(torch.uint8), best[1], best[2]
 
 
 class Bf16Linear(nn.Linear):
