@@ -195,22 +195,26 @@ def int4_grid(g: torch.Tensor, ranges=INT4_RANGES) -> tuple[torch.Tensor, torch.
     the codes chosen on the grid the kernel will actually use."""
     lo, hi = g.amin(-1), g.amax(-1)
     mid, half = (lo + hi) / 2, (hi - lo) / 2
-    best = None
-    for frac in ranges:
-        a = mid - frac * half
+
+    def grid(frac):
         s = (2 * frac * half / 15.0).clamp_min(1e-30).bfloat16()
-        z = (a + 8.0 * s.float()).bfloat16()
-        sf, base = s.float()[..., None], (z.float() - 8.0 * s.float())[..., None]
-        q = torch.round((g - base) / sf).clamp_(0, 15)
-        err = (q * sf + base - g).pow_(2).sum(-1)
-        if best is None:
-            best = [q, s, z, err]
-            continue
-        better = err < best[3]
-        best[0] = torch.where(better[..., None], q, best[0])
-        best[1], best[2] = torch.where(better, s, best[1]), torch.where(better, z, best[2])
-        best[3] = torch.minimum(err, best[3])
-    return best[0].to(torch.uint8), best[1], best[2]
+        z = ((mid - frac * half) + 8.0 * s.float()).bfloat16()
+        return s, z, s.float()[..., None], (z.float() - 8.0 * s.float())[..., None]
+
+    best_s = best_z = best_err = None
+    for frac in ranges:
+        s, z, sf, base = grid(frac)
+        x = (g - base).div_(sf)
+        err = torch.round(x).clamp_(0, 15).sub_(x).pow_(2).sum(-1).mul_(sf[..., 0] ** 2)
+        if best_err is None:
+            best_s, best_z, best_err = s, z, err
+        else:
+            better = err < best_err
+            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+            best_err = torch.minimum(err, best_err)
+    base = (best_z.float() - 8.0 * best_s.float())[..., None]
+    q = (g - base).div_(best_s.float()[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+    return q, best_s, best_z
 
 
 class Bf16Linear(nn.Linear):
