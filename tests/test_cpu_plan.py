@@ -95,6 +95,7 @@ def test_calibration_is_cached_per_cpu_and_torch(tmp_path, monkeypatch):
     here = isa.detect()
     assert cal.load_or_run(here) is None and not calls  # nothing cached, not asked to run
     first = cal.load_or_run(here, run=True)
+    assert cal.load_or_run(here, run=True) == first and calls == [1]  # run only when none is cached
     assert calls == [1] and json.loads(cal.cache_path(here).read_text())["key"] == cal.cache_key(here)
     assert cal.load_or_run(here)["gemm_256x1024x2048_ms"] == first["gemm_256x1024x2048_ms"] and calls == [1]
     plan = choose()
@@ -103,6 +104,19 @@ def test_calibration_is_cached_per_cpu_and_torch(tmp_path, monkeypatch):
     assert cal.load_or_run(other) is None
     monkeypatch.setenv(isa.ENV_ISA, here.levels[1])  # a forced level ignores the calibration
     assert choose().source == "rules"
+
+
+def test_calibrate_env_runs_the_probe_once_at_load_time(tmp_path, monkeypatch):
+    monkeypatch.setenv(cal.ENV_CACHE, str(tmp_path))
+    calls = []
+    monkeypatch.setattr(cal, "probe", lambda: calls.append(1) or table(0.2, 1.0, 1.0, 1.0))
+    assert choose().source == "rules" and not calls  # off by default
+    monkeypatch.setenv(cal.ENV_CALIBRATE, "1")
+    assert choose().source.startswith("calibrated") and calls == [1]
+    assert choose().source.startswith("calibrated") and calls == [1]  # cached: no second probe
+    monkeypatch.setenv(cal.ENV_CALIBRATE, "0")
+    assert choose().source.startswith("calibrated") and calls == [1]  # a cached result is always used
+    assert choose(calibrate=True).source.startswith("calibrated") and calls == [1, 1]  # info --calibrate
 
 
 def test_info_command(capsys, tmp_path, monkeypatch):

@@ -97,18 +97,19 @@ def probe() -> dict:
     return {"gemm_256x1024x2048_ms": gemm, "gemv_4096x2048_ms": gemv}
 
 
-def load_or_run(cpu: CpuInfo, run: bool = False) -> dict | None:
-    """The cached calibration for this CPU and torch; run (and cache) one when `run`. A cache
-    that cannot be read or written is ignored, never an error."""
+def load_or_run(cpu: CpuInfo, run: bool = False, force: bool = False) -> dict | None:
+    """The cached calibration for this CPU and torch; when none is cached and `run`, or when
+    `force`, run (and cache) one. A cache that cannot be read or written is ignored, never an
+    error."""
     path = cache_path(cpu)
-    if path.is_file() and not run:
+    if path.is_file() and not force:
         try:
             data = json.loads(path.read_text())
             if data.get("key") == cache_key(cpu):
                 return data | {"path": str(path)}
         except (OSError, ValueError):
             pass
-    if not run:
+    if not (run or force):
         return None
     data = {"key": cache_key(cpu), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **probe()}
     try:

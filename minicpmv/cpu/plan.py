@@ -88,14 +88,15 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
 def choose(isa: str | None = None, calibrate: bool | None = None) -> KernelPlan:
     """The plan for this CPU. `isa` (or $MINICPMV_CPU_ISA) lowers the level: the rules for that
     level apply and no calibration is consulted. Otherwise a calibration cached for this CPU and
-    torch is used when present; `calibrate=True` (or $MINICPMV_CPU_CALIBRATE=1) runs one if not."""
+    torch is used when present; $MINICPMV_CPU_CALIBRATE=1 runs one when none is cached,
+    `calibrate=True` (minicpmv info --calibrate) runs a new one."""
     from . import calibrate as cal
 
     cpu = detect(isa)
     plan = rule_plan(cpu)
     if cpu.forced:
         return plan
-    result = cal.load_or_run(cpu, run=cal.wanted(calibrate))
+    result = cal.load_or_run(cpu, run=cal.wanted(calibrate), force=bool(calibrate))
     return plan if result is None else cal.apply(plan, result)
 
 
