@@ -155,3 +155,15 @@ def test_int4_pads_rows_to_the_kernel_block():
     y = lin(x)
     assert y.shape == (1, 16)
     assert (y - x @ lin.dequantize(0, 16).t()).abs().max() < 1e-2 * y.abs().max()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_batched_decode_gives_the_tokens_of_decoding_alone(tiny46, fmt):
+    """The quantized kernels are row-independent: sequences decoded together (several rows per
+    GEMV) get exactly the tokens each gets alone."""
+    from test_parity46_cpu_fast import greedy
+
+    model, _ = load_model(tiny46, "auto", "cpu", progress=False, weights=fmt)
+    g = torch.Generator().manual_seed(3)
+    prompts = [(torch.randint(10, 240000, (n,), generator=g).tolist(), []) for n in (12, 20, 7)]
+    assert greedy(model, prompts) == [greedy(model, [p])[0] for p in prompts]
