@@ -65,7 +65,8 @@ def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_pe
     On CPU the kernels come from the CPU at hand (cpu/plan.py; `isa`, e.g. "avx2", or
     $MINICPMV_CPU_ISA lowers the level the choice is made for). weights="int8" / "int4"
     quantizes the per-token matrices and the lm_head of a 16-bit checkpoint at load time
-    (layers/weight_formats.py). dtype="float32" is always exact fp32 arithmetic.
+    (layers/weight_formats.py); on a GPTQ checkpoint, the per-token matrices it keeps dense (the
+    lm_head, DeltaNet's a/b projections). dtype="float32" is always exact fp32 arithmetic.
     pack_per_token=False keeps every matrix an nn.Linear with a `.weight` (the quantizer reads them)."""
     folder = Path(folder)
     weights = check_weights(weights)
@@ -82,9 +83,6 @@ def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_pe
     with torch.device("meta"):
         model = build_model(config)
     quant = plan_quantized_load(model, config, folder)  # GPTQ: swap the quantized linears (None if dense)
-    if weights is not None and quant is not None:
-        raise ValueError(f"weights={weights!r} quantizes a 16-bit checkpoint at load time; {folder} is already "
-                         f"quantized (GPTQ)")
     num_params = sum(p.numel() for p in model.parameters())
     dtype = pick_dtype(dtype, device, num_params, stored_float_dtype(folder))
     if weights is not None and dtype == torch.float32:
