@@ -231,7 +231,8 @@ def contenders(args, folder: Path, threads: int) -> dict[str, list[Contender]]:
                  Contender("ours isa=avx2", "ours", "16-bit", ours + ["--isa", "avx2"], env)],
     }
     if args.gptq:
-        gptq = [c if c != folder else Path(args.gptq) for c in ours]
+        # the GPTQ body as stored; its dense lm_head quantized to int4 at load (in the format's bytes)
+        gptq = [c if c != folder else Path(args.gptq) for c in ours] + ["--weights", "int4"]
         groups["4bit"].append(Contender("ours GPTQ int4", "ours", "gptq-int4", gptq, env))
     if "llama.cpp" in args.only:
         ggufs = setup_llama(folder, threads)
