@@ -26,6 +26,9 @@ One-time setup, cached outside the repository in $MINICPMV_BENCH_CACHE (~/.cache
 The run (~30-60 min at the real size on 2 cores):
     python bench/bench_cpu_peers.py --runs 3
     python bench/bench_cpu_peers.py --groups 4bit --gptq ~/ckpt/MiniCPM-V-4.6-gptq-int4
+    python bench/bench_cpu_peers.py --metrics image_ttft image1344_ttft --llama-bench
+(--llama-bench adds llama.cpp's own in-process llama-bench figures; its JSON field names
+n_prompt / n_gen / avg_ts are those of b11434's `-o json`, not checked against a build today.)
 Smoke run of our side only (tiny random checkpoint, small sizes; the figures mean nothing):
     python bench/bench_cpu_peers.py --tiny --only ours --runs 1 --prompt-tokens 64 --decode-tokens 8
 """
@@ -127,6 +130,16 @@ def setup_llama(folder: Path, threads: int) -> dict:
         if qtype and not ggufs[name].is_file():
             run([llama_bin("llama-quantize"), ggufs["BF16"], ggufs[name], qtype, str(threads)])
     return ggufs
+
+
+def llama_bench(gguf: Path, threads: int, prompt_tokens: int) -> str:
+    """llama.cpp's own in-process figures for one model: prompt processing and 64-token generation."""
+    out = subprocess.run([str(llama_bin("llama-bench")), "-m", str(gguf), "-t", str(threads),
+                          "-p", str(prompt_tokens), "-n", "64", "-o", "json"],
+                         check=True, capture_output=True, text=True).stdout
+    rows = json.loads(out)
+    return ", ".join(f"{'pp' if r.get('n_prompt') else 'tg'}{r.get('n_prompt') or r.get('n_gen')} "
+                     f"{r['avg_ts']:.1f} tok/s" for r in rows)
 
 
 def setup_vllm() -> Path:
@@ -319,8 +332,9 @@ def quiet(limit_s: float = 20.0, threshold: float = 0.15):
 def sample(client, c: Contender, metric: str, args, tokenizer, seed: int) -> dict:
     quiet(args.quiet_s)
     b0, t0 = cpu_jiffies()
-    if metric == "image_ttft":
-        content = [{"type": "image_url", "image_url": {"url": image_data_url(seed, 448)}},
+    if metric in ("image_ttft", "image1344_ttft"):
+        side = 448 if metric == "image_ttft" else 1344
+        content = [{"type": "image_url", "image_url": {"url": image_data_url(seed, side)}},
                    {"type": "text", "text": "Describe the image."}]
         r = stream(client, c, content, 1)
         value = r["ttft_s"]
@@ -358,7 +372,9 @@ def sample(client, c: Contender, metric: str, args, tokenizer, seed: int) -> dic
 
 
 METRICS = {"image_ttft": ("448x448 image TTFT (s)", False), "decode1": ("decode batch 1 (tok/s)", True),
-           "pp512": ("prefill pp512 (tok/s)", True), "agg8": ("8 streams aggregate (tok/s)", True)}
+           "pp512": ("prefill pp512 (tok/s)", True), "agg8": ("8 streams aggregate (tok/s)", True),
+           "image1344_ttft": ("1344x1344 image TTFT (s)", False)}
+DEFAULT_METRICS = ["image_ttft", "decode1", "pp512", "agg8"]  # image1344_ttft on request (slow)
 
 
 # ---------------------------------------------------------------- the run
@@ -449,7 +465,9 @@ def main():
                    choices=["16bit", "8bit", "4bit", "avx2"])
     p.add_argument("--only", nargs="+", default=["ours", "llama.cpp", "vllm"], choices=["ours", "llama.cpp", "vllm"],
                    help="engines to run (ours always runs)")
-    p.add_argument("--metrics", nargs="+", default=list(METRICS), choices=list(METRICS))
+    p.add_argument("--metrics", nargs="+", default=DEFAULT_METRICS, choices=list(METRICS))
+    p.add_argument("--llama-bench", action="store_true",
+                   help="also print llama.cpp's own llama-bench figures (pp512, tg64) per quantization, in process")
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--quiet-s", type=float, default=20.0,
@@ -486,6 +504,10 @@ def main():
         for name, group in contenders(args, folder, args.threads).items():
             all_res[name] = run_group(name, group, args, tokenizer, client, logdir)
             report(name, group, all_res[name], bw, params)
+    if args.llama_bench and "llama.cpp" in args.only:
+        for q, gguf in setup_llama(folder, args.threads).items():
+            if q != "mmproj":
+                print(f"llama-bench {q}: {llama_bench(gguf, args.threads, args.prompt_tokens)}")
     print(f"\nserver logs: {logdir}\nraw: {json.dumps(all_res)}")
 
 
