@@ -35,7 +35,9 @@ def test_x86_levels_from_flags(flags, cap, level):
 def test_arm_levels_from_flags():
     assert level_from_flags("aarch64", frozenset({"fp", "asimd"}), "DEFAULT") == "neon"
     assert level_from_flags("aarch64", frozenset({"asimd", "bf16", "i8mm"}), "DEFAULT") == "neon_bf16"
-    assert level_from_flags("aarch64", frozenset({"asimd", "sve"}), "SVE256") == "sve"
+    assert level_from_flags("aarch64", frozenset({"asimd", "sve"}), "SVE256") == "sve"  # SVE without BF16
+    assert level_from_flags("aarch64", frozenset({"asimd", "sve", "bf16"}), "SVE256") == "neon_bf16"
+    assert not cpu("sve", arch="aarch64").fast_bf16 and cpu("neon_bf16", arch="aarch64").fast_bf16
     assert level_from_flags("arm64", frozenset(), "DEFAULT") == "neon"  # macOS: no cpuinfo
 
 

@@ -23,9 +23,9 @@ ENV_ISA = "MINICPMV_CPU_ISA"
 # Levels per architecture, weakest first. Each adds what the kernel choice depends on:
 #   x86: avx2 (FMA, F16C: fbgemm fp16), avx512 (wider vectors), avx512_bf16 (vdpbf16ps: bf16 math at
 #   twice fp32's rate), amx (tile matrix units: bf16 GEMMs ~6x fp32).
-#   arm: neon, neon_bf16 (BFMMLA), sve.
+#   arm: neon, sve (wider vectors), neon_bf16 (BF16 dot products / BFMMLA, with or without SVE).
 X86_LEVELS = ("generic", "avx2", "avx512", "avx512_bf16", "amx")
-ARM_LEVELS = ("generic", "neon", "neon_bf16", "sve")
+ARM_LEVELS = ("generic", "neon", "sve", "neon_bf16")
 
 
 @dataclass(frozen=True)
@@ -92,10 +92,10 @@ def level_from_flags(arch: str, flags: frozenset, torch_capability: str = "") ->
             return "avx2"
         return "generic"
     if arch in ("aarch64", "arm64"):
-        if "sve" in flags or cap.startswith("SVE"):
-            return "sve"
         if "bf16" in flags:
             return "neon_bf16"
+        if "sve" in flags or cap.startswith("SVE"):
+            return "sve"
         return "neon"  # NEON (ASIMD) is part of every AArch64 CPU
     return "generic"
 
