@@ -32,8 +32,8 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 
 def pick_dtype(dtype, device: torch.device, num_params: int, stored: torch.dtype | None = None) -> torch.dtype:
     """'auto': bf16 on GPUs. On CPUs the checkpoint's own precision: a bf16/fp16 checkpoint keeps
-    its matrices narrow and computes in fp32 (layers/mixed.py, layers/fp16_packed.py), which is
-    the same math as upcasting it whole, at half the memory and up to twice the decode speed; an
+    its matrices narrow, with the kernels the CPU runs fastest (cpu/plan.py: fp32 math on AVX2-only
+    CPUs, layers/mixed.py and layers/fp16_packed.py; bf16 GEMMs where the CPU has bf16 units); an
     fp32 checkpoint stays fp32 unless the model is too big for that (> 4B parameters)."""
     if isinstance(dtype, torch.dtype):
         return dtype
