@@ -5,15 +5,16 @@
   bf16 on entry and the product on exit: not the exact fp32 path).
 * `Int8Linear`: weight-only int8, one symmetric scale per output channel (like llama.cpp's Q8_0
   but per row), torch's `_weight_int8pack_mm` for few rows.
-* `Int4Linear`: weight-only int4, asymmetric per group of `group` inputs (min/max round-to-
-  nearest, a scale and an offset per group, like Q4_1), torch's `_weight_int4pack_mm_for_cpu`.
+* `Int4Linear`: weight-only int4, asymmetric per group of `group` inputs (round-to-nearest on a
+  grid with a scale and an offset per group, like Q4_1, its range the best of a few clippings of
+  the group's min..max), torch's `_weight_int4pack_mm_for_cpu`.
 
 Few rows (decode) use the quantized kernel on the stored bytes, with bf16 activations and bf16
 scales: torch's CPU int8/int4 kernels are vectorised for bf16 inputs only (with fp32 inputs they
 ran 25-60x slower on this project's AVX-512 box, a gap far beyond timing noise). Scales are
-rounded to bf16 before the codes are chosen, so the codes fit the stored scales. Many rows (prompts) dequantize
-the matrix a block at a time into a reused buffer and run the GEMM in `gemm_dtype` (bf16 where the
-CPU has bf16 units, else fp32): a GEMM at hundreds of rows costs far more than widening the block.
+rounded to bf16 before the codes are chosen, so the codes fit the stored scales. Many rows
+(prompts) dequantize the matrix a block at a time and run the GEMM in `gemm_dtype` (bf16 where
+the CPU has bf16 units, else fp32): a GEMM at hundreds of rows costs far more than widening.
 
 `swap_linears` replaces nn.Linear modules by one of these (or any module built from a weight and
 bias), fusing the projections a module declares in `packed_fusions` into one matrix first."""
