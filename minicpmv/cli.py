@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_chat_parser(sub)
     for module, adder in (("minicpmv.server.cli", "add_serve_parser"), ("minicpmv.quant.quantize_cli",
-                                                                       "add_quantize_parser")):
+                                                                       "add_quantize_parser"),
+                          ("minicpmv.cpu.info", "add_info_parser")):
         try:
             mod = __import__(module, fromlist=[adder])
         except ImportError:  # that part of the package is not installed/built yet
