@@ -15,6 +15,7 @@ from .engine.config import EngineConfig
 from .engine.engine import Engine
 from .engine.sampling import SamplingParams
 from .engine.sequence import Sequence
+from .errors import InputError
 from .families import adapter_for
 from .prompt.detokenizer import IncrementalDetokenizer
 from .prompt.reasoning import ReasoningStreamParser, split_reasoning
@@ -91,6 +92,9 @@ class MiniCPMV:
         given = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                      top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, num_beams=num_beams)
         d.update({k: v for k, v in given.items() if v is not None})
+        if (max_new_tokens or 0) > self.max_context:
+            raise InputError(f"max_new_tokens is {max_new_tokens}, more than the model's context of "
+                             f"{self.max_context} tokens (prompt included)")
         if d.get("num_beams", 1) > 1:
             return BeamSearchParams(stop_token_ids=list(self.family.stop_token_ids), **d)
         for key in ("num_beams", "length_penalty", "early_stopping"):

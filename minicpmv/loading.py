@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 
+from .cpu.apply import apply_plan
+from .cpu.plan import check_weights, choose
 from .hub import DEFAULT_MODEL, resolve_model_path
-from .layers import fp16_packed
 from .layers.mixed import mixed_precision_plan
 from .models.registry import build_model
 from .quant.apply import plan_quantized_load
 from .weights import load_weights, stored_float_dtype
+
+log = logging.getLogger("minicpmv")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -28,8 +32,8 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 
 def pick_dtype(dtype, device: torch.device, num_params: int, stored: torch.dtype | None = None) -> torch.dtype:
     """'auto': bf16 on GPUs. On CPUs the checkpoint's own precision: a bf16/fp16 checkpoint keeps
-    its matrices narrow and computes in fp32 (layers/mixed.py, layers/fp16_packed.py), which is
-    the same math as upcasting it whole, at half the memory and up to twice the decode speed; an
+    its matrices narrow, with the kernels the CPU runs fastest (cpu/plan.py: fp32 math on AVX2-only
+    CPUs, layers/mixed.py and layers/fp16_packed.py; bf16 GEMMs where the CPU has bf16 units); an
     fp32 checkpoint stays fp32 unless the model is too big for that (> 4B parameters)."""
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -54,17 +58,35 @@ def release_freed_memory() -> None:
         pass
 
 
-def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_per_token: bool = True):
+def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_per_token: bool = True,
+               weights: str | None = None, isa: str | None = None):
     """Build and load just the torch model (no tokenizer); returns (model, config dict).
+
+    On CPU the kernels come from the CPU at hand (cpu/plan.py; `isa`, e.g. "avx2", or
+    $MINICPMV_CPU_ISA lowers the level the choice is made for). weights="int8" / "int4"
+    quantizes the per-token matrices and the lm_head of a 16-bit checkpoint at load time
+    (layers/weight_formats.py); on a GPTQ checkpoint, the per-token matrices it keeps dense (the
+    lm_head, DeltaNet's a/b projections). dtype="float32" is always exact fp32 arithmetic.
     pack_per_token=False keeps every matrix an nn.Linear with a `.weight` (the quantizer reads them)."""
     folder = Path(folder)
+    weights = check_weights(weights)
     config = json.loads((folder / "config.json").read_text())
     device = pick_device(device)
+    if weights is not None:
+        if device.type != "cpu":
+            raise ValueError(f"weights={weights!r} is a CPU format; on {device.type} load a GPTQ checkpoint instead")
+        if dtype in ("float32", "fp32", torch.float32):
+            raise ValueError(f"weights={weights!r} rounds the weights; it cannot be combined with dtype='float32' "
+                             f"(exact fp32 arithmetic)")
+        if not pack_per_token:
+            raise ValueError("weights= needs pack_per_token=True")
     with torch.device("meta"):
         model = build_model(config)
     quant = plan_quantized_load(model, config, folder)  # GPTQ: swap the quantized linears (None if dense)
     num_params = sum(p.numel() for p in model.parameters())
     dtype = pick_dtype(dtype, device, num_params, stored_float_dtype(folder))
+    if weights is not None and dtype == torch.float32:
+        dtype = torch.bfloat16  # an fp32 checkpoint: the matrices left unquantized (vision) are kept in bf16
     keep = quant.keep_dtype() if quant else (lambda name: False)
     if device.type == "cpu" and dtype != torch.float32:
         # half-precision matrices, fp32 everything else and fp32 compute (see layers/mixed.py)
@@ -79,20 +101,26 @@ def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_pe
     load_weights(model, folder, model.checkpoint_key, dtype_for, device, progress=progress, regroup=regroup)
     model.tie_weights()
     if quant is not None:
-        quant.finish(model)
-    if pack_per_token and device.type == "cpu" and dtype != torch.float32 and fp16_packed.available():
-        # the per-token matrices go to fbgemm's fp16 GEMM: fp32 math at half the bytes, and the
-        # fastest CPU path at every batch size measured (layers/fp16_packed.py)
-        fp16_packed.pack_fp16(model, model.per_token_prefixes)
+        # float32 asked for: the GPTQ layers compute exactly as transformers + gptqmodel do in fp32
+        # (fp16-rounded dequantized weights, fp32 math); otherwise the fast int4 kernels
+        quant.finish(model, "fp16_weight" if dtype == torch.float32 else "auto")
+    if pack_per_token and device.type == "cpu" and dtype != torch.float32:
+        # the kernels this CPU runs fastest, per op class (cpu/plan.py); one copy of each matrix
+        plan = choose(isa)
+        apply_plan(model, plan, weights, model.per_token_prefixes)
+        model.kernel_plan, model.weight_format = plan, weights
         release_freed_memory()
+        log.info("CPU %s (%s): %s", plan.cpu.model, plan.cpu.level,
+                 "; ".join(f"{k}: {v}" for k, v in plan.rows(weights)))
     return model.eval(), config
 
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, dtype="auto", device=None, revision: str | None = None,
-         progress: bool = True, **engine_settings):
-    """Load a MiniCPM-V checkpoint (local folder or hub id) ready for `.chat(...)`.
-    engine_settings: EngineConfig fields (kv_cache_memory in bytes, max_num_seqs,
-    max_num_batched_tokens, enable_prefix_caching, ...)."""
+         progress: bool = True, weights: str | None = None, isa: str | None = None, **engine_settings):
+    """Load a MiniCPM-V checkpoint (local folder or hub id) ready for `.chat(...)`. weights="int8" /
+    "int4" quantizes a 16-bit checkpoint at load time (CPU); isa="avx2" forces the kernels chosen
+    for AVX2-only CPUs (see minicpmv/cpu/). engine_settings: EngineConfig fields (kv_cache_memory in
+    bytes, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, ...)."""
     from .chat import MiniCPMV
     from .engine.config import EngineConfig
 
@@ -100,5 +128,5 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, dtype="auto", device=None, re
     if unknown:
         raise TypeError(f"load() got unknown engine setting(s) {unknown}")
     folder = resolve_model_path(model, revision)
-    net, config = load_model(folder, dtype, device, progress)
+    net, config = load_model(folder, dtype, device, progress, weights=weights, isa=isa)
     return MiniCPMV.from_parts(folder, net, config, **engine_settings)

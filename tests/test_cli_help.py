@@ -14,7 +14,7 @@ import pytest
 from cli_support import REPO
 from minicpmv.cli import build_parser
 
-COMMANDS = ["chat", "run", "serve", "quantize", "download"]
+COMMANDS = ["chat", "run", "serve", "quantize", "download", "info"]
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 
@@ -108,3 +108,10 @@ def test_flags_in_the_readme_table_are_chat_options():
     flags = set(FLAG.findall(section))
     assert len(flags) > 15
     assert flags <= options(subparsers()["chat"]), flags - options(subparsers()["chat"])
+
+
+def test_info_shim_matches_the_cpu_module():
+    from minicpmv.cpu.plan import WEIGHT_FORMATS
+    from minicpmv.cli.info import WEIGHT_FORMATS as declared
+
+    assert tuple(declared) == tuple(WEIGHT_FORMATS)

@@ -42,7 +42,10 @@ def version_dir(version: str) -> Path:
 
 @lru_cache(maxsize=None)
 def model_of(version: str, dtype: str = "float32"):
-    model, _ = load_model(version_dir(version) / "model", dtype, "cpu", progress=False)
+    # "auto" with the AVX2-era kernels (fp32 math on 16-bit storage); the bf16-unit kernels that
+    # "auto" picks on other CPUs have their own tolerance (tests/test_cpu_bf16_path.py)
+    isa = "avx2" if dtype == "auto" else None
+    model, _ = load_model(version_dir(version) / "model", dtype, "cpu", progress=False, isa=isa)
     return model
 
 

@@ -114,7 +114,12 @@ def test_our_load_equals_own_dequantized_reference(quantized, tiny46_dir):
     spec, out = quantized
     ours, _ = load_model(out, "float32", "cpu", progress=False)
     layers = {n: m for n, m in ours.named_modules() if isinstance(m, GPTQLinear)}
-    assert len(layers) == 26 and all(m.backend == "cpu_int4" for m in layers.values())
+    assert len(layers) == 26 and all(m.backend == "fp16_weight" for m in layers.values())  # fp32: exact path
+    int4 = copy.deepcopy(ours)
+    for m in int4.modules():
+        if isinstance(m, GPTQLinear):
+            m.prepare("auto")
+    assert all(m.backend == "cpu_int4" for m in int4.modules() if isinstance(m, GPTQLinear))
     # the reference: the dense model with each quantized weight replaced by our float dequantization
     ref, _ = load_model(tiny46_dir, "float32", "cpu", progress=False)
     dst = tensors(out)
@@ -124,6 +129,11 @@ def test_our_load_equals_own_dequantized_reference(quantized, tiny46_dir):
             w = dequantize_gptq(dst[f"{p}.qweight"], dst[f"{p}.qzeros"], dst[f"{p}.scales"], dst[f"{p}.g_idx"],
                                 spec.bits, spec.format)
             ref.get_submodule(name).weight.copy_(w)
+    ref16 = copy.deepcopy(ref)  # each weight rounded once to fp16, as gptqmodel dequantizes
+    with torch.no_grad():
+        for name in layers:
+            w = ref16.get_submodule(name).weight
+            w.copy_(w.half().float())
     dense_ours = copy.deepcopy(ours)
     for m in dense_ours.modules():
         if isinstance(m, GPTQLinear):
@@ -131,8 +141,10 @@ def test_our_load_equals_own_dequantized_reference(quantized, tiny46_dir):
     for ids, vision in prompts(out):
         r = our_logits(ref, ids, vision)
         torch.testing.assert_close(our_logits(dense_ours, ids, vision), r, rtol=0, atol=1e-4)
+        # the fp32 path: fp16-rounded weights, fp32 math
+        torch.testing.assert_close(our_logits(ours, ids, vision), our_logits(ref16, ids, vision), rtol=0, atol=1e-4)
         # the int4 kernel path (bf16 activations inside) stays close to the float reference
-        k = our_logits(ours, ids, vision)
+        k = our_logits(int4, ids, vision)
         assert ((k - r).norm() / r.norm()).item() < 0.05
 
 
@@ -141,9 +153,9 @@ def test_transformers_gptqmodel_loads_it_with_the_same_logits(quantized, dtype):
     """bf16/fp16: both sides run the same CPU int4 kernel, text prompts agree bit for bit. Image
     prompts are compared in fp32 only: the dense (unquantized) vision tower already differs from
     transformers by O(1) logits in bf16 on this tiny random model, which says nothing about GPTQ.
-    In fp32 gptqmodel dequantizes (its kernel needs fp16/bf16) and so do we ("dense" backend);
-    this tiny random model amplifies weight rounding chaotically (fp16-rounded vs fp32 dequantized
-    weights move its logits by ~0.1), so the reference's fp16 rounding is applied on our side."""
+    In fp32 gptqmodel dequantizes each weight to fp16 (its scales' dtype) and multiplies in fp32, and
+    so does our load with dtype float32 ("fp16_weight" backend); test_gptq_fp32_parity.py covers
+    every checkpoint format that way."""
     import gptqmodel  # noqa: F401  (the oracles must be installed)
     import optimum  # noqa: F401
     from transformers import AutoModelForImageTextToText
@@ -154,11 +166,10 @@ def test_transformers_gptqmodel_loads_it_with_the_same_logits(quantized, dtype):
     dense_a = type(ref.model.language_model.layers[0].linear_attn.in_proj_a).__name__
     assert qtype != "Linear" and dense_a == "Linear"
     ours = pure_dtype(load_model(out, "float32", "cpu", progress=False)[0], dtype)
-    if dtype == torch.float32:
+    if dtype != torch.float32:
         for m in ours.modules():
-            if isinstance(m, GPTQLinear):  # gptqmodel's dequantization rounds each weight to fp16 (its
-                m.prepare("dense")         # scales' dtype): do the same so only the GEMMs differ
-                m._rt["weight"] = m._rt["weight"].half().float()
+            if isinstance(m, GPTQLinear):  # half-precision activations: the int4 kernel, as gptqmodel
+                m.prepare("auto")
     cases = prompts(out) if dtype == torch.float32 else prompts(out)[:1]
     for ids, vision in cases:
         kwargs = {"input_ids": torch.tensor([ids])}
@@ -196,8 +207,12 @@ def test_cli_with_a_calibration_folder(tiny46_dir, tmp_path):
     assert q["bits"] == 8 and q["group_size"] == 32
     model, _ = load_model(out, "float32", "cpu", progress=False)
     layers = [m for m in model.modules() if isinstance(m, GPTQLinear)]
-    assert len(layers) == 26 and all(m.backend == "dequant" for m in layers)  # 8-bit: per-call dequantization
+    assert len(layers) == 26 and all(m.backend == "fp16_weight" for m in layers)  # float32: the exact path
     ids, vision = prompts(out)[1]
+    assert torch.isfinite(our_logits(model, ids, vision)).all()
+    for m in layers:
+        m.prepare("auto")
+    assert all(m.backend == "dequant" for m in layers)  # 8-bit otherwise: per-call dequantization
     assert torch.isfinite(our_logits(model, ids, vision)).all()
 
 

@@ -1,7 +1,9 @@
-"""The CPU fast path against the oracle: a bf16 checkpoint loaded with dtype="auto" on CPU keeps
-its matrices narrow (vision: bf16 upcast per call, text: fbgemm fp16-packed) and computes in
-fp32, so it must match transformers running the same checkpoint upcast to fp32: logits within
-1e-4 and greedy tokens identical, alone and in a batched decode."""
+"""The CPU fast path against the oracle: a bf16 checkpoint loaded with dtype="auto" on CPU with
+the AVX2-era kernels (isa="avx2", what "auto" picks on CPUs without bf16 units) keeps its matrices
+narrow (vision: bf16 upcast per call, text: fbgemm fp16-packed) and computes in fp32, so it must
+match transformers running the same checkpoint upcast to fp32: logits within 1e-4 and greedy
+tokens identical, alone and in a batched decode. The bf16-unit path has its own tolerance
+(tests/test_cpu_bf16_path.py)."""
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ def models(tmp_path_factory):
 
     folder = build_tiny_46(tmp_path_factory.mktemp("tiny46-bf16"), seed=1, dtype=torch.bfloat16)
     ref = MiniCPMV4_6ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    ours, _ = load_model(folder, "auto", "cpu", progress=False)
+    ours, _ = load_model(folder, "auto", "cpu", progress=False, isa="avx2")
     return ref, ours, AutoProcessor.from_pretrained(folder)
 
 

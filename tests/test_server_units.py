@@ -61,6 +61,24 @@ def test_reasoning_and_tool_calls_are_split(tokenizer):
     assert call["function"] == {"name": "f", "arguments": '{"x": 7}'} and decoder.finish_reason == "tool_calls"
 
 
+def test_a_call_inside_an_unclosed_think_block_is_still_a_call(tokenizer):
+    """Token by token through the decoder the server runs: the reasoning ends where <tool_call> begins, the
+    call streams as its name then argument pieces, and the pieces add up to the finished call."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}, "note": {"type": "string"}}}}}]
+    decoder = ChoiceDecoder(tokenizer, STOP_IDS, starts_in_reasoning=True, tools=tools, stop=[])
+    text = ("I need f.\n<tool_call>\n<function=f>\n<parameter=x>\n7\n</parameter>\n<parameter=note>\n"
+            "say </tool_call> here\n</parameter>\n</function>\n</tool_call>")
+    events = decode_all(decoder, tokenizer, text)
+    assert joined(events, "reasoning") == "I need f." and joined(events, "content") == ""
+    deltas = [v for k, v in events if k == "tool_call_delta"]
+    (call,) = [v for k, v in events if k == "tool_call"]
+    assert deltas[0] == {"index": 0, "id": call["id"], "name": "f"}
+    assert "".join(d["arguments"] for d in deltas[1:]) == call["function"]["arguments"] == \
+        '{"x": 7, "note": "say </tool_call> here"}'
+    assert decoder.finish_reason == "tool_calls"
+
+
 def test_media_policy(tmp_path):
     allowed = tmp_path / "media"
     allowed.mkdir()
@@ -88,7 +106,8 @@ def test_request_model_checks_and_merges_options():
         == ("json", {"type": "object"})
     choice = ChatCompletionRequest.model_validate({**base, "structured_outputs": {"choice": ["a+", "b"]}})
     assert choice.constraint() == ("regex", r"a\+|b")
-    for bad in ({"n": 0}, {"temperature": -1}, {"logprobs": True}, {"tool_choice": "required"},
+    for bad in ({"n": 0}, {"temperature": -1}, {"top_logprobs": 3}, {"tool_choice": "required"}, {"seed": -1},
+                {"top_p": float("nan")}, {"logit_bias": {"1": 2}}, {"guided_json": {}},
                 {"structured_outputs": {"regex": "a", "choice": ["b"]}}):
         with pytest.raises(ValidationError):
             ChatCompletionRequest.model_validate({**base, **bad})

@@ -150,8 +150,10 @@ def test_streaming_equals_one_shot(text):
 def test_partial_open_tag_never_leaks():
     parser = ToolCallStreamParser(TOOLS)
     assert parser.feed("Sure <tool") == [("content", "Sure")]  # the space waits: a call may follow
-    assert parser.feed("_call>\n<function=search>\n") == []
+    [(kind, head)] = parser.feed("_call>\n<function=search>\n")  # the call is announced by name
+    assert kind == "tool_call_delta" and head["name"] == "search" and head["index"] == 0
     events = parser.feed("<parameter=query>\nq\n</parameter>\n</function>\n</tool_call>")
-    assert [k for k, _ in events] == ["tool_call"]
+    assert [k for k, _ in events] == ["tool_call_delta", "tool_call_delta", "tool_call"]
+    assert events[-1][1]["id"] == head["id"] and events[-1][1]["function"]["arguments"] == '{"query": "q"}'
     assert parser.feed("\n\nAfter") == [("content", "After")]
     assert parser.flush() == []

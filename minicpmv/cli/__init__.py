@@ -1,4 +1,4 @@
-"""The `minicpmv` command: chat, run (batch), serve, quantize, download.
+"""The `minicpmv` command: chat, run (batch), serve, quantize, download, info.
 
 Importing this package does not import torch: `minicpmv --help` and `--version` answer at
 once, and every check of the user's input runs before the model (or torch) is loaded. A user
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .batch import add_run_parser
     from .chat import add_chat_parser
     from .download import add_download_parser
+    from .info import add_info_parser
     from .quantize import add_quantize_parser
 
     parser = Parser(prog="minicpmv",
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     parents = [_debug_parent()]
-    for add in (add_chat_parser, add_run_parser, add_serve_parser, add_quantize_parser, add_download_parser):
+    for add in (add_chat_parser, add_run_parser, add_serve_parser, add_quantize_parser, add_download_parser,
+                add_info_parser):
         add(sub, parents)
     return parser
 
@@ -54,7 +56,7 @@ def _parse(argv):
     except CliError as e:  # point at the subcommand's help when one was named
         words = sys.argv[1:] if argv is None else list(argv)
         command = next((w for w in words if not w.startswith("-")), None)
-        if command in ("chat", "run", "serve", "quantize", "download"):
+        if command in ("chat", "run", "serve", "quantize", "download", "info"):
             e.fix = f"see `minicpmv {command} --help`"
         raise
 

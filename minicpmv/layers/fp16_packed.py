@@ -59,47 +59,17 @@ def pack_fp16(model: nn.Module, prefixes: tuple[str, ...]) -> int:
     by a PackedFP16Linear (in place; the unpacked weight is dropped unless something else, e.g.
     a tied embedding, still holds it). Returns how many linears were packed.
 
-    A module may declare `packed_fusions = {fused: (member, ...)}`: linears that read the same
-    input (q/k/v, gate/up, DeltaNet's four input projections) are then packed as one matrix under
-    `fused` and the members set to None; its forward uses the fused product when it is there.
-    One GEMV instead of several saves per-call overhead, which is what decode is made of.
+    Projections a module declares in `packed_fusions` (q/k/v, gate/up, DeltaNet's four input
+    projections: they read the same input) are packed as one matrix (layers/weight_formats.py
+    `swap_linears`): one GEMV instead of several saves per-call overhead, which is what decode
+    is made of. One matrix at a time, so the peak stays at the model plus one matrix's fp32
+    staging copy rather than two copies of every matrix."""
+    from .weight_formats import swap_linears
 
-    One matrix at a time, holding no reference to the replaced modules, so the peak stays at the
-    model plus one matrix's fp32 staging copy rather than two copies of every matrix."""
-    packed = 0
-    owners = [name for name, m in model.named_modules() if getattr(m, "packed_fusions", None)]
-    for name in owners:
-        if not (name + ".").startswith(prefixes):
-            continue
-        owner = model.get_submodule(name)
-        for fused, members in owner.packed_fusions.items():
-            linears = [getattr(owner, m) for m in members]
-            if not all(isinstance(lin, nn.Linear) and _packable(lin) for lin in linears):
-                continue  # e.g. GPTQ int4 layers: they stay as they are
-            biases = [lin.bias for lin in linears]
-            if any(b is None for b in biases) and any(b is not None for b in biases):
-                continue
-            weight = torch.cat([lin.weight.detach() for lin in linears])
-            bias = None if biases[0] is None else torch.cat([b.detach().float() for b in biases])
-            del linears, biases
-            for m in members:
-                setattr(owner, m, None)
-            setattr(owner, fused, PackedFP16Linear(weight, bias))
-            packed += len(members)
-            del weight
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith(prefixes)]
-    for name in names:
-        parent, _, attr = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        linear = getattr(owner, attr)
-        if _packable(linear):
-            setattr(owner, attr, PackedFP16Linear(linear.weight.detach(), linear.bias))
-            packed += 1
-        del linear
-    return packed
+    return swap_linears(model, prefixes, PackedFP16Linear, accept=packable)
 
 
-def _packable(linear: nn.Linear) -> bool:
+def packable(linear: nn.Linear) -> bool:
     w = linear.weight
     return (w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
             and bool(w.abs().max() <= FP16_MAX))

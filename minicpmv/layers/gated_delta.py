@@ -52,7 +52,24 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk_size: int = 64):
 def recurrent_gated_delta_step(q, k, v, g, beta, state):
     """One token, updating `state` in place. q, k [B, H, dk]; v [B, H, dv]; g, beta [B, H];
     state [B, H, dk, dv] (fp32). Returns o [B, H, dv]. The state is the largest thing a decode
-    step touches besides the weights, so it is read and written once, never copied."""
+    step touches besides the weights, so it is read and written once, never copied: the rank-1
+    update k (x) delta is accumulated into it by one batched GEMM (baddbmm_) rather than built
+    as a [dk, dv] temporary and added, and the two products are 3-D bmm calls (a 4-D matmul
+    dispatches several reshapes around its bmm)."""
+    B, H, dk = k.shape
+    dv = v.shape[-1]
+    if not state.is_contiguous():
+        return _step_strided(q, k, v, g, beta, state)
+    s = state.view(B * H, dk, dv)
+    s.mul_(g.exp().view(B * H, 1, 1))
+    k3 = k.reshape(B * H, 1, dk)
+    delta = (v.reshape(B * H, 1, dv) - torch.bmm(k3, s)).mul_(beta.reshape(B * H, 1, 1))  # beta (v - S^T k)
+    s.baddbmm_(k3.transpose(1, 2), delta)
+    return torch.bmm(q.reshape(B * H, 1, dk), s).view(B, H, dv)  # S^T q
+
+
+def _step_strided(q, k, v, g, beta, state):
+    """The same step on a state that is a strided view (cannot be flattened in place)."""
     state.mul_(g.exp()[..., None, None])
     kv_mem = (k.unsqueeze(-2) @ state).squeeze(-2)  # S^T k
     delta = (v - kv_mem) * beta.unsqueeze(-1)

@@ -1,5 +1,11 @@
 """RMSNorm variants used by the text towers. Math is done in float32 and cast back, as the
-reference does, so bf16 runs round at the same places."""
+reference does, so bf16 runs round at the same places.
+
+`fused` (per instance, False unless the CPU kernel plan sets it: cpu/plan.py) computes the fp32
+path with torch's one-call F.rms_norm instead of five tensor ops: a decode step runs ~100 norms
+on one row each, where dispatch, not arithmetic, is the cost. Same fp32 math, another summation
+order (differences of a few ulp). On the AVX2 box of docs/performance.md F.rms_norm measured
+slower than the five ops, so the plan turns it on only from AVX-512 up."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,12 +16,16 @@ from .derived import Derived
 class RMSNorm(nn.Module):
     """Classic RMSNorm: y = w * x / rms(x) (Llama, Qwen3)."""
 
+    fused = False
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -25,6 +35,8 @@ class RMSNorm(nn.Module):
 class ZeroCenteredRMSNorm(nn.Module):
     """Qwen3.5's RMSNorm: the stored weight is an offset from 1, y = x / rms(x) * (1 + w)."""
 
+    fused = False
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -33,6 +45,8 @@ class ZeroCenteredRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fp32 = x.dtype == torch.float32  # the CPU path: skip the no-op casts (each is a dispatched op)
+        if fp32 and self.fused:
+            return F.rms_norm(x, x.shape[-1:], self.scale(self.weight), self.eps)
         y = x if fp32 else x.float()
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale(self.weight)
         return y if fp32 else y.type_as(x)
@@ -41,6 +55,8 @@ class ZeroCenteredRMSNorm(nn.Module):
 class GatedRMSNorm(nn.Module):
     """Per-head norm of the gated DeltaNet output, gated by silu(z). Plain weight (init 1)."""
 
+    fused = False
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -48,6 +64,8 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         if x.dtype == gate.dtype == self.weight.dtype == torch.float32:  # the CPU path: no casts
+            if self.fused:
+                return F.rms_norm(x, x.shape[-1:], self.weight, self.eps).mul_(F.silu(gate))
             return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)) * F.silu(gate)
         dtype = x.dtype
         y = x.float()

@@ -131,7 +131,9 @@ def load_image(src: Image.Image | MediaSource, *, max_pixels: int = DEFAULT_MAX_
         image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: image is too large to decode safely ({e})") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError as e:
+        raise ImageError(f"{name}: not a recognizable image file") from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: not a recognizable image file ({e})") from e
     _check_pixels(name, *image.size, max_pixels)
     try:

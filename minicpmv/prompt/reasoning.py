@@ -6,6 +6,8 @@ One rule set serves every MiniCPM-V version; only the starting state differs, an
 * thinking off: the prompt already holds an empty `<think>\\n\\n</think>\\n\\n`, so generation starts in content.
   4.5 sometimes still emits a stray `</think>` there (OpenBMB/MiniCPM-V#988); it is dropped, never shown.
 * 4.0: no think block in the prompt; starts in content (a `<think>` block, if one ever appears, is still split off).
+* A `<tool_call>` ends the reasoning: a model that calls a tool without closing its `<think>` block (seen with the
+  Thinking models) still makes the call. The tag itself goes to the content, where the tool-call parser reads it.
 
 Whitespace: leading whitespace of each block is dropped, as is trailing whitespace of reasoning (the template wraps
 it in newlines); the content keeps its own trailing text. The one-shot split runs the streaming parser, so the two
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
-_TAGS = (THINK_OPEN, THINK_CLOSE)
+TOOL_CALL_OPEN = "<tool_call>"
+_TAGS = (THINK_OPEN, THINK_CLOSE, TOOL_CALL_OPEN)
 
 REASONING = "reasoning"
 CONTENT = "content"
@@ -70,6 +73,8 @@ class ReasoningStreamParser:
             self._emit(text[:i], out)
             text = text[i + len(tag) :]
             self._on_tag(tag)
+            if tag == TOOL_CALL_OPEN:
+                self._emit(tag, out)
         keep = held_tag_prefix(text, _TAGS)
         self._emit(text[: len(text) - keep], out)
         self._pending = text[len(text) - keep :]
@@ -85,7 +90,7 @@ class ReasoningStreamParser:
     def _on_tag(self, tag: str) -> None:
         if tag == THINK_OPEN and not self.in_reasoning:
             self.in_reasoning, self._block_started = True, False
-        elif tag == THINK_CLOSE and self.in_reasoning:
+        elif tag in (THINK_CLOSE, TOOL_CALL_OPEN) and self.in_reasoning:
             self.in_reasoning, self._block_started = False, False
         # A repeated <think> inside reasoning, or a stray </think> in content, is dropped.
         self._held_space = ""

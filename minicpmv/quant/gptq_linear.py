@@ -19,6 +19,11 @@ other module. After loading, `prepare()` builds the runtime form once per layer:
   dequantized per call from 8-bit codes kept for the layer (CPU) or straight from `qweight`
   (GPU), then an ordinary F.linear in the activation dtype. Memory stays at the packed size.
 * "dense": opt-in; dequantize once and keep the float weight (fast prefill, 4-8x the memory).
+* "fp16_weight": what a model loaded with dtype float32 uses: exactly the math of transformers +
+  gptqmodel in fp32, whose kernels dequantize each weight in the scales' dtype, s * (q - z) rounded
+  once to fp16, and multiply in fp32. The fp16 weight is dequantized once and kept in fbgemm's
+  packed fp16 form (fp32 arithmetic, layers/fp16_packed.py) where torch has fbgemm, else as a plain
+  fp16 tensor upcast per call. 4x the memory of the int4 kernels; no bf16 anywhere.
 """
 from __future__ import annotations
 
@@ -28,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import fp16_packed
 from .gptq_format import GPTQSpec, default_g_idx, unpack_gptq
 
 _KERNEL_GROUPS = (256, 128, 64, 32)
-BACKENDS = ("auto", "cpu_int4", "cuda_int4", "dequant", "dense")
+BACKENDS = ("auto", "cpu_int4", "cuda_int4", "dequant", "dense", "fp16_weight")
 
 
 def _has_cpu_int4_kernel() -> bool:
@@ -174,6 +180,12 @@ class GPTQLinear(nn.Module):
             self._rt["scales"] = self.scales.t().float().contiguous()
         elif backend == "dense":
             self._rt["weight"] = self.dequantize(torch.float32)
+        elif backend == "fp16_weight":
+            w16 = self.dequantize(torch.float32).half()  # s * (q - z) is exact in fp32: one rounding, as gptqmodel
+            if self.qweight.device.type == "cpu" and fp16_packed.available():
+                self._rt["packed"] = fp16_packed.PackedFP16Linear(w16, self.bias)
+            else:
+                self._rt["weight16"] = w16
         self.backend = backend
         return self
 
@@ -233,7 +245,13 @@ class GPTQLinear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias.to(x.dtype)
             return y.view(*shape[:-1], self.out_features)
-        if self.backend == "dense":
+        if self.backend == "fp16_weight":
+            if "packed" in self._rt and x.dtype == torch.float32:
+                y = self._rt["packed"](x.reshape(-1, self.in_features))
+                return y.view(*shape[:-1], self.out_features)
+            w = self._rt["weight16"].to(x.dtype) if "weight16" in self._rt else self.dequantize(torch.float32).half()
+            w = w.to(x.dtype)
+        elif self.backend == "dense":
             w = self._rt["weight"]
             if w.dtype != x.dtype:
                 w = self._rt["weight"] = w.to(x.dtype)

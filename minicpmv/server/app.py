@@ -1,9 +1,10 @@
 """The HTTP surface (Starlette): POST /v1/chat/completions, GET /v1/models, /health, /metrics.
 
-A request walks: API key -> JSON -> pydantic validation -> model name -> admission (429 when
-full) -> job building on the prepare pool (media, template, tokens) -> the engine thread ->
-decoded choices -> SSE or one JSON object. Every client mistake is a 4xx with a message that
-names it; the routes never touch a tensor.
+A request walks: API key -> content type (415) -> body, read under the size limit (413) -> JSON
+(nesting bounded) -> pydantic validation -> model name, max_tokens and media counts -> admission
+(429 when full) -> job building on the prepare pool (media sizes against the pixel budgets, template,
+tokens) -> the engine thread -> decoded choices -> SSE or one JSON object. Every client mistake is a
+4xx with a message that names it, before the work it would waste; the routes never touch a tensor.
 """
 from __future__ import annotations
 
@@ -28,14 +29,16 @@ from .access_log import AccessLogMiddleware
 from .completions import Completion
 from .config import ServeConfig
 from .constrained import GrammarFactory
-from .errors import ApiError, bad_request, format_validation_error
+from .errors import ApiError, bad_request, validation_error
 from .jobs import build_job
+from .media_limits import PixelBudget
 from .media_policy import MediaPolicy
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, ModelCard, ModelList, completion_id
 from .worker import Worker
 
 log = logging.getLogger("minicpmv.server")
+MAX_JSON_DEPTH = 64  # arrays/objects inside one another; real requests (tool schemas included) stay far below
 
 
 class Server:
@@ -46,6 +49,7 @@ class Server:
         self.worker = Worker(model, self.metrics, config.max_concurrency, config.max_queue)
         self.policy = MediaPolicy(config.allow_url_fetch, config.allowed_local_media_path, config.media_max_bytes,
                                   config.media_fetch_timeout_s)
+        self.pixels = PixelBudget(config.media_limits.max_inflight_pixels)
         self.grammars = _grammar_factory(model)
         self.pool = ThreadPoolExecutor(config.prepare_threads, thread_name_prefix="minicpmv-prepare")
         self.started = int(time.time())
@@ -56,10 +60,10 @@ class Server:
         self._authorize(request)
         chat = await self._parse(request)
         self.worker.admit(chat.n)  # 429 / 503 when there is no room
-        release = True
+        release, pixels = True, 0
         try:
-            job = await asyncio.get_running_loop().run_in_executor(
-                self.pool, build_job, self.model, chat, self.policy, self.grammars, self.config.max_image_pixels)
+            job = await asyncio.get_running_loop().run_in_executor(self.pool, self._build, chat)
+            pixels = job.pixels
             handle = self.worker.submit(job, arrival)
             completion = Completion(self.worker, handle, job, chat, completion_id(), chat.model)
             request.state.completion = completion  # for the access log
@@ -75,6 +79,7 @@ class Server:
         finally:
             if release:
                 self.worker.release(chat.n)
+                self.pixels.release(pixels)
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)
@@ -126,28 +131,63 @@ class Server:
                                 "server was started with (--api-key)", code="invalid_api_key")
 
     async def _parse(self, request: Request) -> ChatCompletionRequest:
-        limit = self.config.max_request_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"request body is {int(declared)} bytes, over the limit of {limit} bytes")
-        body = await request.body()
-        if len(body) > limit:
-            raise ApiError(413, f"request body is {len(body)} bytes, over the limit of {limit} bytes")
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad_request(f"request body is not valid JSON: {e}") from e
-        if not isinstance(payload, dict):
-            raise bad_request(f"request body must be a JSON object, got {type(payload).__name__}")
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise ApiError(415, f"the request body must be JSON sent with 'Content-Type: application/json' "
+                                f"(got {media_type or 'no content type'!r})", code="unsupported_media_type")
+        payload = _load_json(await self._body(request))
         try:
             chat = ChatCompletionRequest.model_validate(payload)
         except ValidationError as e:
-            raise bad_request(format_validation_error(e)) from e
+            raise validation_error(e) from e
         if chat.model not in self.config.served_model_names:
             raise ApiError(404, f"model {chat.model!r} does not exist on this server; it serves "
                                 f"{', '.join(map(repr, self.config.served_model_names))}", param="model",
                            code="model_not_found")
+        wanted, context = chat.max_new_tokens, self.model.max_context
+        if wanted is not None and wanted > context:
+            field = "max_completion_tokens" if chat.max_completion_tokens is not None else "max_tokens"
+            raise bad_request(f"{field} is {wanted}, more than the model's context of {context} tokens "
+                              f"(prompt included)", param=field)
+        try:
+            self.config.media_limits.check_counts(chat.messages, chat.media_options().get("max_num_frames"))
+        except ValidationError as e:
+            raise validation_error(e) from e
+        except ValueError as e:
+            raise bad_request(str(e), param="max_num_frames" if "max_num_frames" in str(e) else "messages") from e
         return chat
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, read chunk by chunk and refused (413) as soon as it passes the limit, declared or not."""
+        limit = self.config.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body is {int(declared)} bytes, over the limit of {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _build(self, chat: ChatCompletionRequest):
+        """On the prepare pool: vet the media, measure it against the pixel budgets, build the job."""
+        limits = self.config.media_limits
+        messages = self.policy.apply(chat.messages)
+        messages, pixels = limits.measure(messages, chat.media_options().get("max_num_frames"),
+                                          self.config.media_max_bytes)
+        if not self.pixels.acquire(pixels):
+            raise ApiError(429, f"server busy: the media of requests in flight fill the budget of "
+                                f"{limits.max_inflight_pixels} pixels; retry shortly", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"})
+        try:
+            job = build_job(self.model, chat, messages, self.grammars, self.config.max_image_pixels)
+        except BaseException:
+            self.pixels.release(pixels)
+            raise
+        job.pixels = pixels
+        return job
 
     async def _collect(self, request: Request, completion: Completion) -> Response:
         result = asyncio.ensure_future(completion.collect())
@@ -191,11 +231,47 @@ class Server:
         completion.ended = True
         self.worker.cancel(completion.handle)  # no-op when every choice finished
         self.worker.release(completion.request.n)
+        self.pixels.release(completion.job.pixels)
         self.metrics.request_done(outcome)
 
     def shutdown(self) -> None:
         self.worker.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _load_json(body: bytes):
+    try:
+        payload = json.loads(body, parse_constant=_no_constant)
+    except RecursionError as e:
+        raise bad_request(f"request body is nested too deeply (the limit is {MAX_JSON_DEPTH} levels)") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"request body is not valid JSON: {e}") from e
+    except ValueError as e:  # NaN / Infinity
+        raise bad_request(f"request body is not valid JSON: {e}") from e
+    if not isinstance(payload, dict):
+        raise bad_request(f"request body must be a JSON object, got {_json_kind(payload)}")
+    if _depth(payload) > MAX_JSON_DEPTH:
+        raise bad_request(f"request body is nested too deeply (the limit is {MAX_JSON_DEPTH} levels)")
+    return payload
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _json_kind(value) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+
+
+def _depth(value) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 async def _disconnected(request: Request) -> None:
@@ -229,12 +305,20 @@ def create_app(model, config: ServeConfig) -> Starlette:
         return exc.response()
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").response()
+        if exc.status_code == 404:
+            message = f"there is no {request.url.path} on this server (it serves /v1/chat/completions, /v1/models)"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+            if exc.headers and exc.headers.get("Allow"):
+                message += f" (use {exc.headers['Allow']})"
+        else:
+            message = f"{request.method} {request.url.path}: {exc.detail}"
+        return ApiError(exc.status_code, message, headers=exc.headers).response()
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error in %s", request.url.path)
         server.metrics.request_done("error")
-        return ApiError(500, f"internal server error: {type(exc).__name__}: {exc}").response()
+        return ApiError(500, "internal server error; the server log has the details").response()
 
     routes = [Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
               Route("/v1/models", server.models, methods=["GET"]),

@@ -5,10 +5,13 @@ banner says what is served and how to call it."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
 from pathlib import Path
+
+from .media_limits import MediaLimits
 
 EPILOG = """examples:
   minicpmv serve --model openbmb/MiniCPM-V-4.6 --port 8000
@@ -43,6 +46,17 @@ def add_serve_parser(sub, parents=()) -> None:
     p.add_argument("--media-fetch-timeout", type=float, default=10, help="seconds per URL download (default 10)")
     p.add_argument("--max-image-pixels", type=int, help="largest image accepted, in pixels (default 50M)")
     p.add_argument("--max-request-mb", type=float, default=100, help="largest request body (default 100 MB)")
+    limits = MediaLimits()
+    p.add_argument("--limit-mm-per-prompt", type=_mm_limits, metavar="JSON",
+                   help=f'most images / videos per request, e.g. \'{{"image": 8, "video": 1}}\' '
+                        f"(default: {limits.max_images} images, {limits.max_videos} videos)")
+    p.add_argument("--max-video-frames", type=int, default=limits.max_frames,
+                   help=f"most frames one video may be sampled to (default {limits.max_frames})")
+    p.add_argument("--max-request-pixels", type=int, default=limits.max_pixels,
+                   help=f"most decoded image + video-frame pixels per request (default {limits.max_pixels:,})")
+    p.add_argument("--max-inflight-pixels", type=int, default=limits.max_inflight_pixels,
+                   help="most media pixels held by all requests together; more waits with HTTP 429 "
+                        f"(default {limits.max_inflight_pixels:,})")
     p.add_argument("--encoder-cache-mb", type=float, default=512,
                    help="memory for cached vision encodings, reused when a chat re-sends an image (0 = off)")
     p.add_argument("--kv-cache-memory", metavar="SIZE",
@@ -100,6 +114,10 @@ def run_serve(args) -> int:
         allowed_local_media_path=args.allowed_local_media_path, media_max_bytes=int(args.media_max_mb * 2**20),
         media_fetch_timeout_s=args.media_fetch_timeout, max_request_bytes=int(args.max_request_mb * 2**20),
         encoder_cache_bytes=int(args.encoder_cache_mb * 2**20),
+        media_limits=MediaLimits(max_images=(args.limit_mm_per_prompt or {}).get("image", MediaLimits.max_images),
+                                 max_videos=(args.limit_mm_per_prompt or {}).get("video", MediaLimits.max_videos),
+                                 max_frames=args.max_video_frames, max_pixels=args.max_request_pixels,
+                                 max_inflight_pixels=args.max_inflight_pixels),
         **({"max_image_pixels": args.max_image_pixels} if args.max_image_pixels else {}))
     from ..cli.errors import CliError
     from ..engine.config import parse_bytes  # imports torch: after every torch-free check
@@ -168,3 +186,15 @@ def banner(model, info, config, args) -> list[str]:
         f"(/v1/chat/completions, /v1/models, /health, /metrics)",
         f"try: curl {url}/v1/chat/completions -H 'Content-Type: application/json'{key} -d {shlex.quote(body)}",
     ]
+
+
+def _mm_limits(text: str) -> dict[str, int]:
+    """--limit-mm-per-prompt: a JSON object of "image" / "video" counts, as vLLM spells it."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
+    if not isinstance(value, dict) or set(value) - {"image", "video"} or \
+            not all(isinstance(v, int) and v >= 0 for v in value.values()):
+        raise argparse.ArgumentTypeError('expected e.g. {"image": 8, "video": 1} (counts >= 0)')
+    return value

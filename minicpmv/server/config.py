@@ -1,10 +1,11 @@
 """What the operator decides at `minicpmv serve` time (one dataclass, filled by the CLI)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..processing.media import DEFAULT_MAX_PIXELS
+from .media_limits import MediaLimits
 
 
 @dataclass
@@ -21,6 +22,7 @@ class ServeConfig:
     max_request_bytes: int = 100 << 20
     encoder_cache_bytes: int = 512 << 20
     prepare_threads: int = 2  # media decoding / templating off the event loop
+    media_limits: MediaLimits = field(default_factory=MediaLimits)
 
     def __post_init__(self):
         if self.max_concurrency < 1 or self.max_queue < 0:

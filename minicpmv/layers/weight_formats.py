@@ -1,0 +1,315 @@
+"""CPU weight formats for the per-token matrices, each one resident copy of its matrix.
+
+* `Bf16Linear`: bf16 weight, bf16 GEMM/GEMV with fp32 accumulation (oneDNN / AVX512-BF16 / AMX),
+  fp32 in and out. The fast 16-bit path on CPUs with bf16 units (the activations are rounded to
+  bf16 on entry and the product on exit: not the exact fp32 path).
+* `Int8Linear`: weight-only int8, one symmetric scale per output channel (like llama.cpp's Q8_0
+  but per row), torch's `_weight_int8pack_mm` for few rows.
+* `Int4Linear`: weight-only int4, asymmetric per group of `group` inputs (round-to-nearest on a
+  grid with a scale and an offset per group, like Q4_1, its range the best of a few clippings of
+  the group's min..max), torch's `_weight_int4pack_mm_for_cpu`.
+
+Few rows (decode) use the quantized kernel on the stored bytes, with bf16 activations and bf16
+scales: torch's CPU int8/int4 kernels are vectorised for bf16 inputs only (with fp32 inputs they
+ran 25-60x slower on this project's AVX-512 box, a gap far beyond timing noise). Scales are
+rounded to bf16 before the codes are chosen, so the codes fit the stored scales. Many rows
+(prompts) dequantize the matrix a block at a time and run the GEMM in `gemm_dtype` (bf16 where
+the CPU has bf16 units, else fp32): a GEMM at hundreds of rows costs far more than widening.
+
+`swap_linears` replaces nn.Linear modules by one of these (or any module built from a weight and
+bias), fusing the projections a module declares in `packed_fusions` into one matrix first."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# At and below this many rows the quantized kernel runs on the stored bytes; above, blocks are
+# dequantized and multiplied by a GEMM (a fixed crossover, not measured: see docs/performance.md).
+KERNEL_ROWS = 16
+# Quantize / dequantize at most this many fp32 bytes of a matrix at a time, into reused buffers.
+BLOCK_BYTES = 64 << 20
+INT4_ROW_BLOCK = 64  # _convert_weight_to_int4pack_for_cpu interleaves rows in blocks of 64 (checked below)
+
+_scratch: dict = {}
+
+
+def _buffer(key, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    buf = _scratch.get((key, dtype))
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):  # writable from any later mode (see layers/mixed.py)
+            buf = _scratch[(key, dtype)] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+class QuantLinear(nn.Module):
+    """Shared forward: kernel path for few rows, dequantize-and-GEMM for many. Subclasses define
+    `_kernel(x2d)` (bf16 in, bf16 [M, out_padded] out) and `dequantize(start, stop, dtype)` (rows of W)."""
+
+    gemm_dtype = torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = _rows(x.float())
+        if flat.shape[0] <= KERNEL_ROWS:
+            y = self._kernel(flat.to(torch.bfloat16)).float()
+            if y.shape[-1] != self.out_features:
+                y = y[:, :self.out_features]
+        else:
+            y = self._gemm(flat)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _gemm(self, x: torch.Tensor) -> torch.Tensor:
+        dt = self.gemm_dtype
+        xs = x.to(dt)
+        step = max(INT4_ROW_BLOCK, (BLOCK_BYTES // (4 * self.in_features)) // INT4_ROW_BLOCK * INT4_ROW_BLOCK)
+        if step >= self.out_features:
+            return F.linear(xs, self.dequantize(0, self.out_features, dt)).float()
+        out = x.new_empty(x.shape[0], self.out_features)
+        for start in range(0, self.out_features, step):
+            stop = min(start + step, self.out_features)
+            out[:, start:stop] = F.linear(xs, self.dequantize(start, stop, dt))
+        return out
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of W in fp32: the input embedding when it is tied to this matrix."""
+        return self.gather_rows(ids.reshape(-1)).reshape(*ids.shape, self.in_features)
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._buffers.values() if t is not None)
+
+
+class Int8Linear(QuantLinear):
+    """W ~ q * s, q int8 in [-127, 127], s one bf16 scale per output row."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        q = torch.empty(weight.shape, dtype=torch.int8)
+        scale = torch.empty(self.out_features, dtype=torch.bfloat16)
+        step = max(1, BLOCK_BYTES // (4 * self.in_features))
+        for i in range(0, self.out_features, step):
+            w = weight[i:i + step].float()
+            s = (w.abs().amax(1) / 127.0).clamp_min(1e-30).bfloat16()
+            q[i:i + step] = torch.round(w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+            scale[i:i + step] = s
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def _kernel(self, x):
+        return torch._weight_int8pack_mm(x, self.qweight, self.scale)
+
+    def dequantize(self, start, stop, dtype=torch.float32):
+        q, s = self.qweight[start:stop], self.scale[start:stop, None]
+        out = _buffer("deq", q.numel(), dtype).view(q.shape)
+        return out.copy_(q).mul_(s.to(dtype))
+
+    def gather_rows(self, ids):
+        return self.qweight[ids].float() * self.scale[ids, None].float()
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class Int4Linear(QuantLinear):
+    """W ~ (q - 8) * s + z per group of `group` inputs, q in [0, 15], s and z bf16: an asymmetric
+    grid over (a clipped part of) each group's min..max range (`int4_grid`). Rows are padded to a
+    multiple of 64 (the kernel's packing block); the padding rows are zero and never returned."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = 64):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        if group not in (32, 64, 128, 256) or self.in_features % group:
+            raise ValueError(f"int4 group size {group} must be 32/64/128/256 and divide {self.in_features}")
+        self.group = group
+        n_pad = -(-self.out_features // INT4_ROW_BLOCK) * INT4_ROW_BLOCK
+        K, G = self.in_features, self.in_features // group
+        packed = torch.empty(n_pad, K // 2, dtype=torch.uint8)
+        sz = torch.zeros(G, n_pad, 2, dtype=torch.bfloat16)
+        step = max(INT4_ROW_BLOCK, BLOCK_BYTES // (4 * K) // INT4_ROW_BLOCK * INT4_ROW_BLOCK)
+        for i in range(0, n_pad, step):
+            rows = min(step, n_pad - i)
+            w = torch.zeros(rows, K)
+            real = max(0, min(rows, self.out_features - i))
+            w[:real] = weight[i:i + real].float()
+            q, s, z = int4_grid(w.view(rows, G, group))
+            q = q.to(torch.int32).view(rows, K)
+            packed[i:i + rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1).view(rows, K // 2)
+            sz[:, i:i + rows, 0] = s.t()
+            sz[:, i:i + rows, 1] = z.t()
+        self.register_buffer("qweight", packed)
+        self.register_buffer("scale_zero", sz)
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def _kernel(self, x):
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group, self.scale_zero)
+
+    def codes(self, start: int, stop: int) -> torch.Tensor:
+        """The 4-bit codes q [stop - start, K] (uint8) of rows start..stop, read back from the
+        kernel's layout: per block of 64 rows, K x 32 bytes whose low nibbles hold rows 0-31 and
+        high nibbles rows 32-63 of the block."""
+        K = self.in_features
+        b0, b1 = start // INT4_ROW_BLOCK, -(-stop // INT4_ROW_BLOCK)
+        blocks = self.qweight[b0 * INT4_ROW_BLOCK:b1 * INT4_ROW_BLOCK].reshape(b1 - b0, K, 32)
+        codes = torch.stack([blocks & 15, blocks >> 4], 1).permute(0, 1, 3, 2).reshape(-1, K)
+        first = b0 * INT4_ROW_BLOCK
+        return codes[start - first:stop - first]
+
+    def gather_rows(self, ids):
+        K, G = self.in_features, self.in_features // self.group
+        blocks = self.qweight.view(-1, K, 32)
+        byte = blocks[ids // INT4_ROW_BLOCK, :, ids % 32]  # [n, K]
+        q = torch.where((ids % INT4_ROW_BLOCK < 32)[:, None], byte & 15, byte >> 4).view(-1, G, self.group)
+        s, z = self.scale_zero[:, ids, 0].t()[..., None].float(), self.scale_zero[:, ids, 1].t()[..., None].float()
+        return ((q.float() - 8.0) * s + z).view(-1, K)
+
+    def dequantize(self, start, stop, dtype=torch.float32):
+        K, G = self.in_features, self.in_features // self.group
+        s = self.scale_zero[:, start:stop, 0].t()[..., None].float()
+        z = self.scale_zero[:, start:stop, 1].t()[..., None].float()
+        q = self.codes(start, stop).view(stop - start, G, self.group)
+        w = (q.float() - 8.0).mul_(s).add_(z).view(stop - start, K)
+        return w if dtype == torch.float32 else w.to(dtype)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 group={self.group} asymmetric")
+
+
+# Grid ranges tried per group, as fractions of its min..max span (kept around its centre): clipping
+# a group's extremes can lower its total squared error; each group keeps the best.
+INT4_RANGES = (1.0, 0.9, 0.8, 0.7)
+
+
+def int4_grid(g: torch.Tensor, ranges=INT4_RANGES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest on a 16-level grid per group: g [..., group] fp32 -> (q uint8 [..., group],
+    s, z bf16 [...]) with w ~ (q - 8) s + z. Each group's grid spans a fraction of its min..max
+    range (`ranges`), the one with the least squared error; s and z are rounded to bf16 first and
+    the codes chosen on the grid the kernel will actually use."""
+    lo, hi = g.amin(-1), g.amax(-1)
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+
+    def grid(frac):
+        s = (2 * frac * half / 15.0).clamp_min(1e-30).bfloat16()
+        z = ((mid - frac * half) + 8.0 * s.float()).bfloat16()
+        return s, z, s.float()[..., None], (z.float() - 8.0 * s.float())[..., None]
+
+    best_s = best_z = best_err = None
+    for frac in ranges:
+        s, z, sf, base = grid(frac)
+        x = (g - base).div_(sf)
+        err = torch.round(x).clamp_(0, 15).sub_(x).pow_(2).sum(-1).mul_(sf[..., 0] ** 2)
+        if best_err is None:
+            best_s, best_z, best_err = s, z, err
+        else:
+            better = err < best_err
+            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+            best_err = torch.minimum(err, best_err)
+    base = (best_z.float() - 8.0 * best_s.float())[..., None]
+    q = (g - base).div_(best_s.float()[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+    return q, best_s, best_z
+
+
+class Bf16Linear(nn.Linear):
+    """bf16 weight, bf16 matmul accumulating in fp32 (oneDNN), fp32 in and out. Built by class
+    swap from a loaded MixedLinear/nn.Linear whose weight is bf16, or from a weight (fusions)."""
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Bf16Linear":
+        lin = cls.__new__(cls)
+        nn.Module.__init__(lin)
+        lin.in_features, lin.out_features = weight.shape[1], weight.shape[0]
+        lin.weight = nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
+        lin.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        return lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class TiedQuantEmbedding(nn.Module):
+    """The input embedding read from a quantized lm_head that shares its matrix (tied weights):
+    one resident copy, rows dequantized on lookup (a few per step)."""
+
+    def __init__(self, head: QuantLinear):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self._head = [head]  # not a submodule: the head is owned (and saved, printed) where it lives
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._head[0].embedding(ids)
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}, tied to the quantized lm_head"
+
+
+def swap_linears(model: nn.Module, prefixes: tuple[str, ...],
+                 make: Callable[[torch.Tensor, torch.Tensor | None], nn.Module | None],
+                 accept: Callable[[nn.Linear], bool] = lambda lin: True) -> int:
+    """Replace every accepted nn.Linear whose qualified name starts with one of `prefixes` by
+    `make(weight, bias)` (None: leave it). Projections a module fuses (`packed_fusions = {fused:
+    (member, ...)}`, members reading the same input) become one matrix under `fused`, the members
+    set to None; the module's forward uses the fused product when present. One matrix at a time,
+    no reference kept to a replaced module. Returns how many linears were replaced."""
+    done = 0
+    owners = [name for name, m in model.named_modules() if getattr(m, "packed_fusions", None)]
+    for name in owners:
+        if not (name + ".").startswith(prefixes):
+            continue
+        owner = model.get_submodule(name)
+        for fused, members in owner.packed_fusions.items():
+            linears = [getattr(owner, m) for m in members]
+            if not all(isinstance(lin, nn.Linear) and accept(lin) for lin in linears):
+                continue  # e.g. GPTQ int4 layers: they stay as they are
+            biases = [lin.bias for lin in linears]
+            if any(b is None for b in biases) and any(b is not None for b in biases):
+                continue
+            weight = torch.cat([lin.weight.detach() for lin in linears])
+            bias = None if biases[0] is None else torch.cat([b.detach().float() for b in biases])
+            new = make(weight, bias)
+            del linears, biases, weight
+            if new is None:
+                continue
+            for m in members:
+                setattr(owner, m, None)
+            setattr(owner, fused, new)
+            done += len(members)
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith(prefixes)]
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        linear = getattr(owner, attr)
+        if accept(linear):
+            new = make(linear.weight.detach(), linear.bias)
+            if new is not None:
+                setattr(owner, attr, new)
+                done += 1
+        del linear
+    return done
+
+
+def int4_layout_ok() -> bool:
+    """Whether this torch packs int4 in the layout `Int4Linear.codes` reads (checked once on a
+    small matrix); the tied embedding of an int4 lm_head depends on it."""
+    global _LAYOUT_OK
+    if _LAYOUT_OK is None:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(128, 64, generator=g)
+        lin = Int4Linear(w, None, group=32)
+        ref = lin.dequantize(0, 128)
+        x = torch.randn(2, 64, generator=g)
+        y = lin._kernel(x.bfloat16()).float()
+        _LAYOUT_OK = bool((y - x.bfloat16().float() @ ref.t()).abs().max() < 0.05 * (1 + ref.abs().max()))
+    return _LAYOUT_OK
+
+
+_LAYOUT_OK = None

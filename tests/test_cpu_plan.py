@@ -1,0 +1,139 @@
+"""CPU detection and the per-op kernel choice (minicpmv/cpu): levels from flags, the
+MINICPMV_CPU_ISA switch, the rules per level, a calibration overturning them only on clear
+wins, its on-disk cache, and `minicpmv info`."""
+import json
+
+import pytest
+import torch
+
+from minicpmv.cli import main
+from minicpmv.cpu import calibrate as cal
+from minicpmv.cpu import isa
+from minicpmv.cpu.isa import CpuInfo, level_from_flags
+from minicpmv.cpu.plan import BF16, FP16_PACKED, WIDENED, choose, rule_plan
+from minicpmv.layers import fp16_packed
+
+X86 = "x86_64"
+
+
+def cpu(level, arch=X86, flags=()):
+    return CpuInfo(arch=arch, model="test cpu", flags=frozenset(flags), detected=level, level=level)
+
+
+@pytest.mark.parametrize("flags,cap,level", [
+    ({"avx2", "fma", "f16c"}, "AVX2", "avx2"),
+    ({"avx2", "avx512f", "avx512bw"}, "AVX512", "avx512"),
+    ({"avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"}, "AVX512", "avx512_bf16"),
+    ({"avx2", "avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}, "AVX512", "amx"),
+    (set(), "AVX2", "avx2"),        # no /proc/cpuinfo: torch's capability still counts
+    ({"sse4_2"}, "DEFAULT", "generic"),
+])
+def test_x86_levels_from_flags(flags, cap, level):
+    assert level_from_flags(X86, frozenset(flags), cap) == level
+
+
+def test_arm_levels_from_flags():
+    assert level_from_flags("aarch64", frozenset({"fp", "asimd"}), "DEFAULT") == "neon"
+    assert level_from_flags("aarch64", frozenset({"asimd", "bf16", "i8mm"}), "DEFAULT") == "neon_bf16"
+    assert level_from_flags("aarch64", frozenset({"asimd", "sve"}), "SVE256") == "sve"  # SVE without BF16
+    assert level_from_flags("aarch64", frozenset({"asimd", "sve", "bf16"}), "SVE256") == "neon_bf16"
+    assert not cpu("sve", arch="aarch64").fast_bf16 and cpu("neon_bf16", arch="aarch64").fast_bf16
+    assert level_from_flags("arm64", frozenset(), "DEFAULT") == "neon"  # macOS: no cpuinfo
+
+
+def test_forcing_lowers_the_level_and_never_raises_it(monkeypatch):
+    here = isa.detect()
+    monkeypatch.setenv(isa.ENV_ISA, here.levels[0])
+    forced = isa.detect()
+    assert forced.forced and forced.level == here.levels[0] and forced.detected == here.detected
+    monkeypatch.delenv(isa.ENV_ISA)
+    assert isa.detect().level == here.detected and not isa.detect().forced
+    with pytest.raises(ValueError, match="expected one of"):
+        isa.detect("avx9000")
+    if here.detected != here.levels[-1]:
+        with pytest.raises(ValueError, match="supports at most"):
+            isa.detect(here.levels[-1])
+
+
+def test_rules_per_level():
+    fbgemm = fp16_packed.available()
+    amx, bf16, avx2 = rule_plan(cpu("amx")), rule_plan(cpu("avx512_bf16")), rule_plan(cpu("avx2"))
+    assert amx.vision_bf16 and amx.text16 == BF16 and amx.gemm_dtype == torch.bfloat16
+    assert bf16.vision_bf16 and bf16.text16 == (FP16_PACKED if fbgemm else BF16)
+    assert not avx2.vision_bf16 and avx2.gemm_dtype == torch.float32
+    assert avx2.text16 == (FP16_PACKED if fbgemm else WIDENED)
+    assert rule_plan(cpu("generic")).text16 == WIDENED
+    arm = rule_plan(cpu("neon_bf16", arch="aarch64"))
+    assert arm.vision_bf16 and arm.text16 == BF16
+    rows = dict(avx2.rows("int4"))
+    assert set(rows) == {"vision GEMMs", "prefill GEMMs", "decode GEMVs", "lm_head", "RMSNorms"}
+    assert amx.fused_norm and bf16.fused_norm and not avx2.fused_norm
+    assert "int4" in rows["decode GEMVs"] and "tied embedding" in rows["lm_head"]
+
+
+def table(gemm_bf16, gemm_fp32, gemv_bf16, gemv_fp16):
+    return {"path": "x", "gemm_256x1024x2048_ms": {"bf16": gemm_bf16, "fp32": gemm_fp32, FP16_PACKED: gemm_fp32},
+            "gemv_4096x2048_ms": {"bf16": gemv_bf16, FP16_PACKED: gemv_fp16}}
+
+
+def test_calibration_overturns_the_rules_only_on_clear_wins():
+    bf16_cpu = rule_plan(cpu("avx512_bf16"))
+    # bf16 GEMM 8x slower (an AVX2-class result): vision goes back to fp32
+    assert not cal.apply(bf16_cpu, table(8.0, 1.0, 1.0, 1.0)).vision_bf16
+    # a 5% difference is noise: the rule stands
+    assert cal.apply(bf16_cpu, table(1.05, 1.0, 1.0, 1.0)).vision_bf16
+    if fp16_packed.available():
+        amx = rule_plan(cpu("amx"))
+        assert cal.apply(amx, table(0.2, 1.0, 1.0, 0.5)).text16 == FP16_PACKED  # fbgemm GEMV clearly faster
+        assert cal.apply(amx, table(0.2, 1.0, 1.0, 0.95)).text16 == BF16
+        assert cal.apply(bf16_cpu, table(0.2, 1.0, 0.5, 1.0)).text16 == BF16
+        assert cal.apply(rule_plan(cpu("avx2")), table(8.0, 1.0, 0.5, 1.0)).text16 == FP16_PACKED  # no bf16 GEMMs
+
+
+def test_calibration_is_cached_per_cpu_and_torch(tmp_path, monkeypatch):
+    monkeypatch.setenv(cal.ENV_CACHE, str(tmp_path))
+    calls = []
+    monkeypatch.setattr(cal, "probe", lambda: calls.append(1) or table(8.0, 1.0, 1.0, 1.0))
+    here = isa.detect()
+    assert cal.load_or_run(here) is None and not calls  # nothing cached, not asked to run
+    first = cal.load_or_run(here, run=True)
+    assert cal.load_or_run(here, run=True) == first and calls == [1]  # run only when none is cached
+    assert calls == [1] and json.loads(cal.cache_path(here).read_text())["key"] == cal.cache_key(here)
+    assert cal.load_or_run(here)["gemm_256x1024x2048_ms"] == first["gemm_256x1024x2048_ms"] and calls == [1]
+    plan = choose()
+    assert plan.source.startswith("calibrated") and not plan.vision_bf16
+    other = CpuInfo(arch=here.arch, model="another cpu", flags=here.flags, detected=here.detected, level=here.level)
+    assert cal.load_or_run(other) is None
+    monkeypatch.setenv(isa.ENV_ISA, here.levels[1])  # a forced level ignores the calibration
+    assert choose().source == "rules"
+
+
+def test_calibrate_env_runs_the_probe_once_at_load_time(tmp_path, monkeypatch):
+    monkeypatch.setenv(cal.ENV_CACHE, str(tmp_path))
+    calls = []
+    monkeypatch.setattr(cal, "probe", lambda: calls.append(1) or table(0.2, 1.0, 1.0, 1.0))
+    assert choose().source == "rules" and not calls  # off by default
+    monkeypatch.setenv(cal.ENV_CALIBRATE, "1")
+    assert choose().source.startswith("calibrated") and calls == [1]
+    assert choose().source.startswith("calibrated") and calls == [1]  # cached: no second probe
+    monkeypatch.setenv(cal.ENV_CALIBRATE, "0")
+    assert choose().source.startswith("calibrated") and calls == [1]  # a cached result is always used
+    assert choose(calibrate=True).source.startswith("calibrated") and calls == [1, 1]  # info --calibrate
+
+
+def test_info_command(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv(cal.ENV_CACHE, str(tmp_path))
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for op in ("vision GEMMs", "prefill GEMMs", "decode GEMVs", "lm_head"):
+        assert op in out
+    assert isa.detect().level in out
+    assert main(["info", "--json", "--weights", "int8"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "int8" in info["kernels"]["decode GEMVs"] and info["torch"] == torch.__version__
+    if isa.detect().at_least("avx2") and fp16_packed.available():
+        monkeypatch.setenv(isa.ENV_ISA, "avx2")
+        assert main(["info"]) == 0
+        out = capsys.readouterr().out
+        assert "forced" in out and "fbgemm fp16-packed GEMV" in out and "bf16 GEMM" not in out
+    assert main(["info", "--isa", "no-such-level"]) == 2
