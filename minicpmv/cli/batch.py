@@ -60,7 +60,7 @@ def read_requests(path: Path, default_model: str) -> list[Request]:
     """Parse and validate every line (no model needed); a bad line gets its error now."""
     from pydantic import ValidationError
 
-    from ..server.errors import format_validation_error
+    from ..server.errors import validation_error
     from ..server.protocol import ChatCompletionRequest
 
     requests, seen = [], set()
@@ -93,7 +93,7 @@ def read_requests(path: Path, default_model: str) -> list[Request]:
         try:
             req.chat = ChatCompletionRequest.model_validate(body)
         except ValidationError as e:
-            req.error = format_validation_error(e)
+            req.error = validation_error(e).message
             continue
         req.error = missing_media(body["messages"])
     return requests
@@ -244,7 +244,7 @@ class BatchRunner:
             from ..server.constrained import GrammarFactory
 
             self.grammars = GrammarFactory(self.model.tokenizer, self.model.family.stop_token_ids)
-        req.job = build_job(self.model, chat, self.policy, self.grammars, 50_000_000)
+        req.job = build_job(self.model, chat, self.policy.apply(chat.messages), self.grammars, 50_000_000)
         job = req.job
         req.seqs = [Sequence(list(job.prompt_ids), p, job.vision, position_ids=job.position_ids,
                              rope_delta=job.rope_delta, reuse_boundary=job.reuse_boundary) for p in job.params]
