@@ -168,7 +168,7 @@ def run_batch(args) -> int:
             if not args.quiet:
                 print(f"nothing to run: every request has a record in {args.out}", file=log)
             return 0
-        model = load_model(info, args, progress=not args.quiet)
+        model = load_model(info, args, progress=not args.quiet, max_num_seqs=args.max_concurrency)
         errors = BatchRunner(model, info.default_name, args).run(todo, write)
     failed = errors + sum(1 for r in requests if r.id not in done and r.error is not None)
     if not args.quiet:
