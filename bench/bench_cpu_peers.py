@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import CACHE, ROOT, cpu_jiffies, gemm_gflops, median, random_checkpoint_46, \
+from common import CACHE, ROOT, cpu_jiffies, gemm_gflops, median, random_checkpoint_46, wait_quiet, \
     read_bandwidth_gbs, worker_env
 from peers_setup import llama_bench, llama_bin, setup_llama, setup_vllm
 
@@ -230,18 +230,8 @@ def stream(client, c: Contender, content, max_tokens: int) -> dict:
             "prompt_tokens": usage.get("prompt_tokens"), "wall_s": end - t0}
 
 
-def quiet(limit_s: float = 20.0, threshold: float = 0.15):
-    end = time.monotonic() + limit_s
-    while time.monotonic() < end:
-        b0, t0 = cpu_jiffies()
-        time.sleep(0.5)
-        b1, t1 = cpu_jiffies()
-        if (b1 - b0) / max(1, t1 - t0) < threshold:
-            return
-
-
 def sample(client, c: Contender, metric: str, args, tokenizer, seed: int) -> dict:
-    quiet(args.quiet_s)
+    wait_quiet(args.quiet_s, 0.15)
     b0, t0 = cpu_jiffies()
     if metric in ("image_ttft", "image1344_ttft"):
         side = 448 if metric == "image_ttft" else 1344

@@ -17,14 +17,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
-from common import CACHE, ROOT, cpu_jiffies, median, random_checkpoint_46
+from common import CACHE, ROOT, median, random_checkpoint_46, wait_quiet
 
 OLD_COMMIT = "4c82ea0"
 WORKER = Path(__file__).with_name("worker_engine.py")
@@ -42,16 +41,6 @@ def env_for(code: Path, threads: int) -> dict:
     path = os.pathsep.join([str(code), str(ROOT / "bench"), str(ROOT / "tests")])
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": path,
             "MINICPMV_BENCH_CODE": str(code)}
-
-
-def wait_quiet(limit_s=20, threshold=0.1):
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        b0, t0 = cpu_jiffies()
-        time.sleep(0.5)
-        b1, t1 = cpu_jiffies()
-        if (b1 - b0) / max(1, t1 - t0) < threshold:
-            return
 
 
 class Worker:

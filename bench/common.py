@@ -78,6 +78,24 @@ def cpu_jiffies() -> tuple[int, int]:
     return sum(parts) - idle, sum(parts)
 
 
+def own_jiffies() -> int:
+    """CPU time (utime + stime of every thread) this process has used, in jiffies."""
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def wait_quiet(limit_s: float = 20.0, threshold: float = 0.1) -> None:
+    """Wait (at most limit_s) until the machine's CPU use falls under `threshold`."""
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        b0, t0 = cpu_jiffies()
+        time.sleep(0.5)
+        b1, t1 = cpu_jiffies()
+        if (b1 - b0) / max(1, t1 - t0) < threshold:
+            return
+
+
 def peak_rss_gb() -> float:
     with open("/proc/self/status") as f:
         for line in f:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from common import cpu_jiffies, peak_rss_gb
+from common import cpu_jiffies, own_jiffies, peak_rss_gb
 
 IMAGE_TOKEN, VIDEO_TOKEN = 248056, 248057
 INPUT_OF = {"T1": "img448", "T2": "img1344", "T3": "video30", "B8": "text32"}
@@ -93,12 +93,6 @@ def our_engine(folder, dtype):
         return model.logits(hidden[0, -1]).float()
 
     return generate, first_logits
-
-
-def own_jiffies() -> int:
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime of every thread
 
 
 def sample(generate, inputs, metric: str, tokens: int) -> dict:

@@ -24,13 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import cpu_jiffies, peak_rss_gb
-
-
-def own_jiffies() -> int:
-    with open(f"/proc/{os.getpid()}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+from common import cpu_jiffies, own_jiffies, peak_rss_gb
 
 
 def quietness(fn):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -17,9 +16,7 @@ from .engine.sampling import SamplingParams
 from .engine.sequence import Sequence
 from .errors import InputError
 from .families import adapter_for
-from .prompt.detokenizer import IncrementalDetokenizer
-from .prompt.reasoning import ReasoningStreamParser, split_reasoning
-from .prompt.tool_calls import parse_tool_calls
+from .output import OutputDecoder
 
 
 class Reply(str):
@@ -45,21 +42,17 @@ class Reply(str):
 
 
 class StreamPiece(str):
-    """A piece of streamed text; `.kind` says whether it is "reasoning" or "content"."""
+    """A piece of streamed text; `.kind` says whether it is "reasoning" or "content" (or
+    "tool_call": an empty piece whose `.tool_call` is a whole call)."""
 
     kind: str
+    tool_call: dict | None
 
-    def __new__(cls, text: str, kind: str):
+    def __new__(cls, text: str, kind: str, tool_call: dict | None = None):
         obj = super().__new__(cls, text)
         obj.kind = kind
+        obj.tool_call = tool_call
         return obj
-
-
-@dataclass
-class GenerationResult:
-    seq: Sequence
-    raw: str
-    pieces: list = field(default_factory=list)
 
 
 class MiniCPMV:
@@ -106,49 +99,76 @@ class MiniCPMV:
         return self.family.prepare(msgs, **options)
 
     # -- generation -----------------------------------------------------------------------
-    def generate_pieces(self, prepared, params: SamplingParams) -> Iterator[tuple[str, str]]:
-        """Run one request through the engine; yield (kind, text) pieces as they decode, where
-        kind is "reasoning" or "content". The finished Sequence is returned by the generator.
-        With num_beams > 1 the beam search runs to the end first, then its text comes in one go."""
+    def output_decoder(self, starts_in_reasoning: bool = False, tools: list | None = None,
+                       stop: list[str] | None = None) -> OutputDecoder:
+        return OutputDecoder(self.tokenizer, self.family.stop_token_ids, starts_in_reasoning=starts_in_reasoning,
+                             tools=tools, stop=list(stop or []))
+
+    def generate_events(self, prepared, params: SamplingParams, tools: list | None = None,
+                        stop: list[str] | None = None) -> Iterator[tuple[str, object]]:
+        """Run one request through the engine; yield output events as they decode (see
+        output/decoder.py: ("reasoning" | "content", text), ("tool_call", entry), ...). The
+        generator's return value is (finished Sequence, its OutputDecoder). A stop string ends the
+        generation there. With num_beams > 1 the beam search runs to the end first."""
         seq = Sequence(prepared.input_ids, params, prepared.vision, position_ids=prepared.position_ids,
                        rope_delta=prepared.rope_delta, reuse_boundary=prepared.reuse_boundary)
-        parser = ReasoningStreamParser(in_reasoning=prepared.starts_in_reasoning)
-        stop_ids = set(params.stop_token_ids)
+        decoder = self.output_decoder(prepared.starts_in_reasoning, tools, stop)
         if getattr(params, "num_beams", 1) > 1:
             beam_search(self.engine, seq)
-            yield from parser.feed(self.tokenizer.decode([t for t in seq.output_ids if t not in stop_ids],
-                                                         skip_special_tokens=False))
-            yield from parser.flush()
-            return seq
+            for token in seq.output_ids:
+                yield from decoder.feed(token)
+            yield from decoder.finish(seq.finish_reason)
+            return seq, decoder
         self.engine.add(seq)
-        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=False)
         try:
-            while not seq.finished:
+            while not seq.finished and not decoder.done:
                 for out in self.engine.step():
-                    if out.seq is not seq or out.token_id is None:
-                        continue
-                    if out.token_id not in stop_ids:
-                        text = detok.add(out.token_id)
-                        if text:
-                            yield from parser.feed(text)
+                    if out.seq is seq and out.token_id is not None:
+                        yield from decoder.feed(out.token_id)
             if seq.error is not None:
                 raise seq.error
-            yield from parser.feed(detok.flush())
-            yield from parser.flush()
-            return seq
+            yield from decoder.finish(seq.finish_reason)
+            return seq, decoder
         finally:
-            self.engine.abort(seq)  # no-op when finished; frees the state if the caller stopped early
+            self.engine.abort(seq)  # no-op when finished; frees the state after a stop string or an early exit
+
+    def reply_for(self, seq: Sequence, starts_in_reasoning: bool = False, tools: list | None = None,
+                  stop: list[str] | None = None) -> Reply:
+        """A finished Sequence -> Reply, through the same output pipeline as a stream."""
+        decoder = self.output_decoder(starts_in_reasoning, tools, stop)
+        events = [e for token in seq.output_ids for e in decoder.feed(token)]
+        events += decoder.finish(seq.finish_reason or "stop")
+        return self._reply(seq, decoder, events)
+
+    def _reply(self, seq: Sequence, decoder: OutputDecoder, events: list) -> Reply:
+        text = {"reasoning": [], "content": []}
+        tool_calls = []
+        for kind, value in events:
+            if kind in text:
+                text[kind].append(value)
+            elif kind == "tool_call":
+                tool_calls.append(value)
+        stops = set(seq.params.stop_token_ids)
+        answered = seq.output_ids[:decoder.num_tokens]  # a stop string may have ended the answer early
+        raw = self.tokenizer.decode([t for t in answered if t not in stops], skip_special_tokens=False)
+        usage = {"prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(answered),
+                 "total_tokens": len(seq.prompt_ids) + len(answered), "cached_tokens": seq.num_cached}
+        return Reply("".join(text["content"]), reasoning="".join(text["reasoning"]) if text["reasoning"] else None,
+                     raw=raw, tool_calls=tool_calls, finish_reason=decoder.finish_reason, usage=usage)
 
     def chat(self, msgs=None, image=None, tokenizer=None, processor=None, *, messages=None, stream: bool = False,
              max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
              top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
-             seed: int | None = None, num_beams: int | None = None, tools: list | None = None, **options):
+             seed: int | None = None, num_beams: int | None = None, tools: list | None = None,
+             stop: list[str] | None = None, **options):
         """Chat as the model cards do. `msgs`: [{"role": "user", "content": [image, "question"]}, ...]
         (PIL images, paths, URLs, bytes; OpenAI-style typed items work too). `image`: an image to
         put before the first user text, as the remote code's legacy argument does.
 
         Returns a `Reply` (a str: the answer; `.reasoning`, `.raw`, `.tool_calls`, `.usage`), or with
-        stream=True an iterator of `StreamPiece`s (str with `.kind` "reasoning" / "content").
+        stream=True an iterator of `StreamPiece`s (str with `.kind` "reasoning" / "content", or an
+        empty "tool_call" piece carrying `.tool_call`, a whole OpenAI-style call). `stop`: strings
+        that end the answer (not included), as OpenAI's `stop`.
 
         Options (per call; defaults come from the checkpoint): enable_thinking, system_prompt,
         max_slice_nums, use_image_id, downsample_mode ("16x"/"4x"), max_num_frames, stack_frames,
@@ -167,33 +187,27 @@ class MiniCPMV:
         params = self.sampling_params(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty,
                                       seed, num_beams, **family_sampling)
         prepared = self.prepare(msgs, tools=tools, **options)
-        pieces = self.generate_pieces(prepared, params)
+        events = self.generate_events(prepared, params, tools, stop)
         if stream:
-            return (StreamPiece(text, kind) for kind, text in pieces)
-        return self._collect(pieces, prepared, tools)
+            return _stream_pieces(events)
+        return self._collect(events)
 
-    def _collect(self, pieces, prepared, tools) -> Reply:
-        while True:  # drain the stream; the finished Sequence is the generator's return value
+    def _collect(self, events) -> Reply:
+        collected = []
+        while True:  # drain the stream; (Sequence, decoder) is the generator's return value
             try:
-                next(pieces)
+                collected.append(next(events))
             except StopIteration as stop:
-                seq = stop.value
-                break
-        return self.reply_for(seq, prepared.starts_in_reasoning, tools)
+                seq, decoder = stop.value
+                return self._reply(seq, decoder, collected)
 
-    def reply_for(self, seq: Sequence, starts_in_reasoning: bool = False, tools: list | None = None) -> Reply:
-        """A finished Sequence -> Reply (text, reasoning, tool calls, usage, finish reason)."""
-        stops = set(seq.params.stop_token_ids)
-        raw = self.tokenizer.decode([t for t in seq.output_ids if t not in stops], skip_special_tokens=False)
-        reasoning, content = split_reasoning(raw, in_reasoning=starts_in_reasoning)
-        tool_calls = []
-        if tools:
-            content, tool_calls = parse_tool_calls(content, tools)
-            content = content or ""
-        usage = {"prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.output_ids),
-                 "total_tokens": len(seq.prompt_ids) + len(seq.output_ids), "cached_tokens": seq.num_cached}
-        return Reply(content, reasoning=reasoning, raw=raw, tool_calls=tool_calls, finish_reason=seq.finish_reason,
-                     usage=usage)
+
+def _stream_pieces(events) -> Iterator["StreamPiece"]:
+    for kind, value in events:
+        if kind in ("reasoning", "content"):
+            yield StreamPiece(value, kind)
+        elif kind == "tool_call":
+            yield StreamPiece("", "tool_call", tool_call=value)
 
 
 def _with_leading_image(msgs: list, image) -> list:

@@ -12,7 +12,7 @@ import minicpmv
 from minicpmv.engine.encoder_cache import EncoderCache
 from minicpmv.engine.sequence import Sequence
 from minicpmv.errors import InputError
-from minicpmv.server.choice import ChoiceDecoder
+from minicpmv.output import OutputDecoder
 from minicpmv.server.constrained import GrammarFactory
 from minicpmv.server.media_policy import MediaPolicy
 from minicpmv.server.protocol import ChatCompletionRequest
@@ -41,7 +41,7 @@ def joined(events, kind):
 
 
 def test_stop_string_across_tokens_cuts_the_text_and_counts_tokens(tokenizer):
-    decoder = ChoiceDecoder(tokenizer, STOP_IDS, starts_in_reasoning=False, tools=None, stop=["STOP here"])
+    decoder = OutputDecoder(tokenizer, STOP_IDS, starts_in_reasoning=False, tools=None, stop=["STOP here"])
     events = decode_all(decoder, tokenizer, "Hello world, STOP here and more")
     assert joined(events, "content") == "Hello world, " and decoder.finish_reason == "stop"
     n = len(tokenizer.encode("Hello world, STOP here", add_special_tokens=False).ids)
@@ -52,7 +52,7 @@ def test_stop_string_across_tokens_cuts_the_text_and_counts_tokens(tokenizer):
 def test_reasoning_and_tool_calls_are_split(tokenizer):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"x": {"type": "integer"}}}}}]
-    decoder = ChoiceDecoder(tokenizer, STOP_IDS, starts_in_reasoning=True, tools=tools, stop=[])
+    decoder = OutputDecoder(tokenizer, STOP_IDS, starts_in_reasoning=True, tools=tools, stop=[])
     text = ("let me think</think>\n\nCalling.\n<tool_call>\n<function=f>\n<parameter=x>\n7\n</parameter>\n"
             "</function>\n</tool_call>")
     events = decode_all(decoder, tokenizer, text)
@@ -66,7 +66,7 @@ def test_a_call_inside_an_unclosed_think_block_is_still_a_call(tokenizer):
     call streams as its name then argument pieces, and the pieces add up to the finished call."""
     tools = [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"x": {"type": "integer"}, "note": {"type": "string"}}}}}]
-    decoder = ChoiceDecoder(tokenizer, STOP_IDS, starts_in_reasoning=True, tools=tools, stop=[])
+    decoder = OutputDecoder(tokenizer, STOP_IDS, starts_in_reasoning=True, tools=tools, stop=[])
     text = ("I need f.\n<tool_call>\n<function=f>\n<parameter=x>\n7\n</parameter>\n<parameter=note>\n"
             "say </tool_call> here\n</parameter>\n</function>\n</tool_call>")
     events = decode_all(decoder, tokenizer, text)

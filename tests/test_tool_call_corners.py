@@ -41,7 +41,7 @@ def one_shot(text, in_reasoning, tools=TOOLS):
 
 
 def streamed(chunks, in_reasoning, tools=TOOLS):
-    """The streaming pipeline (as the server's ChoiceDecoder runs it), rebuilt the way an OpenAI client does."""
+    """The streaming pipeline (as the OutputDecoder runs it), rebuilt the way an OpenAI client does."""
     reasoning_parser, tool_parser = ReasoningStreamParser(in_reasoning=in_reasoning), ToolCallStreamParser(tools)
     reasoning, content, calls, whole = [], [], {}, []
 

@@ -254,11 +254,8 @@ class BatchRunner:
         prompt = len(job.prompt_ids)
         completion = 0
         for i, seq in enumerate(req.seqs):
-            reply = self.model.reply_for(seq, job.starts_in_reasoning, job.tools)
+            reply = self.model.reply_for(seq, job.starts_in_reasoning, job.tools, job.stop)
             content, finish = reply.content, reply.finish_reason
-            for stop in job.stop:  # stop strings: the answer ends before the first one
-                if stop and stop in content:
-                    content, finish = content[:content.index(stop)], "stop"
             if reply.tool_calls:
                 finish = "tool_calls"
             choices.append({"index": i, "message": {"role": "assistant", "content": content,

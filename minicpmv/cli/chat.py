@@ -81,9 +81,9 @@ def run_chat(args) -> int:
         return Session(model, args, media).run()
     msgs = [{"role": "user", "content": [*media, question]}]
     prepared = prepare(model, msgs, args, args.think, sys.stderr)
-    pieces = model.generate_pieces(prepared, sampling_params(model, args))
+    events = model.generate_events(prepared, sampling_params(model, args))
     if args.json:
-        reply = model.reply_for(drain(pieces), prepared.starts_in_reasoning)
+        reply = model.reply_for(drain(events), prepared.starts_in_reasoning)
         print(json.dumps(reply_json(reply), ensure_ascii=False))
         return 0
     dim, thought = sys.stderr.isatty(), []
@@ -97,7 +97,7 @@ def run_chat(args) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-    reply = model.reply_for(drain(pieces, show), prepared.starts_in_reasoning)
+    reply = model.reply_for(drain(events, show), prepared.starts_in_reasoning)
     sys.stdout.write("\n")
     sys.stdout.flush()
     if thought:

@@ -42,15 +42,16 @@ def prepare(model, msgs, args, think: bool, err):
     return prepared
 
 
-def drain(pieces, on_piece=None):
-    """Run the pieces generator to its end, calling on_piece(kind, text); returns the Sequence."""
+def drain(events, on_text=None):
+    """Run a generate_events generator to its end, calling on_text(kind, text) for each
+    "reasoning" / "content" piece; returns the finished Sequence."""
     while True:
         try:
-            kind, text = next(pieces)
+            kind, value = next(events)
         except StopIteration as stop:
-            return stop.value
-        if on_piece is not None:
-            on_piece(kind, text)
+            return stop.value[0]  # (Sequence, OutputDecoder)
+        if on_text is not None and kind in ("reasoning", "content"):
+            on_text(kind, value)
 
 
 def finish_note(reply, max_new_tokens: int) -> str | None:

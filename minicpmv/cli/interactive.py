@@ -108,26 +108,26 @@ class Session:
             self.say(e.line() if isinstance(e, CliError) else f"error: {e}")
             return
         self.pending = []
-        pieces = self.model.generate_pieces(prepared, sampling_params(self.model, self.args))
+        events = self.model.generate_events(prepared, sampling_params(self.model, self.args))
         content, thought = [], False
         seq = None
         try:
             while True:
                 try:
-                    kind, piece = next(pieces)
+                    kind, piece = next(events)
                 except StopIteration as stop:
-                    seq = stop.value
+                    seq = stop.value[0]  # (Sequence, OutputDecoder)
                     break
                 if kind == "reasoning":
                     self.err.write(f"\033[2m{piece}\033[0m" if self.dim else piece)
                     self.err.flush()
                     thought = True
-                else:
+                elif kind == "content":
                     content.append(piece)
                     self.out.write(piece)
                     self.out.flush()
         except KeyboardInterrupt:
-            pieces.close()  # aborts the sequence in the engine
+            events.close()  # aborts the sequence in the engine
             self.out.write("\n")
             if thought:
                 self.err.write("\n")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from .choice import ChoiceDecoder
+from ..output import OutputDecoder
 from .jobs import Job
 from .logprobs import TokenText
 from .protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Choice, ChunkChoice,
@@ -24,7 +24,7 @@ class Completion:
         tokenizer, stop_ids = worker.model.tokenizer, worker.model.family.stop_token_ids
         self.worker, self.handle, self.job, self.request = worker, handle, job, request
         self.id, self.model_name, self.created = completion_id, model_name, int(time.time())
-        self.decoders = [ChoiceDecoder(tokenizer, stop_ids, starts_in_reasoning=job.starts_in_reasoning,
+        self.decoders = [OutputDecoder(tokenizer, stop_ids, starts_in_reasoning=job.starts_in_reasoning,
                                        tools=job.tools, stop=job.stop) for _ in job.params]
         self.token_text = TokenText(tokenizer) if any(job.logprobs) else None
         self._reported: set[int] = set()  # choices whose finish_reason chunk was sent

@@ -1,6 +1,7 @@
-"""One choice of a completion, token by token: ids -> text (UTF-8 safe) -> stop strings ->
-reasoning / content split -> tool calls. The same object feeds a stream and a one-shot reply,
-so both always agree, and it counts the tokens that make up the answer for `usage`."""
+"""The one output pipeline: a sequence's generated ids, token by token -> text (UTF-8 safe) ->
+stop strings -> reasoning / content split -> tool calls -> finish reason. The Python API (stream
+and one-shot), the CLI, the batch command and the server all read a generation through it, so
+they always agree; it also counts the tokens that make up the answer for `usage`."""
 from __future__ import annotations
 
 from ..prompt.detokenizer import IncrementalDetokenizer
@@ -8,7 +9,7 @@ from ..prompt.reasoning import REASONING, ReasoningStreamParser
 from ..prompt.tool_calls import ToolCallStreamParser
 
 
-class ChoiceDecoder:
+class OutputDecoder:
     """feed(token_id) / finish(reason) -> events: ("reasoning" | "content", text) or ("tool_call", dict)."""
 
     def __init__(self, tokenizer, stop_token_ids, *, starts_in_reasoning: bool, tools: list | None,
