@@ -43,6 +43,9 @@ def add_chat_parser(sub) -> None:
     p.add_argument("--downsample-mode", choices=["16x", "4x"], help="4.6 vision tokens: 16x (default) or 4x more")
     p.add_argument("--max-num-frames", type=int, help="most video frames sampled (4.6: 1 fps up to this)")
     p.add_argument("--stack-frames", type=int, help="4.6: frames per second stacked into one composite (default 1)")
+    p.add_argument("--raw", action="store_true",
+                   help="print exactly what the model wrote (by default an escaped newline, a literal backslash-n "
+                        "outside code and math, is shown as a line break)")
     p.set_defaults(func=run_chat)
 
 
@@ -58,16 +61,42 @@ def run_chat(args) -> int:
                         system_prompt=args.system, max_new_tokens=args.max_new_tokens,
                         do_sample=False if args.greedy else None, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, seed=args.seed, **{k: v for k, v in options.items() if v is not None})
-    dim = sys.stderr.isatty()
+    show = Display(dim=sys.stderr.isatty(), raw=args.raw)
     for piece in stream:
-        if piece.kind == "reasoning":
-            sys.stderr.write(f"\033[2m{piece}\033[0m" if dim else piece)
+        show.write(piece.kind, str(piece))
+    show.close()
+    return 0
+
+
+class Display:
+    """The terminal side of a streamed answer: reasoning (dimmed) on stderr, the answer on stdout,
+    escaped newlines shown as line breaks unless raw (minicpmv/newlines.py)."""
+
+    def __init__(self, dim: bool, raw: bool):
+        from .newlines import NewlineUnescaper
+
+        self.dim = dim
+        self.unescapers = None if raw else {"reasoning": NewlineUnescaper(), "content": NewlineUnescaper()}
+
+    def write(self, kind: str, text: str) -> None:
+        if self.unescapers is not None:
+            text = self.unescapers[kind].feed(text)
+        if not text:
+            return
+        if kind == "reasoning":
+            sys.stderr.write(f"\033[2m{text}\033[0m" if self.dim else text)
             sys.stderr.flush()
         else:
-            sys.stdout.write(piece)
+            sys.stdout.write(text)
             sys.stdout.flush()
-    sys.stdout.write("\n")
-    return 0
+
+    def close(self) -> None:
+        if self.unescapers is not None:
+            tails = [(kind, stream.flush()) for kind, stream in self.unescapers.items()]
+            self.unescapers = None
+            for kind, rest in tails:
+                self.write(kind, rest)
+        sys.stdout.write("\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,3 +39,23 @@ def test_without_network_it_says_what_to_pass_instead(tmp_path):
 def test_bad_image_path_is_a_clear_error(tiny46_dir, tmp_path):
     out = run("chat", "--model", str(tiny46_dir), "--image", str(tmp_path / "missing.jpg"), "hi")
     assert out.returncode == 2 and "missing.jpg" in out.stderr
+
+
+def test_display_shows_escaped_newlines_as_line_breaks_unless_raw(capsys):
+    from minicpmv.cli import Display
+
+    pieces = [("reasoning", "think\\"), ("reasoning", "nmore"), ("content", "line one\\"), ("content", "nline two "),
+              ("content", "`a\\nb` $x\\ny"), ("content", "$ done\\")]
+    shown = Display(dim=False, raw=False)
+    for kind, text in pieces:
+        shown.write(kind, text)
+    shown.close()
+    out, err = capsys.readouterr()
+    assert err == "think\nmore"
+    assert out == "line one\nline two `a\\nb` $x\\ny$ done\\\n"
+    raw = Display(dim=False, raw=True)
+    for kind, text in pieces:
+        raw.write(kind, text)
+    raw.close()
+    out, err = capsys.readouterr()
+    assert err == "think\\nmore" and out == "line one\\nline two `a\\nb` $x\\ny$ done\\\n"

@@ -1,4 +1,5 @@
-"""The HTTP surface (Starlette): POST /v1/chat/completions, GET /v1/models, /health, /metrics.
+"""The HTTP surface (Starlette): POST /v1/chat/completions, GET /v1/models, /health, /metrics,
+and the web chat page at / (web.py).
 
 A request walks: API key -> JSON -> pydantic validation -> model name -> admission (429 when
 full) -> job building on the prepare pool (media, template, tokens) -> the engine thread ->
@@ -31,6 +32,7 @@ from .jobs import build_job
 from .media_policy import MediaPolicy
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, ModelCard, ModelList, completion_id
+from .web import web_routes
 from .worker import Worker
 
 log = logging.getLogger("minicpmv.server")
@@ -132,6 +134,8 @@ class Server:
             raise ApiError(404, f"model {chat.model!r} does not exist on this server; it serves "
                                 f"{', '.join(map(repr, self.config.served_model_names))}", param="model",
                            code="model_not_found")
+        if chat.unescape_newlines is None:
+            chat.unescape_newlines = self.config.unescape_newlines
         return chat
 
     async def _collect(self, request: Request, completion: Completion) -> Response:
@@ -225,6 +229,8 @@ def create_app(model, config: ServeConfig) -> Starlette:
               Route("/v1/models", server.models, methods=["GET"]),
               Route("/health", server.health, methods=["GET"]),
               Route("/metrics", server.prometheus, methods=["GET"])]
+    if config.web_chat:
+        routes += web_routes()
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: internal_error})
     app.state.server = server

@@ -43,6 +43,11 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-request-mb", type=float, default=100, help="largest request body (default 100 MB)")
     p.add_argument("--encoder-cache-mb", type=float, default=512,
                    help="memory for cached vision encodings, reused when a chat re-sends an image (0 = off)")
+    p.add_argument("--no-web-chat", dest="web_chat", action="store_false",
+                   help="do not serve the chat page at / (the API alone)")
+    p.add_argument("--unescape-newlines", action="store_true",
+                   help="show the model's escaped newlines (a literal backslash-n) as newlines in answers, outside "
+                        "code and math, unless a request sets 'unescape_newlines' itself (default: off, raw text)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run_serve)
@@ -65,7 +70,8 @@ def run_serve(args) -> int:
         max_concurrency=args.max_concurrency, max_queue=args.max_queue, allow_url_fetch=args.allow_url_fetch,
         allowed_local_media_path=args.allowed_local_media_path, media_max_bytes=int(args.media_max_mb * 2**20),
         media_fetch_timeout_s=args.media_fetch_timeout, max_request_bytes=int(args.max_request_mb * 2**20),
-        encoder_cache_bytes=int(args.encoder_cache_mb * 2**20),
+        encoder_cache_bytes=int(args.encoder_cache_mb * 2**20), web_chat=args.web_chat,
+        unescape_newlines=args.unescape_newlines,
         **({"max_image_pixels": args.max_image_pixels} if args.max_image_pixels else {}))
     if config.allowed_local_media_path is not None and not config.allowed_local_media_path.is_dir():
         print(f"minicpmv serve: --allowed-local-media-path {config.allowed_local_media_path} is not a folder",

@@ -115,6 +115,9 @@ class ChatCompletionRequest(Strict):
     max_num_frames: int | None = None
     stack_frames: int | None = None
     packing: int | None = None
+    # ours: show escaped newlines (a literal backslash-n) as newlines, outside code and math
+    # (minicpmv/newlines.py); None = the server's --unescape-newlines default (off)
+    unescape_newlines: bool | None = None
     # OpenAI fields with no effect here
     user: str | None = None
     metadata: dict[str, Any] | None = None
