@@ -1,4 +1,4 @@
-"""The API's opt-in for escaped newlines: off by default (the raw text the model wrote), on per
+"""The web chat page's route and the API's opt-in for escaped newlines: off by default (the raw text the model wrote), on per
 request (`unescape_newlines: true`) or by the server's --unescape-newlines default, which a
 request can still turn off. The tiny checkpoint is made to write a fixed text with backslash-n
 in prose, inline code and math through constrained decoding (structured_outputs.choice)."""
@@ -24,8 +24,18 @@ def model(tiny46_dir):
     return minicpmv.load(tiny46_dir, dtype="float32", device="cpu", progress=False)
 
 
-def clients(model, **config):
-    return TestClient(create_app(model, ServeConfig(served_model_names=["tiny"], web_chat=False, **config)))
+@pytest.fixture(scope="module")
+def plain(model):
+    """A server with the defaults but --no-web-chat."""
+    with TestClient(create_app(model, ServeConfig(served_model_names=["tiny"], web_chat=False))) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def unescaping(model):
+    """A server with the page and --unescape-newlines."""
+    with TestClient(create_app(model, ServeConfig(served_model_names=["tiny"], unescape_newlines=True))) as client:
+        yield client
 
 
 def ask(client, stream=False, **fields):
@@ -42,21 +52,21 @@ def ask(client, stream=False, **fields):
     return "".join(pieces)
 
 
-def test_raw_by_default_and_unescaped_on_request(model):
-    with clients(model) as client:
-        assert ask(client) == RAW
-        assert ask(client, unescape_newlines=True) == SHOWN
-        assert ask(client, stream=True, unescape_newlines=True) == SHOWN
-        assert ask(client, stream=True) == RAW
-        bad = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                                        "unescape_newlines": "sometimes"})
-        assert bad.status_code == 400 and "unescape_newlines" in bad.json()["error"]["message"]
+def test_raw_by_default_and_unescaped_on_request(plain):
+    client = plain
+    assert ask(client) == RAW
+    assert ask(client, unescape_newlines=True) == SHOWN
+    assert ask(client, stream=True, unescape_newlines=True) == SHOWN
+    assert ask(client, stream=True) == RAW
+    bad = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                                    "unescape_newlines": "sometimes"})
+    assert bad.status_code == 400 and "unescape_newlines" in bad.json()["error"]["message"]
 
 
-def test_server_default_and_request_override(model):
-    with clients(model, unescape_newlines=True) as client:
-        assert ask(client, stream=True) == SHOWN
-        assert ask(client, unescape_newlines=False) == RAW
+def test_server_default_and_request_override(unescaping):
+    client = unescaping
+    assert ask(client, stream=True) == SHOWN
+    assert ask(client, unescape_newlines=False) == RAW
 
 
 def test_choice_decoder_unescapes_reasoning_and_content_not_tool_arguments():
@@ -75,3 +85,15 @@ def test_choice_decoder_unescapes_reasoning_and_content_not_tool_arguments():
     assert "".join(v for k, v in events if k == "content") == "x\nytail\\"
     (call,) = [v for k, v in events if k == "tool_call"]
     assert call["function"]["arguments"] == '{"s": "q\\\\nr"}'
+
+
+def test_web_chat_page_is_served_with_a_strict_policy_or_not_at_all(unescaping, plain):
+    r = unescaping.get("/")
+    assert r.status_code == 200 and "<title>MiniCPM-V chat</title>" in r.text
+    policy = r.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "script-src 'self'" in policy
+    assert "http" not in r.text  # nothing loaded from elsewhere
+    for asset in ("app.js", "markdown.js", "newlines.js", "style.css"):
+        assert unescaping.get(f"/static/{asset}").status_code == 200
+    assert plain.get("/").status_code == 404 and plain.get("/static/app.js").status_code == 404  # --no-web-chat
+    assert plain.get("/health").status_code == 200
