@@ -50,6 +50,21 @@ def add_serve_parser(sub) -> None:
                         "code and math, unless a request sets 'unescape_newlines' itself (default: off, raw text)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ray = p.add_argument_group("scale-out on Ray Serve (pip install 'minicpmv[ray]'; docs/many-machines.md)")
+    ray.add_argument("--replicas", type=int, default=0, metavar="N",
+                     help="run N engine replicas on Ray Serve behind this endpoint, on the cluster at RAY_ADDRESS "
+                          "or a local one (default 0: one engine in this process)")
+    ray.add_argument("--max-replicas", type=int, metavar="M",
+                     help="autoscale between --replicas and M replicas on the number of ongoing requests")
+    ray.add_argument("--target-ongoing-requests", type=float, default=16,
+                     help="autoscaling target: ongoing requests per replica (default 16)")
+    ray.add_argument("--cpus-per-replica", type=float, default=1, help="Ray CPUs reserved per replica (default 1)")
+    ray.add_argument("--gpus-per-replica", type=float, default=0, help="Ray GPUs reserved per replica (default 0)")
+    ray.add_argument("--max-replicas-per-node", type=int, help="spread replicas: at most this many per Ray node")
+    ray.add_argument("--health-check-period", type=float, default=10, help="seconds between replica health checks")
+    ray.add_argument("--affinity-imbalance", type=int, default=8,
+                     help="queued requests a conversation's replica may have over the least busy one before the "
+                          "request goes elsewhere (default 8)")
     p.set_defaults(func=run_serve)
 
 
@@ -77,6 +92,14 @@ def run_serve(args) -> int:
         print(f"minicpmv serve: --allowed-local-media-path {config.allowed_local_media_path} is not a folder",
               file=sys.stderr)
         return 2
+    if args.replicas < 0 or (args.max_replicas is not None and not 0 < args.replicas <= args.max_replicas):
+        print("minicpmv serve: --replicas must be >= 0, and --max-replicas needs --replicas N with N <= M",
+              file=sys.stderr)
+        return 2
+    if args.replicas:
+        from .replicas.launch import run_replicas
+
+        return run_replicas(args, config, {"dtype": args.dtype, "device": args.device})
     model = minicpmv.load(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
     app = create_app(model, config)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.log_level == "debug")
