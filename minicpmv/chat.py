@@ -169,9 +169,13 @@ class MiniCPMV:
             except StopIteration as stop:
                 seq = stop.value
                 break
+        return self.reply_for(seq, prepared.starts_in_reasoning, tools)
+
+    def reply_for(self, seq: Sequence, starts_in_reasoning: bool = False, tools: list | None = None) -> Reply:
+        """A finished Sequence -> Reply (text, reasoning, tool calls, usage, finish reason)."""
         stops = set(seq.params.stop_token_ids)
         raw = self.tokenizer.decode([t for t in seq.output_ids if t not in stops], skip_special_tokens=False)
-        reasoning, content = split_reasoning(raw, in_reasoning=prepared.starts_in_reasoning)
+        reasoning, content = split_reasoning(raw, in_reasoning=starts_in_reasoning)
         tool_calls = []
         if tools:
             content, tool_calls = parse_tool_calls(content, tools)

@@ -20,3 +20,8 @@ class PromptTooLongError(InputError):
 
 class ModelNotFoundError(OSError):
     """A model id/folder could not be resolved to local files."""
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt was cut to fit a limit (4.0/4.5's max_inp_length keeps the first tokens, as their
+    remote code does); the cut-off text never reaches the model."""

@@ -77,9 +77,12 @@ def load_weights(model: torch.nn.Module, folder: Path, rename, dtype_for, device
     tied = set(params) - expected - {n for n, _ in model.named_buffers()}
     loaded = set()
     files = checkpoint_files(folder)
-    bar = tqdm(total=len(files), desc="Loading weights", unit="file", disable=not progress or len(files) < 2)
+    total = sum(f.stat().st_size for f in files)  # bytes: a one-file checkpoint gets a moving bar too
+    bar = tqdm(total=total, desc="Loading weights", unit="B", unit_scale=True, unit_divisor=1024,
+               disable=not progress or total < 64 << 20)
     for path in files:
         for key, t in read_safetensors(path):
+            bar.update(t.numel() * t.element_size())
             name = rename(key)
             if name is None or name in tied:
                 continue
@@ -93,7 +96,6 @@ def load_weights(model: torch.nn.Module, folder: Path, rename, dtype_for, device
                 t = t.to(dtype)
             _assign(model, name, t.to(device))
             loaded.add(name)
-        bar.update(1)
     bar.close()
     missing = expected - loaded
     if missing:

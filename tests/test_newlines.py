@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from minicpmv.cli.display import Display
 from minicpmv.newlines import NewlineUnescaper, unescape_newlines
 
 CASES = json.loads((Path(__file__).parent / "data" / "newline_cases.json").read_text())
@@ -50,3 +51,18 @@ def test_random_text_streams_like_one_shot():
         assert "".join(out) + stream.flush() == whole, repr(text)
         # the only change is two characters (backslash, n) becoming one newline
         assert whole.count("\n") - text.count("\n") == len(text) - len(whole), repr(text)
+
+
+def test_terminal_display_shows_escaped_newlines_as_line_breaks_unless_raw():
+    import io
+
+    pieces = [("reasoning", "think\\"), ("reasoning", "nmore"), ("content", "line one\\"), ("content", "nline two "),
+              ("content", "`a\\nb` $x\\ny"), ("content", "$ done\\")]
+    for raw, answer, thinking in [(False, "line one\nline two `a\\nb` $x\\ny$ done\\\n", "think\nmore\n"),
+                                  (True, "line one\\nline two `a\\nb` $x\\ny$ done\\\n", "think\\nmore\n")]:
+        out, err = io.StringIO(), io.StringIO()
+        shown = Display(out, err, dim=False, raw=raw)
+        for kind, text in pieces:
+            shown.write(kind, text)
+        shown.close()
+        assert out.getvalue() == answer and err.getvalue() == thinking

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from minicpmv.errors import InputError, PromptTooLongError
+from minicpmv.errors import InputError, PromptTooLongError, PromptTruncatedWarning
 from minicpmv.processing.processor_v4x import IMAGE_MARKER, ProcessorV4x
 from minicpmv.processing.slicing_v4x import SliceConfigV4x, slice_image
 
@@ -61,7 +61,8 @@ def test_image_ids_count_packed_frames_too(processor):
 def test_max_inp_length_keeps_the_first_tokens_but_never_cuts_an_image(processor):
     image = Image.new("RGB", (100, 100))
     full = processor(f"{IMAGE_MARKER} and then a long tail of text", [image])
-    cut = processor(f"{IMAGE_MARKER} and then a long tail of text", [image], max_inp_length=len(full.input_ids) - 2)
+    with pytest.warns(PromptTruncatedWarning, match=f"the prompt is {len(full.input_ids)} tokens"):  # never silent
+        cut = processor(f"{IMAGE_MARKER} and then a long tail of text", [image], max_inp_length=len(full.input_ids) - 2)
     assert cut.input_ids == full.input_ids[:-2]
     with pytest.raises(PromptTooLongError):
         processor(f"{IMAGE_MARKER} tail", [image], max_inp_length=30)

@@ -189,8 +189,8 @@ def test_follow_up_turn_reuses_the_vision_encoding(server, client):
                                           {"role": "user", "content": "And its colour?"}]
     ask(client, turns)
     after = server.metrics()
-    assert after["minicpmv_encoder_cache_hits"] == before["minicpmv_encoder_cache_hits"] + 1
-    assert after["minicpmv_encoder_cache_misses"] == before["minicpmv_encoder_cache_misses"]
+    assert after["minicpmv_encoder_cache_hits_total"] == before["minicpmv_encoder_cache_hits_total"] + 1
+    assert after["minicpmv_encoder_cache_misses_total"] == before["minicpmv_encoder_cache_misses_total"]
 
 
 def test_local_path_inside_the_allowed_folder(client, media_dir):

@@ -87,6 +87,12 @@ def read_source(src: MediaSource, *, max_bytes: int, timeout: float, error: type
         return fetch_url(src, max_bytes=max_bytes, timeout=timeout, error=error)
     if isinstance(src, str) and src.startswith("data:"):
         return decode_data_url(src, max_bytes=max_bytes, error=error)
+    if isinstance(src, str) and src[:7].lower() == "file://":
+        parts = urllib.parse.urlsplit(src)
+        if parts.netloc not in ("", "localhost"):
+            raise error(f"{_describe(src)}: file:// URLs must name a local file (file:///path), not host "
+                        f"{parts.netloc!r}")
+        src = urllib.parse.unquote(parts.path)
     if isinstance(src, (str, pathlib.Path)):
         path = os.fspath(src)
         if not os.path.isfile(path):
@@ -114,7 +120,7 @@ def _check_pixels(name: str, width: int, height: int, max_pixels: int) -> None:
 
 def load_image(src: Image.Image | MediaSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                max_bytes: int = DEFAULT_MAX_BYTES, timeout: float = DEFAULT_TIMEOUT_S) -> Image.Image:
-    """An RGB PIL image from a PIL image, path, http(s) URL, raw bytes or data URL."""
+    """An RGB PIL image from a PIL image, path, file:// or http(s) URL, raw bytes or data URL."""
     name = _describe(src) if not isinstance(src, Image.Image) else "PIL image"
     if isinstance(src, Image.Image):
         _check_pixels(name, *src.size, max_pixels)

@@ -11,6 +11,7 @@ unit (64 tokens) fed by all the group's frames.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from ..engine.sequence import VisionInputs
-from ..errors import InputError, PromptTooLongError
+from ..errors import InputError, PromptTooLongError, PromptTruncatedWarning
 # The markers the message layer renders for 4.0/4.5 (string-content templates); VIDEO_MARKER stands for a
 # whole video and is expanded here into one IMAGE_MARKER per frame.
 from ..prompt.messages import IMAGE_MARKER, VIDEO_MARKER
@@ -149,6 +150,10 @@ class ProcessorV4x:
         if len(ids) < full_length and (bounds is None or len(bounds) < len(units)):
             raise PromptTooLongError(f"the prompt is {full_length} tokens and max_inp_length={max_inp_length} would "
                                      "cut through its image placeholders; raise it, or send fewer or smaller images")
+        if len(ids) < full_length:  # the reference cuts silently; say so
+            warnings.warn(f"the prompt is {full_length} tokens; only its first {max_inp_length} are kept "
+                          f"(max_inp_length={max_inp_length}; 8192 for 4.0 and 16384 for 4.5 by default); pass a larger "
+                          f"max_inp_length to keep it all", PromptTruncatedWarning, stacklevel=3)
         if bounds is None or len(bounds) != len(units) or any(e - s != self.image_feature_size for s, e in bounds) or \
                 ids.count(self.placeholder_id) != len(units) * self.image_feature_size:
             raise InputError(f"the text contains reserved image tokens ({self.tokens['unk']!r}, "

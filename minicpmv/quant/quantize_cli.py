@@ -324,59 +324,18 @@ def write_quantized_checkpoint(src: Path, out: Path, model, result: QuantizeResu
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in skip:
             shutil.copyfile(f, out / f.name)
+    for f in out.glob("*.safetensors"):  # safetensors writes 0600; give them the mode any new file gets
+        _usual_mode(f)
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = qconfig
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (out / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n")
 
 
-# -- argparse --------------------------------------------------------------------------------
+def _usual_mode(path: Path) -> None:
+    """chmod to what open() would have created under the current umask (e.g. 0644)."""
+    import os
 
-def add_quantize_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "quantize", help="GPTQ-quantize a checkpoint's LLM linears (W4A16 by default)",
-        description=__doc__.split("\n\n")[0] + " The output loads in minicpmv, transformers (+optimum+gptqmodel) "
-                    "and vLLM.")
-    p.add_argument("--model", required=True, help="dense checkpoint: local folder (config.json, *.safetensors, "
-                                                  "tokenizer) or hub id")
-    p.add_argument("--out", required=True, help="output folder for the quantized checkpoint")
-    p.add_argument("--bits", type=int, default=4, choices=[2, 4, 8], help="bits per weight (default 4)")
-    p.add_argument("--group-size", type=int, default=128, help="inputs per scale/zero group; -1 = per column (default 128)")
-    p.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal")
-    sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
-    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with a zero point per group")
-    p.add_argument("--format", default="gptq", choices=["gptq", "gptq_v2"],
-                   help="checkpoint format: gptq (v1, zero-1, widest support; default) or gptq_v2")
-    p.add_argument("--damp-percent", type=float, default=0.01, help="Hessian damping, fraction of mean diag (default 0.01)")
-    p.add_argument("--static-groups", action="store_true", help="fix group scales before the column sweep")
-    p.add_argument("--calibration", help="calibration data: .jsonl/.json/.txt file or a folder of images and texts "
-                                         "(default: a small built-in text+image set)")
-    p.add_argument("--num-samples", type=int, default=128, help="most calibration samples (default 128)")
-    p.add_argument("--max-tokens", type=int, default=512, help="text samples are cut to this many tokens (default 512)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="how the dense model is held while calibrating (auto: float32 up to 4B parameters)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_quantize)
-
-
-def run_quantize(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    spec = GPTQSpec(bits=args.bits, group_size=args.group_size, sym=args.sym, desc_act=args.desc_act,
-                    format=args.format)
-    if not args.sym and args.format == "gptq":
-        print("note: asymmetric zeros of 0 cannot be stored exactly in the v1 'gptq' format by most readers; "
-              "consider --format gptq_v2")
-    params = GPTQParams(damp_percent=args.damp_percent, static_groups=args.static_groups)
-    from ..hub import resolve_model_path
-
-    result = quantize_folder(resolve_model_path(args.model), args.out, spec, params, args.calibration, args.num_samples,
-                             args.max_tokens, progress=not args.quiet, dtype=args.dtype)
-    worse = [r for r in result.reports if r.gptq_error > r.rtn_error]
-    mean = sum(r.gptq_error for r in result.reports) / len(result.reports)
-    mean_rtn = sum(r.rtn_error for r in result.reports) / len(result.reports)
-    print(f"wrote {args.out}: {len(result.reports)} linears, mean relative output error GPTQ {mean:.3e} "
-          f"vs round-to-nearest {mean_rtn:.3e}" + (f"; {len(worse)} layers where RTN was better" if worse else ""))
-    return 0
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)

@@ -20,10 +20,12 @@ from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .access_log import AccessLogMiddleware
 from .completions import Completion
 from .config import ServeConfig
 from .constrained import GrammarFactory
@@ -62,6 +64,7 @@ class Server:
                 self.pool, build_job, self.model, chat, self.policy, self.grammars, self.config.max_image_pixels)
             handle = self.worker.submit(job, arrival)
             completion = Completion(self.worker, handle, job, chat, completion_id(), chat.model)
+            request.state.completion = completion  # for the access log
             if chat.stream:
                 release = False  # the stream releases its slots when it ends
                 # the background task covers a client that leaves before the stream's first chunk
@@ -95,11 +98,13 @@ class Server:
             "minicpmv_sequences_admitted": ("Sequences admitted and not finished", self.worker.admitted),
             "minicpmv_max_concurrency": ("Most sequences decoded together", self.config.max_concurrency),
             "minicpmv_max_queue": ("Most sequences waiting beyond max_concurrency", self.config.max_queue),
-            "minicpmv_encoder_cache_hits": ("Vision encodings served from the cache", cache.hits),
-            "minicpmv_encoder_cache_misses": ("Vision encodings computed", cache.misses),
             "minicpmv_encoder_cache_bytes": ("Bytes held by the vision-encoding cache", cache.nbytes),
         }
-        return PlainTextResponse(self.metrics.render(gauges), media_type="text/plain; version=0.0.4")
+        counters = {
+            "minicpmv_encoder_cache_hits_total": ("Vision encodings served from the cache", cache.hits),
+            "minicpmv_encoder_cache_misses_total": ("Vision encodings computed", cache.misses),
+        }
+        return PlainTextResponse(self.metrics.render(gauges, counters), media_type="text/plain; version=0.0.4")
 
     # -- helpers ------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -231,7 +236,7 @@ def create_app(model, config: ServeConfig) -> Starlette:
               Route("/metrics", server.prometheus, methods=["GET"])]
     if config.web_chat:
         routes += web_routes()
-    app = Starlette(routes=routes, lifespan=lifespan,
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(AccessLogMiddleware)],
                     exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: internal_error})
     app.state.server = server
     return app

@@ -1,35 +1,37 @@
-"""`minicpmv serve`: an OpenAI-compatible HTTP server over one loaded model."""
+"""`minicpmv serve`: an OpenAI-compatible HTTP server over one loaded model.
+
+Everything checkable runs before the load (flags, model folder, port free), then a start-up
+banner says what is served and how to call it."""
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
-
-from ..hub import DEFAULT_MODEL
 
 EPILOG = """examples:
   minicpmv serve --model openbmb/MiniCPM-V-4.6 --port 8000
   minicpmv serve --model ./MiniCPM-V-4.6 --api-key sk-local --max-concurrency 8 \\
       --allowed-local-media-path /data/images --allow-url-fetch
 
-then, with the official client:
-  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="sk-local").chat.completions.create(
-      model="openbmb/MiniCPM-V-4.6", messages=[...])"""
+then (the model name defaults to the hub id, or to the folder's name for a local folder):
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "openbmb/MiniCPM-V-4.6", "messages": [{"role": "user", "content": "Hello"}]}'"""
 
 
-def add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+def add_serve_parser(sub, parents=()) -> None:
+    from ..cli.common import add_model_args
+
+    p = sub.add_parser("serve", parents=list(parents), help="serve a model over an OpenAI-compatible HTTP API",
                        description="Serve a MiniCPM-V model over HTTP: /v1/chat/completions (streaming, images, "
                                    "videos, tools, reasoning, JSON output), /v1/models, /health, /metrics.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local folder (default: {DEFAULT_MODEL})")
+    add_model_args(p)
     p.add_argument("--served-model-name", action="append", metavar="NAME",
-                   help="name clients use in 'model' (default: the --model value); repeat for aliases")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
+                   help="name clients put in 'model' (default: the hub id, or the folder's name); repeat for aliases")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--max-concurrency", type=int, default=32, help="sequences decoded together (default 32)")
     p.add_argument("--max-queue", type=int, default=128,
@@ -43,13 +45,15 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-request-mb", type=float, default=100, help="largest request body (default 100 MB)")
     p.add_argument("--encoder-cache-mb", type=float, default=512,
                    help="memory for cached vision encodings, reused when a chat re-sends an image (0 = off)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="least severe messages logged (default info: start-up banner and one line per request)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text lines, or one JSON object per line for log collectors (default text)")
     p.add_argument("--no-web-chat", dest="web_chat", action="store_false",
                    help="do not serve the chat page at / (the API alone)")
     p.add_argument("--unescape-newlines", action="store_true",
                    help="show the model's escaped newlines (a literal backslash-n) as newlines in answers, outside "
                         "code and math, unless a request sets 'unescape_newlines' itself (default: off, raw text)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ray = p.add_argument_group("scale-out on Ray Serve (pip install 'minicpmv[ray]'; docs/many-machines.md)")
     ray.add_argument("--replicas", type=int, default=0, metavar="N",
                      help="run N engine replicas on Ray Serve behind this endpoint, on the cluster at RAY_ADDRESS "
@@ -68,39 +72,101 @@ def add_serve_parser(sub) -> None:
     p.set_defaults(func=run_serve)
 
 
+def check_serve_args(args):
+    """Every torch-free check: numbers, the media folder, the model folder, the port."""
+    from ..cli.common import check_model_args
+    from ..cli.errors import CliError
+    from ..cli.preflight import check_port_free, check_range
+
+    check_range("--max-concurrency", args.max_concurrency, 1)
+    check_range("--max-queue", args.max_queue, 0)
+    check_range("--media-max-mb", args.media_max_mb, 0, low_open=True)
+    check_range("--media-fetch-timeout", args.media_fetch_timeout, 0, low_open=True)
+    check_range("--max-image-pixels", args.max_image_pixels, 1)
+    check_range("--max-request-mb", args.max_request_mb, 0, low_open=True)
+    check_range("--encoder-cache-mb", args.encoder_cache_mb, 0)
+    check_range("--threads", args.threads, 1)
+    check_range("--replicas", args.replicas, 0)
+    if args.max_replicas is not None and not 0 < args.replicas <= args.max_replicas:
+        raise CliError(f"--max-replicas {args.max_replicas} needs --replicas N with 1 <= N <= {args.max_replicas}",
+                       "set --replicas to the smallest number of replicas to keep")
+    folder = args.allowed_local_media_path
+    if folder is not None and not folder.is_dir():
+        raise CliError(f"--allowed-local-media-path {folder} is not a folder", "name an existing folder")
+    if args.served_model_name and any(not n.strip() for n in args.served_model_name):
+        raise CliError("--served-model-name is empty", "give the name clients will send in 'model'")
+    info = check_model_args(args)
+    check_port_free(args.host, args.port)
+    return info
+
+
 def run_serve(args) -> int:
-    import torch
-    import uvicorn
+    from ..cli.common import load_model
+    from .access_log import setup_logging
 
-    import minicpmv
-
-    from .app import create_app
+    info = check_serve_args(args)
+    setup_logging(args.log_level, args.log_format)
     from .config import ServeConfig
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    names = args.served_model_name or [info.default_name]
     config = ServeConfig(
-        served_model_names=args.served_model_name or [str(args.model)], api_key=args.api_key,
+        served_model_names=names, api_key=args.api_key,
         max_concurrency=args.max_concurrency, max_queue=args.max_queue, allow_url_fetch=args.allow_url_fetch,
         allowed_local_media_path=args.allowed_local_media_path, media_max_bytes=int(args.media_max_mb * 2**20),
         media_fetch_timeout_s=args.media_fetch_timeout, max_request_bytes=int(args.max_request_mb * 2**20),
         encoder_cache_bytes=int(args.encoder_cache_mb * 2**20), web_chat=args.web_chat,
         unescape_newlines=args.unescape_newlines,
         **({"max_image_pixels": args.max_image_pixels} if args.max_image_pixels else {}))
-    if config.allowed_local_media_path is not None and not config.allowed_local_media_path.is_dir():
-        print(f"minicpmv serve: --allowed-local-media-path {config.allowed_local_media_path} is not a folder",
-              file=sys.stderr)
-        return 2
-    if args.replicas < 0 or (args.max_replicas is not None and not 0 < args.replicas <= args.max_replicas):
-        print("minicpmv serve: --replicas must be >= 0, and --max-replicas needs --replicas N with N <= M",
-              file=sys.stderr)
-        return 2
     if args.replicas:
         from .replicas.launch import run_replicas
 
         return run_replicas(args, config, {"dtype": args.dtype, "device": args.device})
-    model = minicpmv.load(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
+    model = load_model(info, args, progress=sys.stderr.isatty())
+
+    import uvicorn
+
+    from .app import create_app
+
     app = create_app(model, config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.log_level == "debug")
+    for line in banner(model, info, config, args):
+        logging.getLogger("minicpmv.server").info(line)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, log_config=None)
     return 0
+
+
+def banner(model, info, config, args) -> list[str]:
+    """What the operator wants to see once: what runs, on what, within which limits, and how
+    to call it."""
+    import torch
+
+    from ..layers import fp16_packed
+    from .metrics import resident_bytes
+
+    p = next(model.model.parameters())
+    device = p.device
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in model.model.parameters() if t.is_floating_point()})
+    if info.quantized:
+        kernels = f"{info.quantized} int linears"
+    elif device.type == "cpu" and p.dtype != torch.float32:
+        kernels = ("fbgemm fp16-packed GEMMs for the text tower, " if fp16_packed.available() else "") + \
+                  "half-precision weights with float32 compute"
+    else:
+        kernels = f"{str(p.dtype).removeprefix('torch.')} GEMMs"
+    if device.type == "cuda":
+        memory = (f"{torch.cuda.memory_allocated(device) / 2**30:.2f} GiB of "
+                  f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB GPU memory in use")
+    else:
+        memory = f"{resident_bytes() / 2**30:.2f} GiB resident"
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    url = f"http://{host}:{args.port}"
+    body = ('{"model": "%s", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 64}'
+            % config.served_model_names[0])
+    key = f" -H {shlex.quote('Authorization: Bearer ' + config.api_key)}" if config.api_key else ""
+    return [
+        f"model: {', '.join(config.served_model_names)} ({info.family_name}, {info.folder})",
+        f"weights: {', '.join(dtypes)} on {device}; kernels: {kernels}",
+        f"memory: {memory}; context {model.max_context} tokens; {config.max_concurrency} sequences decoded together, "
+        f"{config.max_queue} more may wait; vision-encoding cache {config.encoder_cache_bytes / 2**20:.0f} MiB",
+        f"listening on {url} (/v1/chat/completions, /v1/models, /health, /metrics)",
+        f"try: curl {url}/v1/chat/completions -H 'Content-Type: application/json'{key} -d {shlex.quote(body)}",
+    ]

@@ -66,8 +66,9 @@ class Metrics:
         with self.lock:
             return sum(n for t, n in self._recent if t >= now - THROUGHPUT_WINDOW_S) / THROUGHPUT_WINDOW_S
 
-    def render(self, gauges: dict[str, tuple[str, float]]) -> str:
-        """gauges: name -> (help, value), sampled by the caller."""
+    def render(self, gauges: dict[str, tuple[str, float]], counters: dict[str, tuple[str, float]] | None = None) -> str:
+        """gauges: name -> (help, value), sampled by the caller; counters likewise, for values that
+        only grow (their names end in _total, as Prometheus expects of a counter)."""
         lines = []
 
         def metric(name, kind, help_, values):
@@ -75,6 +76,10 @@ class Metrics:
 
         for name, (help_, value) in gauges.items():
             metric(name, "gauge", help_, [f"{name} {value}"])
+        for name, (help_, value) in (counters or {}).items():
+            if not name.endswith("_total"):
+                raise ValueError(f"counter {name} must end in _total")
+            metric(name, "counter", help_, [f"{name} {value}"])
         metric("minicpmv_generation_tokens_per_second", "gauge",
                f"Tokens generated per second over the last {THROUGHPUT_WINDOW_S:g} s",
                [f"minicpmv_generation_tokens_per_second {self.tokens_per_second():.3f}"])

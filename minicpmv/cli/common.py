@@ -1,0 +1,70 @@
+"""What every model-running command shares: the model/device flags, the checks before loading,
+and the load itself (with a progress bar and a line saying what was loaded)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..hub import DEFAULT_MODEL
+from .errors import CliError
+from .preflight import ModelInfo, check_checkpoint_files, check_device_name, check_device_present, inspect_model
+
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+
+def add_model_args(p: argparse.ArgumentParser, dtype_help: str | None = None) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"hub id or local checkpoint folder (default: {DEFAULT_MODEL}); offline: a folder made by "
+                        "`minicpmv download`")
+    p.add_argument("--revision", help="hub branch, tag or commit (hub ids only)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help=dtype_help or "weights dtype (auto: bfloat16 on GPUs; on CPUs the checkpoint's own, computed "
+                                      "in float32)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
+
+def check_model_args(args) -> ModelInfo:
+    """Torch-free checks of --model / --device (config.json read, family known, files present)."""
+    check_device_name(args.device)
+    return inspect_model(args.model, getattr(args, "revision", None))
+
+
+def load_model(info: ModelInfo, args, progress: bool = True):
+    """Device check (imports torch), download when a hub id, then the load itself."""
+    check_device_present(args.device)
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    from ..hub import resolve_model_path
+    from ..loading import load
+
+    folder = info.folder
+    if folder is None:
+        from ..errors import ModelNotFoundError
+
+        try:
+            folder = resolve_model_path(info.source, getattr(args, "revision", None))
+        except ModelNotFoundError as e:
+            raise CliError(str(e)) from e
+        check_checkpoint_files(folder)
+        info.folder = folder
+    t0 = time.perf_counter()
+    if progress:
+        print(f"loading {info.family_name} from {folder} (dtype {args.dtype}, device {args.device}) ...",
+              file=sys.stderr, flush=True)
+    model = load(folder, dtype=args.dtype, device=None if args.device == "auto" else args.device, progress=progress)
+    if progress:
+        print(f"loaded in {time.perf_counter() - t0:.1f} s ({describe_model(model)})", file=sys.stderr, flush=True)
+    return model
+
+
+def describe_model(model) -> str:
+    from ..server.metrics import resident_bytes
+
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in model.model.parameters() if t.is_floating_point()})
+    device = next(model.model.parameters()).device
+    memory = f", {resident_bytes() / 2**30:.2f} GiB resident" if device.type == "cpu" and resident_bytes() else ""
+    return f"{'/'.join(dtypes)} on {device}{memory}"
