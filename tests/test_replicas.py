@@ -39,7 +39,8 @@ def endpoint(cluster, tiny46_dir, tmp_path_factory):
     cmd = [sys.executable, "-m", "minicpmv.cli", "serve", "--model", str(tiny46_dir), "--served-model-name", MODEL_NAME,
            "--port", str(port), "--dtype", "float32", "--device", "cpu", "--threads", "1", "--replicas", "2",
            "--max-replicas-per-node", "1", "--health-check-period", "2", "--max-concurrency", "32"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": cluster.address})
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "RAY_ADDRESS": cluster.address})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline:

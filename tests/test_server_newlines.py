@@ -1,6 +1,6 @@
-"""The web chat page's route and the API's opt-in for escaped newlines: off by default (the raw text the model wrote), on per
-request (`unescape_newlines: true`) or by the server's --unescape-newlines default, which a
-request can still turn off. The tiny checkpoint is made to write a fixed text with backslash-n
+"""The web chat page's route, and the API's opt-in for escaped newlines: off by default (the
+raw text the model wrote), on per request (`unescape_newlines: true`) or by the server's
+--unescape-newlines default, which a request can still turn off. The tiny checkpoint is made to write a fixed text with backslash-n
 in prose, inline code and math through constrained decoding (structured_outputs.choice)."""
 import json
 

@@ -68,7 +68,8 @@ def page(browser, server):
 def settings(page, *, temperature=None, max_tokens=None, thinking=None, markdown=None, extra=None, tools=None):
     if page.locator("#settings").is_hidden():
         page.click("#settings-toggle")
-    for selector, value in (("#temperature", temperature), ("#max-tokens", max_tokens), ("#extra", extra), ("#tools", tools)):
+    fields = (("#temperature", temperature), ("#max-tokens", max_tokens), ("#extra", extra), ("#tools", tools))
+    for selector, value in fields:
         if value is not None:
             page.fill(selector, value)
     for selector, value in (("#thinking", thinking), ("#markdown", markdown)):
@@ -141,14 +142,14 @@ def test_image_and_video_turns(page, server, tmp_path):
     clip.write_bytes(video_bytes(seconds=2))
     shown = send(page, "What is in this image?", [image])
     expect(page.locator(".msg.user .thumb.image img")).to_have_count(1)
-    ref = api(server, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image, "image/png")}},
-                                                    text_part("What is in this image?")]}])
+    part = {"type": "image_url", "image_url": {"url": data_url(image, "image/png")}}
+    ref = api(server, [{"role": "user", "content": [part, text_part("What is in this image?")]}])
     assert shown.locator(".answer").get_attribute("data-text") == unescape_newlines(ref["content"])
     page.click("#new-chat")
     shown = send(page, "What happens?", [clip])
     expect(page.locator(".msg.user .thumb.video video")).to_have_count(1)
-    ref = api(server, [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": data_url(clip, "video/mp4")}},
-                                                    text_part("What happens?")]}])
+    part = {"type": "video_url", "video_url": {"url": data_url(clip, "video/mp4")}}
+    ref = api(server, [{"role": "user", "content": [part, text_part("What happens?")]}])
     assert shown.locator(".answer").get_attribute("data-text") == unescape_newlines(ref["content"])
     page.screenshot(path=ARTIFACTS / "video-turn.png", full_page=True)
 
@@ -224,9 +225,14 @@ def test_drop_and_paste_attach(page):
     photo(30, 30, 3).save(png, format="PNG")
     page.evaluate("""(b64) => {
         const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-        const transfer = () => { const t = new DataTransfer(); t.items.add(new File([bytes], "dropped.png", {type: "image/png"})); return t; };
-        document.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer(), bubbles: true, cancelable: true}));
-        document.getElementById("prompt").dispatchEvent(new ClipboardEvent("paste", {clipboardData: transfer(), bubbles: true, cancelable: true}));
+        const transfer = () => {
+            const t = new DataTransfer();
+            t.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+            return t;
+        };
+        const opts = (key) => ({[key]: transfer(), bubbles: true, cancelable: true});
+        document.dispatchEvent(new DragEvent("drop", opts("dataTransfer")));
+        document.getElementById("prompt").dispatchEvent(new ClipboardEvent("paste", opts("clipboardData")));
     }""", base64.b64encode(png.getvalue()).decode())
     expect(page.locator("#attachments .thumb")).to_have_count(2)
     page.locator("#attachments .thumb .remove").first.click()
@@ -256,11 +262,12 @@ def test_tool_calls_are_shown(page):
     # drawing of streamed tool_calls deltas, from a canned stream in the server's exact format
     chunks = [{"delta": {"role": "assistant", "content": ""}},
               {"delta": {"content": "Checking."}},
-              {"delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
-                                         "function": {"name": "get_weather", "arguments": '{"city": "<b>Paris</b>"}'}}]}},
+              {"delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {
+                  "name": "get_weather", "arguments": '{"city": "<b>Paris</b>"}'}}]}},
               {"delta": {}, "finish_reason": "tool_calls"}]
-    body = "".join(f"data: {json.dumps({'id': 'x', 'object': 'chat.completion.chunk', 'created': 0, 'model': MODEL_NAME, 'choices': [{'index': 0, **c}]})}\n\n"
-                   for c in chunks) + "data: [DONE]\n\n"
+    frame = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": MODEL_NAME}
+    body = "".join(f"data: {json.dumps({**frame, 'choices': [{'index': 0, **c}]})}\n\n" for c in chunks)
+    body += "data: [DONE]\n\n"
     page.route("**/v1/chat/completions", lambda route: route.fulfill(status=200, body=body,
                                                                        content_type="text/event-stream"))
     shown = send(page, "Weather in Paris?")

@@ -48,8 +48,7 @@ class EngineActor:
 
         requests = []
         for line, rid, body in zip(batch["line"], batch["id"], batch["body"]):
-            body = json.loads(body)
-            requests.append(Request(int(line), str(rid), body=body, chat=ChatCompletionRequest.model_validate(body)))
+            requests.append(Request(int(line), str(rid), chat=ChatCompletionRequest.model_validate_json(body)))
         records: list[str] = []
         self.runner.run(requests, lambda record: records.append(json.dumps(record, ensure_ascii=False)))
         return {"record": records}
@@ -70,12 +69,14 @@ def run_on_ray(info, args, todo: list, write) -> int:
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
              runtime_env={"py_modules": [str(Path(minicpmv.__file__).parent)]})
     try:
-        items = [{"line": r.line, "id": r.id, "body": json.dumps(r.body)} for r in todo]
+        items = [{"line": r.line, "id": r.id,
+                  "body": r.chat.model_dump_json(by_alias=True, exclude_unset=True)} for r in todo]
         dataset = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / args.ray_batch_size)))
         answers = dataset.map_batches(
             EngineActor, batch_size=args.ray_batch_size, concurrency=args.ray_concurrency,
             num_cpus=args.ray_cpus_per_actor, num_gpus=args.ray_gpus_per_actor,
-            fn_constructor_kwargs={"model": str(info.folder or info.source), "revision": getattr(args, "revision", None),
+            fn_constructor_kwargs={"model": str(info.folder or info.source),
+                                   "revision": getattr(args, "revision", None),
                                    "dtype": args.dtype, "device": args.device, "threads": args.threads,
                                    "model_name": info.default_name, "max_concurrency": args.max_concurrency,
                                    "max_new_tokens": args.max_new_tokens, "cwd": os.getcwd()})

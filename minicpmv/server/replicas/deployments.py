@@ -52,7 +52,8 @@ class EngineReplica:
             self.server.worker.start(asyncio.get_running_loop())
             self._started = True
 
-    async def forward(self, method: str, path: str, query: str, headers: list, body: bytes, affinity: str | None = None):
+    async def forward(self, method: str, path: str, query: str, headers: list, body: bytes,
+                      affinity: str | None = None):
         self._start()
         async for item in call_asgi(self.app, method, path, query, headers, body):
             if isinstance(item, tuple):

@@ -43,7 +43,8 @@ def run_replicas(args, config, load_kwargs: dict) -> int:
         **scaling, **placement)
     front = serve.deployment(Front, name="front", num_replicas=1, max_ongoing_requests=100_000,
                              ray_actor_options={"num_cpus": 0})
-    app = front.bind(engine.bind(str(args.model), load_kwargs, config, args.threads or args.cpus_per_replica))
+    threads = args.threads or max(1, int(args.cpus_per_replica))
+    app = front.bind(engine.bind(str(args.model), load_kwargs, config, threads))
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     print(f"minicpmv serve: {args.replicas} replica(s) ready at http://{args.host}:{args.port} "
           f"(Ray cluster {ray.get_runtime_context().gcs_address})", file=sys.stderr, flush=True)
