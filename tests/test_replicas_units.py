@@ -108,3 +108,17 @@ def test_closing_the_bridge_early_is_a_disconnect_for_the_app():
     got = run(read_two())
     assert got[0][0] == "start" and got[1] == b"tick\n"
     assert seen == ["stream closed"]
+
+
+def test_replica_flags_are_checked_before_anything_starts():
+    from cli_support import run_cli
+
+    out = run_cli("serve", "--max-replicas", "3")
+    assert out.returncode == 2 and "--max-replicas 3 needs --replicas N" in out.stderr
+    out = run_cli("serve", "--replicas", "4", "--max-replicas", "2")
+    assert out.returncode == 2 and "--max-replicas 2 needs --replicas N" in out.stderr
+    out = run_cli("serve", "--replicas", "-1")
+    assert out.returncode == 2 and "--replicas" in out.stderr
+    help_text = run_cli("serve", "--help").stdout
+    for flag in ("--replicas", "--max-replicas", "--gpus-per-replica", "--no-web-chat", "--unescape-newlines"):
+        assert flag in help_text
