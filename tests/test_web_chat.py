@@ -52,8 +52,10 @@ def page(browser, server):
     """A fresh page with the API key already entered through the page's own prompt."""
     context = browser.new_context(viewport={"width": 1100, "height": 800})
     page = context.new_page()
-    errors = []
+    errors = []  # script exceptions, and console errors such as Content-Security-Policy violations
     page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: m.type == "error" and "Failed to load resource" not in m.text  # 401, 400: expected
+            and errors.append(m.text))
     page.goto(server.base + "/")
     expect(page.locator("#key-dialog")).to_be_visible()
     page.fill("#key-input", API_KEY)
