@@ -5,6 +5,7 @@ two model loads on a 2-core machine): behind the `ray` marker,
 from __future__ import annotations
 
 import os
+import signal
 import re
 import subprocess
 import sys
@@ -147,3 +148,25 @@ def test_a_killed_replica_is_replaced_while_the_other_keeps_answering(endpoint, 
     assert survivor in {rep for _, rep in during}, "the surviving replica kept answering"
     late = [rep for t, s, rep in results if t > killed_at + 30]
     assert victim not in late
+
+
+def test_without_ray_address_it_starts_and_stops_its_own_ray(tiny46_dir, tmp_path):
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "minicpmv.cli", "serve", "--model", str(tiny46_dir), "--served-model-name", MODEL_NAME,
+           "--port", str(port), "--dtype", "float32", "--device", "cpu", "--threads", "1", "--replicas", "1"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "replica(s) ready" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(1)
+        reply = ask(f"http://127.0.0.1:{port}", [{"role": "user", "content": "hello"}])
+        assert reply.status_code == 200 and reply.headers[REPLICA]
+        os.killpg(proc.pid, signal.SIGTERM)  # as Ctrl-C or a service manager would
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -66,7 +66,7 @@ def run_on_ray(info, args, todo: list, write) -> int:
 
     import minicpmv
 
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False,
              runtime_env={"py_modules": [str(Path(minicpmv.__file__).parent)]})
     try:
         items = [{"line": r.line, "id": r.id,

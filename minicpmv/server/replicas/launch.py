@@ -24,9 +24,9 @@ def run_replicas(args, config, load_kwargs: dict) -> int:
     from .deployments import EngineReplica, Front
     from .router import AffinityRouter
 
-    address = os.environ.get("RAY_ADDRESS") or None
+    address = os.environ.get("RAY_ADDRESS") or None  # None: a new local Ray, never a stale one
     # the driver's own minicpmv goes to every node, so all replicas run the same code as this command
-    ray.init(address=address, namespace=APP_NAME, log_to_driver=args.log_level == "debug",
+    ray.init(address=address or "local", namespace=APP_NAME, log_to_driver=args.log_level == "debug",
              runtime_env={"py_modules": [str(Path(minicpmv.__file__).parent)]})
     serve.start(http_options={"host": args.host, "port": args.port})
     scaling = ({"autoscaling_config": {"min_replicas": args.replicas, "max_replicas": args.max_replicas,
@@ -50,12 +50,10 @@ def run_replicas(args, config, load_kwargs: dict) -> int:
           f"(Ray cluster {ray.get_runtime_context().gcs_address})", file=sys.stderr, flush=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    try:
-        while not stop:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
-    serve.delete(APP_NAME)
-    if address is None:
-        serve.shutdown()
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+    while not stop:
+        time.sleep(1)
+    if address is not None:
+        serve.delete(APP_NAME)  # leave a shared cluster as it was found
+    ray.shutdown()  # a local Ray (and its Serve) goes with this command
     return 0
