@@ -1,7 +1,11 @@
 """A two-node Ray cluster on this machine for the replica tests (no tests here): `ray start
 --head` plus a second `ray start --address`, both on 127.0.0.1, in a private temp dir. Stopping
 kills exactly the processes of this cluster (those naming its temp dir, and their children),
-never other Ray clusters on the machine as `ray stop` would."""
+never other Ray clusters on the machine as `ray stop` would.
+
+Token authentication is off (RAY_AUTH_MODE=disabled, in this process too while the cluster
+lives): Ray 2.60 turns it on by itself when ~/.ray/auth_token exists (a local `ray.init()`
+writes one), and then a second `ray start --address` is refused."""
 from __future__ import annotations
 
 import os
@@ -17,6 +21,8 @@ from test_server_support import free_port
 
 class LocalRayCluster:
     def __init__(self, nodes: int = 2, cpus_per_node: int = 3):
+        self._auth_mode = os.environ.get("RAY_AUTH_MODE")
+        os.environ["RAY_AUTH_MODE"] = "disabled"
         self.temp_dir = tempfile.mkdtemp(prefix="mray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -64,3 +70,7 @@ class LocalRayCluster:
             except ProcessLookupError:
                 pass
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if self._auth_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = self._auth_mode

@@ -153,7 +153,9 @@ def test_a_killed_replica_is_replaced_while_the_other_keeps_answering(endpoint, 
 def test_without_ray_address_it_starts_and_stops_its_own_ray(tiny46_dir, tmp_path):
     port = free_port()
     log_path = tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # no RAY_ADDRESS; no auth token either (a local Ray would otherwise write ~/.ray/auth_token,
+    # which turns token authentication on for later `ray start` clusters on this machine)
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "disabled"}
     cmd = [sys.executable, "-m", "minicpmv.cli", "serve", "--model", str(tiny46_dir), "--served-model-name", MODEL_NAME,
            "--port", str(port), "--dtype", "float32", "--device", "cpu", "--threads", "1", "--replicas", "1"]
     with open(log_path, "w") as log:
