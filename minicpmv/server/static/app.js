@@ -115,7 +115,7 @@
 
   function thumb(item, onRemove) {
     const media = document.createElement(item.kind === "image" ? "img" : "video");
-    media.src = item.preview;
+    media.src = item.kind === "video" ? item.preview + "#t=0.1" : item.preview;  // a video shows a frame, not black
     if (item.kind === "image") media.alt = item.name; else { media.muted = true; media.preload = "metadata"; }
     const box = document.createElement("div");
     box.className = "thumb " + item.kind;
