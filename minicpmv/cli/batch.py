@@ -43,6 +43,14 @@ def add_run_parser(sub, parents) -> None:
     p.add_argument("--max-new-tokens", type=int, default=1024,
                    help="most tokens per answer when a request sets no max_tokens (default 1024)")
     p.add_argument("--quiet", action="store_true", help="no loading messages or progress bar")
+    ray = p.add_argument_group("on a Ray cluster with Ray Data (pip install 'minicpmv[ray]'; docs/many-machines.md)")
+    ray.add_argument("--ray", action="store_true",
+                     help="run on the Ray cluster at RAY_ADDRESS (or a local one): engine actors answer batches of "
+                          "requests; same output, same resume")
+    ray.add_argument("--ray-concurrency", type=int, default=1, metavar="N", help="engine actors (default 1)")
+    ray.add_argument("--ray-batch-size", type=int, default=16, help="requests per batch handed to an actor (default 16)")
+    ray.add_argument("--ray-cpus-per-actor", type=float, default=1, help="Ray CPUs per actor (default 1)")
+    ray.add_argument("--ray-gpus-per-actor", type=float, default=0, help="Ray GPUs per actor (default 0)")
     p.set_defaults(func=run_batch)
 
 
@@ -142,6 +150,8 @@ def answered_ids(out: Path) -> set[str]:
 def run_batch(args) -> int:
     check_range("--max-concurrency", args.max_concurrency, 1)
     check_range("--max-new-tokens", args.max_new_tokens, 1)
+    check_range("--ray-concurrency", args.ray_concurrency, 1)
+    check_range("--ray-batch-size", args.ray_batch_size, 1)
     if not args.input.is_file():
         raise CliError(f"{args.input}: no such file", "pass a JSONL file with one chat request per line")
     if args.out.resolve() == args.input.resolve():
@@ -168,8 +178,13 @@ def run_batch(args) -> int:
             if not args.quiet:
                 print(f"nothing to run: every request has a record in {args.out}", file=log)
             return 0
-        model = load_model(info, args, progress=not args.quiet, max_num_seqs=args.max_concurrency)
-        errors = BatchRunner(model, info.default_name, args).run(todo, write)
+        if args.ray:
+            from .batch_ray import run_on_ray
+
+            errors = run_on_ray(info, args, todo, write)
+        else:
+            model = load_model(info, args, progress=not args.quiet, max_num_seqs=args.max_concurrency)
+            errors = BatchRunner(model, info.default_name, args).run(todo, write)
     failed = errors + sum(1 for r in requests if r.id not in done and r.error is not None)
     if not args.quiet:
         print(f"wrote {len(requests) - len(done)} records to {args.out} ({failed} errors)", file=log)

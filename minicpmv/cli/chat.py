@@ -6,6 +6,7 @@ import json
 import sys
 
 from .common import add_model_args, check_model_args, load_model
+from .display import Display
 from .errors import CliError
 from .generate import drain, finish_note, prepare, reply_json, sampling_params
 from .preflight import check_family_options, check_media, check_sampling, read_prompt
@@ -58,6 +59,9 @@ def add_chat_parser(sub, parents) -> None:
     p.add_argument("--stack-frames", type=int, help="4.6/4.7 only: frames per second stacked into one composite")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, reasoning, tool_calls, usage, finish_reason), no streaming")
+    p.add_argument("--raw", action="store_true",
+                   help="print exactly what the model wrote (by default an escaped newline, a literal backslash-n "
+                        "outside code and math, is shown as a line break)")
     p.add_argument("--quiet", action="store_true", help="no loading messages or progress bar")
     p.set_defaults(func=run_chat)
 
@@ -86,22 +90,9 @@ def run_chat(args) -> int:
         reply = model.reply_for(drain(events), prepared.starts_in_reasoning)
         print(json.dumps(reply_json(reply), ensure_ascii=False))
         return 0
-    dim, thought = sys.stderr.isatty(), []
-
-    def show(kind, text):
-        if kind == "reasoning":
-            sys.stderr.write(f"\033[2m{text}\033[0m" if dim else text)
-            sys.stderr.flush()
-            thought.append(True)
-        else:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-
-    reply = model.reply_for(drain(events, show), prepared.starts_in_reasoning)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    if thought:
-        sys.stderr.write("\n")
+    display = Display(sys.stdout, sys.stderr, dim=sys.stderr.isatty(), raw=args.raw)
+    reply = model.reply_for(drain(events, display.write), prepared.starts_in_reasoning)
+    display.close()
     note = finish_note(reply, args.max_new_tokens)
     if note:
         print(note, file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import InputError
+from .display import Display
 from .errors import CliError
 from .generate import finish_note, prepare, sampling_params
 from .preflight import FAMILY_NAMES, check_media
@@ -109,7 +110,8 @@ class Session:
             return
         self.pending = []
         events = self.model.generate_events(prepared, sampling_params(self.model, self.args))
-        content, thought = [], False
+        content = []  # as the model wrote it (the history keeps it so)
+        display = Display(self.out, self.err, dim=self.dim, raw=getattr(self.args, "raw", False))
         seq = None
         try:
             while True:
@@ -118,24 +120,17 @@ class Session:
                 except StopIteration as stop:
                     seq = stop.value[0]  # (Sequence, OutputDecoder)
                     break
-                if kind == "reasoning":
-                    self.err.write(f"\033[2m{piece}\033[0m" if self.dim else piece)
-                    self.err.flush()
-                    thought = True
-                elif kind == "content":
+                if kind not in ("reasoning", "content"):
+                    continue
+                if kind == "content":
                     content.append(piece)
-                    self.out.write(piece)
-                    self.out.flush()
+                display.write(kind, piece)
         except KeyboardInterrupt:
             events.close()  # aborts the sequence in the engine
-            self.out.write("\n")
-            if thought:
-                self.err.write("\n")
+            display.close()
             self.say(f"[stopped] ({len(prepared.input_ids)} prompt tokens)")
         else:
-            self.out.write("\n")
-            if thought:
-                self.err.write("\n")
+            display.close()
             reply = self.model.reply_for(seq, prepared.starts_in_reasoning)
             note = finish_note(reply, self.args.max_new_tokens)
             if note:

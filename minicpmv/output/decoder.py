@@ -1,11 +1,14 @@
 """The one output pipeline: a sequence's generated ids, token by token -> text (UTF-8 safe) ->
 stop strings -> reasoning / content split -> tool calls -> finish reason. The Python API (stream
 and one-shot), the CLI, the batch command and the server all read a generation through it, so
-they always agree; it also counts the tokens that make up the answer for `usage`."""
+they always agree; it also counts the tokens that make up the answer for `usage`. With
+`unescape_newlines` (a caller's opt-in) the reasoning and content show escaped newlines as
+newlines (minicpmv/newlines.py); tool-call arguments are never touched."""
 from __future__ import annotations
 
+from ..newlines import NewlineUnescaper
 from ..prompt.detokenizer import IncrementalDetokenizer
-from ..prompt.reasoning import REASONING, ReasoningStreamParser
+from ..prompt.reasoning import CONTENT, REASONING, ReasoningStreamParser
 from ..prompt.tool_calls import ToolCallStreamParser
 
 
@@ -13,7 +16,7 @@ class OutputDecoder:
     """feed(token_id) / finish(reason) -> events: ("reasoning" | "content", text) or ("tool_call", dict)."""
 
     def __init__(self, tokenizer, stop_token_ids, *, starts_in_reasoning: bool, tools: list | None,
-                 stop: list[str]):
+                 stop: list[str], unescape_newlines: bool = False):
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=False)
         self.reasoning = ReasoningStreamParser(in_reasoning=starts_in_reasoning)
         self.tool_parser = ToolCallStreamParser(tools) if tools else None
@@ -23,6 +26,7 @@ class OutputDecoder:
         self.num_tokens = 0
         self.finish_reason: str | None = None
         self.has_tool_calls = False
+        self.display = {REASONING: NewlineUnescaper(), CONTENT: NewlineUnescaper()} if unescape_newlines else None
 
     @property
     def done(self) -> bool:
@@ -34,14 +38,28 @@ class OutputDecoder:
         self.num_tokens += 1
         if token_id in self.stop_token_ids:
             return []
-        return self._text(self.detok.add(token_id), final=False)
+        return self._display(self._text(self.detok.add(token_id), final=False))
 
     def finish(self, reason: str) -> list:
         """The engine finished the sequence ("stop" | "length"); flush everything held back."""
         if self.done:
             return []
         events = self._text(self.detok.flush(), final=True)
-        return events + self._close(reason)
+        return self._display(events + self._close(reason))
+
+    def _display(self, events: list) -> list:
+        """Escaped newlines -> newlines (when asked), flushing the held tails once the choice is done."""
+        if self.display is None:
+            return events
+        out = []
+        for kind, value in events:
+            if kind in self.display:
+                value = self.display[kind].feed(value)
+            if value:
+                out.append((kind, value))
+        if self.done:
+            out += [(kind, rest) for kind, stream in self.display.items() if (rest := stream.flush())]
+        return out
 
     def _text(self, text: str, final: bool) -> list:
         text, hit = self._cut_at_stop(self._held + text, final)

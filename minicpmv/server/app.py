@@ -1,4 +1,5 @@
-"""The HTTP surface (Starlette): POST /v1/chat/completions, GET /v1/models, /health, /metrics.
+"""The HTTP surface (Starlette): POST /v1/chat/completions, GET /v1/models, /health, /metrics,
+and the web chat page at / (web.py).
 
 A request walks: API key -> content type (415) -> body, read under the size limit (413) -> JSON
 (nesting bounded) -> pydantic validation -> model name, max_tokens and media counts -> admission
@@ -35,6 +36,7 @@ from .media_limits import PixelBudget
 from .media_policy import MediaPolicy
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, ModelCard, ModelList, completion_id
+from .web import web_routes
 from .worker import Worker
 
 log = logging.getLogger("minicpmv.server")
@@ -155,6 +157,8 @@ class Server:
             raise validation_error(e) from e
         except ValueError as e:
             raise bad_request(str(e), param="max_num_frames" if "max_num_frames" in str(e) else "messages") from e
+        if chat.unescape_newlines is None:
+            chat.unescape_newlines = self.config.unescape_newlines
         return chat
 
     async def _body(self, request: Request) -> bytes:
@@ -324,6 +328,8 @@ def create_app(model, config: ServeConfig) -> Starlette:
               Route("/v1/models", server.models, methods=["GET"]),
               Route("/health", server.health, methods=["GET"]),
               Route("/metrics", server.prometheus, methods=["GET"])]
+    if config.web_chat:
+        routes += web_routes()
     app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(AccessLogMiddleware)],
                     exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: internal_error})
     app.state.server = server

@@ -71,6 +71,26 @@ def add_serve_parser(sub, parents=()) -> None:
                    help="least severe messages logged (default info: start-up banner and one line per request)")
     p.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="text lines, or one JSON object per line for log collectors (default text)")
+    p.add_argument("--no-web-chat", dest="web_chat", action="store_false",
+                   help="do not serve the chat page at / (the API alone)")
+    p.add_argument("--unescape-newlines", action="store_true",
+                   help="show the model's escaped newlines (a literal backslash-n) as newlines in answers, outside "
+                        "code and math, unless a request sets 'unescape_newlines' itself (default: off, raw text)")
+    ray = p.add_argument_group("scale-out on Ray Serve (pip install 'minicpmv[ray]'; docs/many-machines.md)")
+    ray.add_argument("--replicas", type=int, default=0, metavar="N",
+                     help="run N engine replicas on Ray Serve behind this endpoint, on the cluster at RAY_ADDRESS "
+                          "or a local one (default 0: one engine in this process)")
+    ray.add_argument("--max-replicas", type=int, metavar="M",
+                     help="autoscale between --replicas and M replicas on the number of ongoing requests")
+    ray.add_argument("--target-ongoing-requests", type=float, default=16,
+                     help="autoscaling target: ongoing requests per replica (default 16)")
+    ray.add_argument("--cpus-per-replica", type=float, default=1, help="Ray CPUs reserved per replica (default 1)")
+    ray.add_argument("--gpus-per-replica", type=float, default=0, help="Ray GPUs reserved per replica (default 0)")
+    ray.add_argument("--max-replicas-per-node", type=int, help="spread replicas: at most this many per Ray node")
+    ray.add_argument("--health-check-period", type=float, default=10, help="seconds between replica health checks")
+    ray.add_argument("--affinity-imbalance", type=int, default=8,
+                     help="queued requests a conversation's replica may have over the least busy one before the "
+                          "request goes elsewhere (default 8)")
     p.set_defaults(func=run_serve)
 
 
@@ -89,6 +109,10 @@ def check_serve_args(args):
     check_range("--encoder-cache-mb", args.encoder_cache_mb, 0)
     check_range("--max-num-batched-tokens", args.max_num_batched_tokens, 1)
     check_range("--threads", args.threads, 1)
+    check_range("--replicas", args.replicas, 0)
+    if args.max_replicas is not None and not 0 < args.replicas <= args.max_replicas:
+        raise CliError(f"--max-replicas {args.max_replicas} needs --replicas N with 1 <= N <= {args.max_replicas}",
+                       "set --replicas to the smallest number of replicas to keep")
     folder = args.allowed_local_media_path
     if folder is not None and not folder.is_dir():
         raise CliError(f"--allowed-local-media-path {folder} is not a folder", "name an existing folder")
@@ -113,7 +137,8 @@ def run_serve(args) -> int:
         max_concurrency=args.max_concurrency, max_queue=args.max_queue, allow_url_fetch=args.allow_url_fetch,
         allowed_local_media_path=args.allowed_local_media_path, media_max_bytes=int(args.media_max_mb * 2**20),
         media_fetch_timeout_s=args.media_fetch_timeout, max_request_bytes=int(args.max_request_mb * 2**20),
-        encoder_cache_bytes=int(args.encoder_cache_mb * 2**20),
+        encoder_cache_bytes=int(args.encoder_cache_mb * 2**20), web_chat=args.web_chat,
+        unescape_newlines=args.unescape_newlines,
         media_limits=MediaLimits(max_images=(args.limit_mm_per_prompt or {}).get("image", MediaLimits.max_images),
                                  max_videos=(args.limit_mm_per_prompt or {}).get("video", MediaLimits.max_videos),
                                  max_frames=args.max_video_frames, max_pixels=args.max_request_pixels,
@@ -126,11 +151,16 @@ def run_serve(args) -> int:
         kv_bytes = parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None
     except ValueError as e:
         raise CliError(f"--kv-cache-memory: {e}") from e
+    engine_settings = dict(kv_cache_memory=kv_bytes, max_num_seqs=args.max_concurrency,
+                           max_num_batched_tokens=args.max_num_batched_tokens,
+                           enable_prefix_caching=not args.no_prefix_caching,
+                           encoder_cache_bytes=int(args.encoder_cache_mb * 2**20))
+    if args.replicas:
+        from .replicas.launch import run_replicas
+
+        return run_replicas(args, config, {"dtype": args.dtype, "device": args.device, **engine_settings})
     log = logging.getLogger("minicpmv.server")
-    model = load_model(info, args, progress=sys.stderr.isatty(), say=log.info, kv_cache_memory=kv_bytes,
-                       max_num_seqs=args.max_concurrency, max_num_batched_tokens=args.max_num_batched_tokens,
-                       enable_prefix_caching=not args.no_prefix_caching,
-                       encoder_cache_bytes=int(args.encoder_cache_mb * 2**20))
+    model = load_model(info, args, progress=sys.stderr.isatty(), say=log.info, **engine_settings)
     log.info("engine: %s", model.engine.describe())
 
     import uvicorn

@@ -25,7 +25,8 @@ class Completion:
         self.worker, self.handle, self.job, self.request = worker, handle, job, request
         self.id, self.model_name, self.created = completion_id, model_name, int(time.time())
         self.decoders = [OutputDecoder(tokenizer, stop_ids, starts_in_reasoning=job.starts_in_reasoning,
-                                       tools=job.tools, stop=job.stop) for _ in job.params]
+                                       tools=job.tools, stop=job.stop,
+                                       unescape_newlines=bool(request.unescape_newlines)) for _ in job.params]
         self.token_text = TokenText(tokenizer) if any(job.logprobs) else None
         self._reported: set[int] = set()  # choices whose finish_reason chunk was sent
         self.ended = False  # the server has released this request (streaming)

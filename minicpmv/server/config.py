@@ -23,6 +23,8 @@ class ServeConfig:
     encoder_cache_bytes: int = 512 << 20
     prepare_threads: int = 2  # media decoding / templating off the event loop
     media_limits: MediaLimits = field(default_factory=MediaLimits)
+    web_chat: bool = True  # the chat page at / (--no-web-chat turns it off)
+    unescape_newlines: bool = False  # default of the request field of that name (--unescape-newlines)
 
     def __post_init__(self):
         if self.max_concurrency < 1 or self.max_queue < 0:

@@ -150,6 +150,9 @@ class ChatCompletionRequest(Lenient):
     max_num_frames: int | None = None
     stack_frames: int | None = None
     packing: int | None = None
+    # ours: show escaped newlines (a literal backslash-n) as newlines, outside code and math
+    # (minicpmv/newlines.py); None = the server's --unescape-newlines default (off)
+    unescape_newlines: bool | None = None
     # OpenAI fields with no effect here (accepted, ignored)
     user: str | None = None
     metadata: dict[str, Any] | None = None
