@@ -257,3 +257,31 @@ def test_minicpmv45_layout_quantizes_and_loads(tmp_path):
             m.prepare("dense")
     ids = list(range(10, 40))
     torch.testing.assert_close(our_logits(ours, ids, []), our_logits(ref, ids, []), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_each_layer_equals_gptqmodels_on_this_cpu(quantized, dtype):
+    """Layer by layer, bit for bit, at the row counts where gptqmodel's kernels change path (1 row, its
+    4-row tiles up to 24 rows, its brgemm beyond): our "auto" kernel on this CPU against the layer
+    transformers + gptqmodel built here (TorchCpuAvx512Linear on AVX512-BF16, TorchAtenLinear on AVX2)."""
+    import gptqmodel  # noqa: F401
+    from transformers import AutoModelForImageTextToText
+
+    spec, out = quantized
+    ref = AutoModelForImageTextToText.from_pretrained(out, dtype=dtype, device_map="cpu").eval()
+    ours, _ = load_model(out, "float32", "cpu", progress=False)
+    g = torch.Generator().manual_seed(5)
+    checked = 0
+    for name, layer in ours.named_modules():
+        if not isinstance(layer, GPTQLinear):
+            continue
+        theirs = ref.get_submodule("model." + name)
+        layer.prepare("auto")
+        for rows in (1, 21, 40):
+            x = torch.randn(rows, layer.in_features, generator=g).to(dtype)
+            with torch.no_grad():
+                expected, got = theirs(x), layer(x)
+            assert got.dtype == expected.dtype == dtype
+            assert torch.equal(got, expected), (name, rows, type(theirs).__name__, layer._rt["math"])
+            checked += 1
+    assert checked == 26 * 3

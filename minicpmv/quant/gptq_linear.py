@@ -6,8 +6,7 @@ other module. After loading, `prepare()` builds the runtime form once per layer:
   at hand (`cpu_int4_math`, from cpu/isa.py's level; docs/findings.md has the measurements). torch's
   CPU int4 weight-only kernel (`_convert_weight_to_int4pack_for_cpu` + `_weight_int4pack_mm_for_cpu`)
   computes x @ ((q - 8) * scale + zero)^T, so GPTQ's (q - z) * s becomes zero = (8 - z) * s.
-  How half-precision activations meet the weights follows what transformers + gptqmodel 7.7 run on the CPU at hand
-  (`cpu_int4_math`, from cpu/isa.py's level; docs/findings.md has the measurements):
+  Which arithmetic follows the kernel gptqmodel picks for the layer there:
   - BF16_SCALES (AVX2 CPUs; gptqmodel's TorchAtenLinear): the kernel in the activation dtype, its
     scale/zero table rounded to bf16 (or fp16 for fp16 activations). fp32 activations are cast to
     `kernel_dtype` (bf16) and the result cast back. fp16 stays fp16, a ~25x slower path on AVX2.
