@@ -103,7 +103,7 @@ def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_pe
     if quant is not None:
         # float32 asked for: the GPTQ layers compute exactly as transformers + gptqmodel do in fp32
         # (fp16-rounded dequantized weights, fp32 math); otherwise the fast int4 kernels
-        quant.finish(model, "fp16_weight" if dtype == torch.float32 else "auto")
+        quant.finish(model, "fp16_weight" if dtype == torch.float32 else "auto", isa=isa)
     if pack_per_token and device.type == "cpu" and dtype != torch.float32:
         # the kernels this CPU runs fastest, per op class (cpu/plan.py); one copy of each matrix
         plan = choose(isa)

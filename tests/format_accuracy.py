@@ -11,7 +11,7 @@ import torch
 from minicpmv.engine.engine import Engine
 from minicpmv.engine.sampling import SamplingParams
 from minicpmv.engine.sequence import Sequence
-from minicpmv.engine.state import ForwardBatch, SequenceState
+from minicpmv.state import SingleSequence
 
 
 @dataclass
@@ -37,12 +37,11 @@ def greedy(model, prompt: list[int], n: int) -> list[int]:
 @torch.inference_mode()
 def forced_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     """Logits [len(tokens), V] of each step when `tokens` are fed back one at a time."""
-    state = SequenceState.allocate(model.state_spec(), len(prompt) + len(tokens), torch.float32, "cpu")
-    hidden = model(model.embed(torch.tensor(prompt), {}), ForwardBatch([state], torch.arange(len(prompt))[None]))
+    state = SingleSequence.for_model(model, len(prompt) + len(tokens))
+    hidden = model(model.embed(torch.tensor(prompt), {}), state.batch(len(prompt)))
     out = [model.logits(hidden[0, -1])]
-    for i, t in enumerate(tokens[:-1]):
-        pos = torch.tensor([[len(prompt) + i]])
-        hidden = model(model.embed(torch.tensor([t]), {}), ForwardBatch([state], pos))
+    for t in tokens[:-1]:
+        hidden = model(model.embed(torch.tensor([t]), {}), state.batch(1))
         out.append(model.logits(hidden[0, -1]))
     return torch.stack(out)
 

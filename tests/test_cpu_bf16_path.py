@@ -82,7 +82,7 @@ def test_46_image_prompt_within_tolerance(tiny46, monkeypatch):
 
 
 def test_45_golden_vision_and_prefill_within_tolerance(monkeypatch):
-    from minicpmv.engine.state import ForwardBatch, SequenceState
+    from minicpmv.state import SingleSequence
 
     case = case_of("4.5", "a_single_image_sliced")
     model = load(version_dir("4.5") / "model", monkeypatch)
@@ -91,8 +91,7 @@ def test_45_golden_vision_and_prefill_within_tolerance(monkeypatch):
     with torch.inference_mode():
         feats = model.encode_vision(out.pixel_values, out.target_sizes, None)
         embeds = model.embed(torch.tensor(out.input_ids), {out.placeholder_id: feats})
-        state = SequenceState.allocate(model.state_spec(), len(out.input_ids), torch.float32, "cpu")
-        hidden = model(embeds, ForwardBatch([state], torch.arange(len(out.input_ids))[None]))
+        hidden = model(embeds, SingleSequence.for_model(model, len(out.input_ids)).batch(len(out.input_ids)))
         logits = model.logits(hidden[0, -1])
     vision = feats.view(g["vision_embeddings"].shape)
     print(f"4.5 bf16 path: vision {rel(vision, g['vision_embeddings']):.3g}, "

@@ -19,7 +19,8 @@ from minicpmv.engine.sequence import Sequence
 from minicpmv.families import adapter_for
 from minicpmv.loading import load_model
 from minicpmv.quant.gptq_format import GPTQSpec, dequantize_gptq
-from minicpmv.quant.gptq_linear import GPTQLinear
+from minicpmv.cpu.isa import detect
+from minicpmv.quant.gptq_linear import BF16_SCALES, FP32_SCALES, GPTQLinear
 from minicpmv.quant.quantize_cli import engine_run_sample, quantize_folder, synthetic_images
 
 VARIANTS = {"v1-sym": GPTQSpec(4, 32, True, False, "gptq"),
@@ -115,11 +116,18 @@ def test_our_load_equals_own_dequantized_reference(quantized, tiny46_dir):
     ours, _ = load_model(out, "float32", "cpu", progress=False)
     layers = {n: m for n, m in ours.named_modules() if isinstance(m, GPTQLinear)}
     assert len(layers) == 26 and all(m.backend == "fp16_weight" for m in layers.values())  # fp32: exact path
-    int4 = copy.deepcopy(ours)
+    int4 = copy.deepcopy(ours)  # this CPU's arithmetic (fp32-scales on AVX512-BF16, fp32 activations exact)
+    avx2 = copy.deepcopy(ours)  # torch's int4 kernel with bf16 scales and bf16 activations (AVX2 CPUs)
     for m in int4.modules():
         if isinstance(m, GPTQLinear):
             m.prepare("auto")
+    for m in avx2.modules():
+        if isinstance(m, GPTQLinear):
+            m.prepare("auto", isa="avx2")
     assert all(m.backend == "cpu_int4" for m in int4.modules() if isinstance(m, GPTQLinear))
+    assert all(m._rt["math"] == BF16_SCALES for m in avx2.modules() if isinstance(m, GPTQLinear))
+    here = {m._rt["math"] for m in int4.modules() if isinstance(m, GPTQLinear)}
+    assert here == {FP32_SCALES if detect().at_least("avx512_bf16") else BF16_SCALES}
     # the reference: the dense model with each quantized weight replaced by our float dequantization
     ref, _ = load_model(tiny46_dir, "float32", "cpu", progress=False)
     dst = tensors(out)
@@ -143,9 +151,14 @@ def test_our_load_equals_own_dequantized_reference(quantized, tiny46_dir):
         torch.testing.assert_close(our_logits(dense_ours, ids, vision), r, rtol=0, atol=1e-4)
         # the fp32 path: fp16-rounded weights, fp32 math
         torch.testing.assert_close(our_logits(ours, ids, vision), our_logits(ref16, ids, vision), rtol=0, atol=1e-4)
-        # the int4 kernel path (bf16 activations inside) stays close to the float reference
+        # bf16 scales and bf16 activations: each layer is ~0.25% off (relative); this tiny random model
+        # amplifies that to 1.7-7.2% of the logits, depending on the checkpoint (docs/findings.md)
+        k = our_logits(avx2, ids, vision)
+        assert ((k - r).norm() / r.norm()).item() < 0.1
+        # fp32 scales with fp32 activations: the exact weight, only fp32 summation order differs
         k = our_logits(int4, ids, vision)
-        assert ((k - r).norm() / r.norm()).item() < 0.05
+        limit = 1e-4 if here == {FP32_SCALES} else 0.1
+        assert ((k - r).norm() / r.norm()).item() < limit
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
@@ -244,3 +257,31 @@ def test_minicpmv45_layout_quantizes_and_loads(tmp_path):
             m.prepare("dense")
     ids = list(range(10, 40))
     torch.testing.assert_close(our_logits(ours, ids, []), our_logits(ref, ids, []), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_each_layer_equals_gptqmodels_on_this_cpu(quantized, dtype):
+    """Layer by layer, bit for bit, at the row counts where gptqmodel's kernels change path (1 row, its
+    4-row tiles up to 24 rows, its brgemm beyond): our "auto" kernel on this CPU against the layer
+    transformers + gptqmodel built here (TorchCpuAvx512Linear on AVX512-BF16, TorchAtenLinear on AVX2)."""
+    import gptqmodel  # noqa: F401
+    from transformers import AutoModelForImageTextToText
+
+    spec, out = quantized
+    ref = AutoModelForImageTextToText.from_pretrained(out, dtype=dtype, device_map="cpu").eval()
+    ours, _ = load_model(out, "float32", "cpu", progress=False)
+    g = torch.Generator().manual_seed(5)
+    checked = 0
+    for name, layer in ours.named_modules():
+        if not isinstance(layer, GPTQLinear):
+            continue
+        theirs = ref.get_submodule("model." + name)
+        layer.prepare("auto")
+        for rows in (1, 21, 40):
+            x = torch.randn(rows, layer.in_features, generator=g).to(dtype)
+            with torch.no_grad():
+                expected, got = theirs(x), layer(x)
+            assert got.dtype == expected.dtype == dtype
+            assert torch.equal(got, expected), (name, rows, type(theirs).__name__, layer._rt["math"])
+            checked += 1
+    assert checked == 26 * 3

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 
 import minicpmv
 from minicpmv.server.app import create_app
-from minicpmv.server.choice import ChoiceDecoder
+from minicpmv.output import OutputDecoder
 from minicpmv.server.config import ServeConfig
 from tiny46 import FIXTURES
 
@@ -69,11 +69,11 @@ def test_server_default_and_request_override(unescaping):
     assert ask(client, unescape_newlines=False) == RAW
 
 
-def test_choice_decoder_unescapes_reasoning_and_content_not_tool_arguments():
+def test_output_decoder_unescapes_reasoning_and_content_not_tool_arguments():
     tokenizer = Tokenizer.from_file(str(FIXTURES / "tokenizer.json"))
     tools = [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"s": {"type": "string"}}}}}]
-    decoder = ChoiceDecoder(tokenizer, STOP_IDS, starts_in_reasoning=True, tools=tools, stop=["STOP"],
+    decoder = OutputDecoder(tokenizer, STOP_IDS, starts_in_reasoning=True, tools=tools, stop=["STOP"],
                             unescape_newlines=True)
     text = ("a\\nb</think>\n\nx\\ny\n<tool_call>\n<function=f>\n<parameter=s>\nq\\nr\n</parameter>\n</function>\n"
             "</tool_call>tail\\STOP never")

@@ -161,9 +161,9 @@ class QuantizedLoad:
         quant_buffers = {f"{m}.{b}" for m in self.modules for b in ("scales", "bias")}
         return lambda name: name in quant_buffers or inner(name)
 
-    def finish(self, model: nn.Module, backend: str = "auto") -> None:
+    def finish(self, model: nn.Module, backend: str = "auto", isa: str | None = None) -> None:
         for name in self.modules:
-            model.get_submodule(name).prepare(backend)
+            model.get_submodule(name).prepare(backend, isa=isa)
 
 
 def plan_quantized_load(model: nn.Module, config: dict, folder: Path) -> QuantizedLoad | None:

@@ -2,12 +2,22 @@
 (`qweight`, `qzeros`, `scales`, `g_idx`, optional `bias`), so `load_weights` fills it like any
 other module. After loading, `prepare()` builds the runtime form once per layer:
 
-* "cpu_int4" (CPU, 4-bit): torch's AVX2/AVX-512 int4 weight-only kernel
-  (`_convert_weight_to_int4pack_for_cpu` + `_weight_int4pack_mm_for_cpu`). It computes
-  x @ ((q - 8) * scale + zero)^T, so GPTQ's (q - z) * s becomes zero = (8 - z) * s. Its fast
-  path wants bf16 activations: fp32 activations are cast to bf16 (`kernel_dtype`) and the result
-  cast back; fp16 activations stay fp16 like the reference, a ~25x slower path on AVX2
-  (measured: bench_gptq.py), so run GPTQ models in bf16 or fp32 on CPUs.
+* "cpu_int4" (CPU, 4-bit): the int4 weights multiplied as transformers + gptqmodel 7.7 do on the CPU
+  at hand (`cpu_int4_math`, from cpu/isa.py's level; docs/findings.md has the measurements). torch's
+  CPU int4 weight-only kernel (`_convert_weight_to_int4pack_for_cpu` + `_weight_int4pack_mm_for_cpu`)
+  computes x @ ((q - 8) * scale + zero)^T, so GPTQ's (q - z) * s becomes zero = (8 - z) * s.
+  Which arithmetic follows the kernel gptqmodel picks for the layer there:
+  - BF16_SCALES (AVX2 CPUs; gptqmodel's TorchAtenLinear): the kernel in the activation dtype, its
+    scale/zero table rounded to bf16 (or fp16 for fp16 activations). fp32 activations are cast to
+    `kernel_dtype` (bf16) and the result cast back. fp16 stays fp16, a ~25x slower path on AVX2.
+  - FP32_SCALES (AVX512-BF16 CPUs; gptqmodel's TorchCpuAvx512Linear): per group g, the fp32 dot
+    product of the activations with the integers (q - z), then y = fma(that, s_g, y) in fp32 over the
+    groups in order, the bias added in fp32, one rounding of y to bf16 (the kernel's own order; an
+    unfactored sum over x * s * (q - z) rounds ~1 output in 2e4 to the neighbouring bf16). The codes
+    are kept unpacked (1 byte per weight, grouped order) and multiplied per group by one batched
+    fp32 GEMM. fp32 activations take the same arithmetic unrounded (no bf16 anywhere). fp16
+    activations, which that kernel refuses, meet the fp16-rounded weight s * (q - z), laid out [K, N],
+    in an fp16 matmul, as gptqmodel then does.
   Act-order (a non-trivial g_idx) permutes the input rows once so every group is contiguous,
   and each forward gathers x's columns in that order. Group sizes the kernel lacks (-1, 512, ...)
   are split into kernel groups of 256/128/64/32 that repeat the same scale and zero.
@@ -38,6 +48,19 @@ from .gptq_format import GPTQSpec, default_g_idx, unpack_gptq
 
 _KERNEL_GROUPS = (256, 128, 64, 32)
 BACKENDS = ("auto", "cpu_int4", "cuda_int4", "dequant", "dense", "fp16_weight")
+# how "cpu_int4" multiplies half-precision activations (see the module docstring)
+BF16_SCALES, FP32_SCALES = "bf16-scales", "fp32-scales"
+
+
+def cpu_int4_math(layer: "GPTQLinear", isa: str | None = None) -> str:
+    """The arithmetic transformers + gptqmodel 7.7 use for this layer's half-precision activations
+    on this CPU: its AVX512-BF16 kernel (fp32 scales) where the CPU has AVX512-BF16 and the layer fits
+    that kernel (out_features % 32 == 0, whole groups), else torch's int4 kernel (bf16 scales).
+    `isa` (or $MINICPMV_CPU_ISA) lowers the level, e.g. "avx2" brings back the AVX2 arithmetic."""
+    from ..cpu.isa import detect
+
+    fits = layer.out_features % 32 == 0 and layer.in_features % layer.spec.group_len(layer.in_features) == 0
+    return FP32_SCALES if fits and detect(isa).at_least("avx512_bf16") else BF16_SCALES
 
 
 def _has_cpu_int4_kernel() -> bool:
@@ -62,8 +85,8 @@ class GPTQLinear(nn.Module):
         else:
             self.bias = None
         self.backend: str | None = None
-        # activation dtype fed to the CPU int4 kernel for fp32/bf16 inputs: bf16 is its fast path on
-        # AVX2/AVX-512; float32 is exact but ~25-40x slower. fp16 inputs always run in fp16.
+        # BF16_SCALES math: activation dtype fed to the CPU int4 kernel for fp32/bf16 inputs (bf16 is
+        # its fast path; float32 is exact but ~25-40x slower on AVX2). fp16 inputs always run in fp16.
         self.kernel_dtype = torch.bfloat16
         self._rt: dict[str, torch.Tensor] = {}
 
@@ -140,8 +163,9 @@ class GPTQLinear(nn.Module):
         return backend
 
     @torch.no_grad()
-    def prepare(self, backend: str = "auto") -> "GPTQLinear":
-        """Build the runtime form from the loaded buffers (call once, after loading)."""
+    def prepare(self, backend: str = "auto", isa: str | None = None) -> "GPTQLinear":
+        """Build the runtime form from the loaded buffers (call once, after loading). `isa` lowers
+        the CPU level the "cpu_int4" arithmetic is chosen for (see `cpu_int4_math`)."""
         if self.g_idx.is_meta:  # older checkpoints may omit g_idx: then it is the trivial one
             self.g_idx = default_g_idx(self.in_features, self.spec.group_size).to(self.qweight.device)
         if self.bias is not None and self.bias.is_meta:
@@ -156,6 +180,17 @@ class GPTQLinear(nn.Module):
                 codes = codes[perm]
                 self._rt["perm"] = perm.to(self.qweight.device)
                 g = g[perm]
+            if backend == "cpu_int4" and cpu_int4_math(self, isa) == FP32_SCALES:
+                # gptqmodel's grouped fp32 arithmetic: codes [K, N] in grouped order, one (zero, scale)
+                # row per group of gl inputs
+                self._rt["math"] = FP32_SCALES
+                self._rt["gcodes"] = codes.to(torch.uint8).contiguous()
+                self._rt["gzeros"] = zeros[g[::gl]].float().contiguous()
+                self._rt["gscales"] = self.scales[g[::gl]].float().contiguous()
+                if perm is not None:
+                    self._rt["unperm"] = torch.argsort(perm)
+                self.backend = backend
+                return self
             # one (scale, zero) row per kernel group of kg inputs; the kernel's own dtype is set
             # per call (see _sz)
             rows = g[::kg]
@@ -163,6 +198,7 @@ class GPTQLinear(nn.Module):
             self._rt["z"] = zeros[rows].to(torch.int16).contiguous()
             self._rt["group"] = kg
             if backend == "cpu_int4":
+                self._rt["math"] = BF16_SCALES
                 self._rt["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous(), 1)
             else:
                 # tinygemm takes [N, K/2] uint8 with the even input in the high nibble
@@ -223,11 +259,46 @@ class GPTQLinear(nn.Module):
         w = (rt["codes"].float() - rt["zeros"][:, g]).mul_(rt["scales"][:, g])
         return w.to(dtype)
 
+    def _fp32_scales_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        """FP32_SCALES: y = sum over groups g, in order, of fma(x_g . (q - z)_g, s_g, y) in fp32, the
+        bias added in fp32, one rounding to x2's dtype (gptqmodel's AVX512-BF16 kernel factors each
+        group's scale out of its integer dot product the same way); fp16 x2 meets the fp16-rounded
+        weight s * (q - z) in an fp16 matmul, as gptqmodel does for fp16 activations."""
+        rt = self._rt
+        G, N = rt["gscales"].shape[0], self.out_features
+        d = rt["gcodes"].float().view(G, -1, N).sub_(rt["gzeros"].unsqueeze(1))  # (q - z) per group, exact
+        if x2.dtype == torch.float16:
+            w = (d * rt["gscales"].unsqueeze(1)).view(-1, N)  # s * (q - z) [K, N], exact in fp32
+            if "unperm" in rt:
+                w = w.index_select(0, rt["unperm"])
+            # one rounding to fp16, laid out [K, N] as gptqmodel's (the fp16 GEMM's result depends on the
+            # weight's layout: F.linear on the [N, K] weight differs in ~1e-3 of the outputs)
+            y = torch.matmul(x2, w.half())
+            return y if self.bias is None else y + self.bias.half()
+        xf = x2.float()
+        if "perm" in rt:
+            xf = xf.index_select(1, rt["perm"])
+        M = xf.shape[0]
+        s64 = rt["gscales"].double()
+        out = torch.empty(M, N, dtype=torch.float32)
+        for r in range(0, M, 256):  # bounded [G, rows, N] partial products
+            part = torch.bmm(xf[r:r + 256].view(-1, G, d.shape[1]).transpose(0, 1), d)
+            acc = torch.zeros(part.shape[1], N, dtype=torch.float64)
+            for j in range(G):  # fp32 fma: the product is exact in fp64, then one rounding to fp32
+                acc = (part[j].double() * s64[j] + acc).float().double()
+            out[r:r + 256] = acc
+        if self.bias is not None:
+            out += self.bias.float()
+        return out.to(x2.dtype)
+
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend is None:
             self.prepare()
         shape = x.shape
+        if self.backend == "cpu_int4" and self._rt["math"] == FP32_SCALES:
+            y = self._fp32_scales_mm(x.reshape(-1, self.in_features))
+            return y.view(*shape[:-1], self.out_features)
         if self.backend == "cpu_int4":
             rt = self._rt
             x2 = x.reshape(-1, self.in_features)
