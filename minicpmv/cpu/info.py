@@ -1,4 +1,5 @@
-"""`minicpmv info`: what this CPU can do and which kernel each op class will run."""
+"""`minicpmv info`: what this CPU can do and which kernel each op class will run (its command line is
+declared in minicpmv/cli/info.py, without torch)."""
 from __future__ import annotations
 
 import argparse
@@ -9,22 +10,7 @@ import torch
 
 from . import calibrate as cal
 from .isa import ENV_ISA
-from .plan import WEIGHT_FORMATS, check_weights, choose
-
-
-def add_info_parser(sub) -> None:
-    p = sub.add_parser("info", help="show the CPU's features and the kernel chosen per op class",
-                       description="Detect the CPU (torch's capability, /proc/cpuinfo flags) and print the "
-                                   "kernel a CPU load would use for vision GEMMs, prefill GEMMs, decode GEMVs "
-                                   "and the lm_head.",
-                       epilog=f"{ENV_ISA}=avx2 (or --isa avx2) forces the choices made for AVX2-only CPUs; "
-                              f"{cal.ENV_CALIBRATE}=1 calibrates at load when no cached calibration exists.")
-    p.add_argument("--isa", help="lower the level the choice is made for (e.g. avx2, avx512)")
-    p.add_argument("--weights", choices=list(WEIGHT_FORMATS), help="show the kernels of a load-time weight format")
-    p.add_argument("--calibrate", action="store_true",
-                   help="time the candidate kernels now (a few seconds) and cache the result for later loads")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run_info)
+from .plan import check_weights, choose
 
 
 def run_info(args: argparse.Namespace) -> int:

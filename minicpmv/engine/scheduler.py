@@ -32,10 +32,6 @@ class StepPlan:
     def empty(self) -> bool:
         return not (self.decode or self.isolated or self.encode or self.prefill)
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.decode) + len(self.isolated) + sum(n for _, n in self.prefill)
-
 
 class Scheduler:
     def __init__(self, manager: StateManager, config: EngineConfig):

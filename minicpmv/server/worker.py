@@ -20,7 +20,6 @@ import ctypes
 import logging
 import queue
 import threading
-import time
 
 from ..engine.sequence import Sequence
 from ..errors import InputError
@@ -63,7 +62,6 @@ class Worker:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.admitted = 0  # sequences admitted and not yet done; event loop only
-        self.last_step_at = time.monotonic()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._owners: dict[int, tuple[RequestHandle, int]] = {}  # seq_id -> (handle, choice index); engine thread
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -155,7 +153,6 @@ class Worker:
             except Exception as e:  # noqa: BLE001 - a fault the engine could not pin on one request
                 log.exception("engine step failed")
                 outputs = self.engine.fail_all(e)
-            self.last_step_at = time.monotonic()
             self._guarded(self._deliver, outputs)
             self._snapshot = self.engine.metrics()
 

@@ -23,10 +23,6 @@ class ForwardBatch:
         self.batch_size = len(context_lens)
         self.num_new = positions.shape[-1]
 
-    @property
-    def is_decode(self) -> bool:
-        return self.num_new == 1
-
     # -- attention: rows of the flattened KV pool ---------------------------------------------
     def _rows(self, b: int, start: int, end: int) -> torch.Tensor:
         bs = self.pool.block_size

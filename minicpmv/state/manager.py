@@ -167,8 +167,3 @@ class StateManager:
     def clear_prefix_cache(self) -> None:
         while self.prefix and len(self.prefix):
             self._drop(self.prefix.pop_oldest())
-
-    def usage(self) -> dict:
-        return {"blocks_total": self.plan.num_blocks, "blocks_free": self.blocks.num_free,
-                "slots_total": self.plan.num_slots, "slots_free": self.slots.num_free,
-                "prefix_entries": len(self.prefix) if self.prefix else 0}
