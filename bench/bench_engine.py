@@ -142,8 +142,10 @@ def main():
     p.add_argument("--gap-prompt", type=int, default=16384)
     p.add_argument("--kv-cache-memory", type=int, default=4 << 30, help="v2's state pool in bytes (default 4 GiB)")
     p.add_argument("--tiny", action="store_true", help="the tiny test checkpoint (a smoke run of this script)")
-    p.add_argument("--skip-server", action="store_true")
+    p.add_argument("--parts", default="decode,gap,turns,server",
+                   help="which measurements to run (comma list of decode, gap, turns, server)")
     args = p.parse_args()
+    parts = set(args.parts.split(","))
     if args.tiny:
         from tiny46 import build_tiny_46
 
@@ -158,29 +160,33 @@ def main():
     v2, v1 = Worker("v2", ROOT, args), Worker("v1", old, args)
     rows = []
     try:
-        for n in (1, 8, 32):
+        for n in (1, 8, 32) if "decode" in parts else ():
             pairs = paired(v2, v1, {"decode": n, "tokens": args.tokens}, args.runs)
             rows.append((f"decode, {n} sequences (tok/s)", summary(pairs, "tok_s")))
             print(rows[-1], flush=True)
-        pairs = paired(v2, v1, {"gap": args.gap_prompt, "tokens": 100000}, 1)
-        rows.append((f"worst inter-token gap while a {args.gap_prompt}-token prompt is admitted (s)",
-                     summary(pairs, "worst_gap_s", better="lower") +
-                     f"; newcomer TTFT v2 {pairs[0][0]['newcomer_ttft_s']:.1f}s v1 {pairs[0][1]['newcomer_ttft_s']:.1f}s;"
-                     f" v2 median gap before {pairs[0][0]['median_gap_before_s']:.3f}s"))
-        print(rows[-1], flush=True)
-        pairs = paired(v2, v1, {"turns": True}, args.runs)
-        rows.append(("448x448 chat: turn-2 TTFT / turn-1 TTFT",
-                     f"v2 {median([p[0]['ratio'] for p in pairs]):.3f} ({median([p[0]['ttft2_s'] for p in pairs]):.2f}"
-                     f" s / {median([p[0]['ttft1_s'] for p in pairs]):.2f} s, cached {pairs[0][0]['cached_tokens']}"
-                     f" of {pairs[0][0]['prompt_tokens']} tokens)  v1 {median([p[1]['ratio'] for p in pairs]):.3f}"))
-        print(rows[-1], flush=True)
+        if "gap" in parts:
+            pairs = paired(v2, v1, {"gap": args.gap_prompt, "tokens": 100000}, 1)
+            new, old = pairs[0]
+            rows.append((f"worst inter-token gap while a {args.gap_prompt}-token prompt is admitted (s)",
+                         summary(pairs, "worst_gap_s", better="lower") +
+                         f"; newcomer TTFT v2 {new['newcomer_ttft_s']:.1f}s v1 {old['newcomer_ttft_s']:.1f}s;"
+                         f" v2 median gap before {new['median_gap_before_s']:.3f}s"))
+            print(rows[-1], flush=True)
+        if "turns" in parts:
+            pairs = paired(v2, v1, {"turns": True}, args.runs)
+            new = [p[0] for p in pairs]
+            rows.append(("448x448 chat: turn-2 TTFT / turn-1 TTFT",
+                         f"v2 {median([p['ratio'] for p in new]):.3f} ({median([p['ttft2_s'] for p in new]):.2f} s /"
+                         f" {median([p['ttft1_s'] for p in new]):.2f} s, cached {new[0]['cached_tokens']} of"
+                         f" {new[0]['prompt_tokens']} tokens)  v1 {median([p[1]['ratio'] for p in pairs]):.3f}"))
+            print(rows[-1], flush=True)
         rss = v2.ask({"rss": True})["peak_rss_gb"], v1.ask({"rss": True})["peak_rss_gb"]
         rows.append(("peak RSS (GB)", f"v2 {rss[0]:.2f} (state pool budget {args.kv_cache_memory / 1e9:.2f})"
                                       f"  v1 {rss[1]:.2f}"))
     finally:
         v2.close()
         v1.close()
-    if not args.skip_server:
+    if "server" in parts:
         servers = [Server("v2", ROOT, args, 18431), Server("v1", old, args, 18432)]
         try:
             for n in (1, 8, 32):

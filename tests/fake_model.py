@@ -63,9 +63,11 @@ class FakeModel(nn.Module):
         ctx = torch.tensor(batch.context_lens)
         visible = torch.arange(kv.shape[1])[None, None, :] <= (ctx[:, None, None] + torch.arange(T)[None, :, None])
         sums = (kv[:, None, :] * visible).sum(-1)  # [B, T]
-        conv, rec = batch.linear_state(1)
-        running = rec[:, 0, 0, 0][:, None].to(torch.float64) + vals.cumsum(-1)
-        batch.store_linear(1, conv, running[:, -1].reshape(B, 1, 1, 1).to(rec.dtype).contiguous())
+        batch.store_conv(1, batch.conv_state(1))
+        running = torch.empty(B, T, dtype=torch.float64)
+        for rows, state in batch.recurrent_views(1):  # the running sum lives in each sequence's slot
+            running[rows] = state[:, 0, 0, 0][:, None].to(torch.float64) + vals[rows].cumsum(-1)
+            state[:, 0, 0, 0] = running[rows, -1].to(state.dtype)
         pos = batch.positions.reshape(B, T).to(torch.float64)
         return torch.stack([sums, running, pos], -1)
 

@@ -216,3 +216,26 @@ def test_kv_cache_memory_sizes_parse():
     assert parse_bytes("2GiB") == 2 << 30 and parse_bytes("512M") == 512 << 20 and parse_bytes("1000") == 1000
     with pytest.raises(ValueError):
         parse_bytes("lots")
+
+
+def test_decode_state_is_updated_in_place_per_run_of_slots():
+    from minicpmv.state import ForwardBatch, StatePool
+    from minicpmv.state.pool import plan_pool
+
+    model = FakeModel()
+    pool = StatePool(model.state_spec(), plan_pool(model.state_spec(), 1 << 20, torch.float64, BLOCK, 8),
+                     torch.float64, "cpu")
+    batch = ForwardBatch(pool, torch.zeros(5, 1, dtype=torch.long), [[0]] * 5, [0] * 5, [0, 1, 3, 4, 7])
+    views = batch.recurrent_views(1)
+    assert [(r.start, r.stop) for r, _ in views] == [(0, 2), (2, 4), (4, 5)]
+    assert all(v.data_ptr() == pool.recurrent[1][s].data_ptr() for (_, v), s in zip(views, (0, 3, 7)))
+
+
+def test_sequences_take_low_slots_and_snapshots_high_ones():
+    from minicpmv.state.alloc import SlotAllocator
+
+    slots = SlotAllocator(6)
+    a, b = slots.allocate(), slots.allocate()
+    snap = slots.allocate(high=True)
+    slots.release(a)
+    assert (a, b, snap, slots.allocate()) == (0, 1, 5, 0)

@@ -68,6 +68,7 @@ class Scheduler:
                 continue  # it was preempted itself
             (plan.isolated if seq.isolate else plan.decode).append(seq)
             budget -= 1
+        plan.decode.sort(key=lambda s: s.state.slot or 0)  # consecutive slots: in-place batched state updates
         for seq in list(self.running):
             if seq.status is Status.RUNNING and not self._decoding(seq) and seq not in plan.preempted:
                 budget, units = self._prefill(seq, budget, units, plan)

@@ -96,7 +96,7 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, layer_idx: int) -> torch.Tensor:
         B, T, _ = x.shape
-        conv_state, recurrent = batch.linear_state(layer_idx)  # [B, C, K-1], [B, H, dk, dv] fp32
+        conv_state = batch.conv_state(layer_idx)  # [B, C, K-1]
         if self.in_proj is not None:
             qkv, z, b, a = self.in_proj(x).split([self.conv_dim, self.value_size, self.num_v_heads,
                                                   self.num_v_heads], dim=-1)
@@ -129,16 +129,22 @@ class GatedDeltaNet(nn.Module):
         k = l2_normalize(k.float())
         v = v.float()
 
+        batch.store_conv(layer_idx, new_conv)
+        views = batch.recurrent_views(layer_idx)  # [(rows, state [n, H, dk, dv] fp32 in the pool)]
         if T == 1:
-            # decode: the batch's states are updated in place (views into the pool when their
-            # slots are contiguous), one batched step for every sequence
-            o = recurrent_gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0].float(), recurrent)
-            o = o.unsqueeze(1)  # [B, 1, H, dv]
+            # decode: one batched step per run of consecutive slots, each state updated in place
+            beta = beta.float()
+            outs = [recurrent_gated_delta_step(q[r, 0], k[r, 0], v[r, 0], g[r, 0], beta[r, 0], state)
+                    for r, state in views]
+            o = (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(1)  # [B, 1, H, dv]
         else:
-            o, recurrent = chunk_gated_delta_rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  g.transpose(1, 2), beta.float().transpose(1, 2), recurrent)
-            o = o.transpose(1, 2)
-        batch.store_linear(layer_idx, new_conv, recurrent)
+            outs = []
+            for r, state in views:
+                o, final = chunk_gated_delta_rule(q[r].transpose(1, 2), k[r].transpose(1, 2), v[r].transpose(1, 2),
+                                                  g[r].transpose(1, 2), beta[r].float().transpose(1, 2), state)
+                state.copy_(final)
+                outs.append(o.transpose(1, 2))
+            o = outs[0] if len(outs) == 1 else torch.cat(outs)
 
         o = self.norm(o.to(x.dtype), z)
         return self.out_proj(o.reshape(B, T, self.value_size))

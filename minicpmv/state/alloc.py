@@ -2,6 +2,8 @@
 Pure Python (no tensors), so the scheduler and its tests run without a model."""
 from __future__ import annotations
 
+import bisect
+
 
 class BlockAllocator:
     """Reference-counted blocks: a block shared by several sequences (a reused prefix) returns to
@@ -38,23 +40,26 @@ class BlockAllocator:
 
 
 class SlotAllocator:
+    """Running sequences take the lowest free slots, prefix snapshots the highest: the sequences of
+    a decode batch then sit in few runs of consecutive slots, whose states are updated in place."""
+
     def __init__(self, num_slots: int):
         self.num_slots = num_slots
-        self._free = list(range(num_slots - 1, -1, -1))
+        self._free = list(range(num_slots))  # ascending
         self.used = [False] * num_slots
 
     @property
     def num_free(self) -> int:
         return len(self._free)
 
-    def allocate(self) -> int:
+    def allocate(self, high: bool = False) -> int:
         if not self._free:
             raise MemoryError("no free state slot")
-        s = self._free.pop()
+        s = self._free.pop() if high else self._free.pop(0)
         self.used[s] = True
         return s
 
     def release(self, slot: int) -> None:
         assert self.used[slot], f"slot {slot} released twice"
         self.used[slot] = False
-        self._free.append(slot)
+        bisect.insort(self._free, slot)

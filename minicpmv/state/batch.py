@@ -68,21 +68,33 @@ class ForwardBatch:
     def _slot_index(self):
         s = self.slots
         if s == list(range(s[0], s[0] + len(s))):
-            return slice(s[0], s[0] + len(s))  # contiguous: views, updated in place
+            return slice(s[0], s[0] + len(s))  # contiguous: a view
         return torch.tensor(s, dtype=torch.long, device=self.pool.device)
 
-    def linear_state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(conv window [B, C, K-1], recurrent [B, H, dk, dv] fp32): views into the pool when the
-        slots are contiguous, else gathered copies (write them back with store_linear)."""
-        idx = self._slot_index
-        return self.pool.conv[layer][idx], self.pool.recurrent[layer][idx]
+    @cached_property
+    def _slot_runs(self) -> list[tuple[slice, slice]]:
+        """The batch as runs of consecutive slots: (rows of the batch, slots of the pool)."""
+        runs, start = [], 0
+        for i in range(1, len(self.slots) + 1):
+            if i == len(self.slots) or self.slots[i] != self.slots[i - 1] + 1:
+                runs.append((slice(start, i), slice(self.slots[start], self.slots[i - 1] + 1)))
+                start = i
+        return runs
 
-    def store_linear(self, layer: int, conv: torch.Tensor, recurrent: torch.Tensor) -> None:
+    def conv_state(self, layer: int) -> torch.Tensor:
+        """Conv windows [B, C, K-1] (a view when the slots are contiguous, else a small copy)."""
+        return self.pool.conv[layer][self._slot_index]
+
+    def store_conv(self, layer: int, conv: torch.Tensor) -> None:
         idx = self._slot_index
-        for target, value in ((self.pool.conv[layer], conv), (self.pool.recurrent[layer], recurrent)):
-            if isinstance(idx, slice):
-                view = target[idx]
-                if view.data_ptr() != value.data_ptr():
-                    view.copy_(value)
-            else:
-                target.index_copy_(0, idx, value.to(target.dtype))
+        if isinstance(idx, slice):
+            self.pool.conv[layer][idx].copy_(conv)
+        else:
+            self.pool.conv[layer].index_copy_(0, idx, conv.to(self.pool.conv[layer].dtype))
+
+    def recurrent_views(self, layer: int) -> list[tuple[slice, torch.Tensor]]:
+        """(rows of the batch, their recurrent states [n, H, dk, dv] fp32) per run of consecutive
+        slots: views into the pool, so a layer updates each state where it lives (the states are
+        the largest thing a decode step touches besides the weights; copying them would double
+        that traffic). The scheduler orders a decode batch by slot, so there are few runs."""
+        return [(rows, self.pool.recurrent[layer][slots]) for rows, slots in self._slot_runs]

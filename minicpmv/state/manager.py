@@ -153,7 +153,7 @@ class StateManager:
         if st.slot is not None:
             if not self.slots.num_free:
                 return  # a snapshot never evicts: it is an optimisation, not a need
-            slot = self.slots.allocate()
+            slot = self.slots.allocate(high=True)
             if self.pool is not None:
                 self.pool.copy_slot(st.slot, slot)
         self.blocks.share(st.blocks[:nblocks])
