@@ -81,9 +81,10 @@ def test_a_fault_inside_the_model_fails_only_its_request(server, solo):
 
 def test_cancelled_mid_prefill_and_queued_clients_leave_no_trace(server, solo):
     server.wait_idle()
-    long = user("A very long question. " * 300)  # ~1.5k tokens: ~50 prefill steps of 32 tokens
+    # ~1.5k tokens each (~50 prefill steps of 32 tokens), distinct so none reuses another's prefix
+    longs = [user(f"Leaver {k}: " + "A very long question. " * 300) for k in range(4)]
     with ThreadPoolExecutor(24) as pool:
-        leavers = [pool.submit(lambda: _impatient(server, long)) for _ in range(4)]
+        leavers = [pool.submit(_impatient, server, long, 3000) for long in longs]
         others = [pool.submit(stream, server, prompt(i)) for i in range(16)]
         queued_leavers = [pool.submit(stream, server, prompt(i), 12, 0) for i in range(4)]
         assert [f.result() for f in others] == [(solo[i], None) for i in range(16)]
