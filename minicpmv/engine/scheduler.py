@@ -9,7 +9,8 @@ Each step packs, under a token budget:
   3. newly admitted sequences, first come first served, while there are free blocks and slots
      (a prefix-cache hit is adopted at admission, so only the rest of the prompt is computed).
 A long prompt or video is therefore spread over many steps and never stalls the decoding streams
-for more than one chunk."""
+for more than one chunk; when no sequence is decoding, nothing waits on the chunk, so it may be
+`idle_budget_factor` times larger (fewer passes over the weights for one user's prompt)."""
 from __future__ import annotations
 
 from collections import deque
@@ -68,6 +69,8 @@ class Scheduler:
                 continue  # it was preempted itself
             (plan.isolated if seq.isolate else plan.decode).append(seq)
             budget -= 1
+        if not (plan.decode or plan.isolated):
+            budget *= self.config.idle_budget_factor  # no stream to keep flowing: bigger prompt chunks
         plan.decode.sort(key=lambda s: s.state.slot or 0)  # consecutive slots: in-place batched state updates
         for seq in list(self.running):
             if seq.status is Status.RUNNING and not self._decoding(seq) and seq not in plan.preempted:

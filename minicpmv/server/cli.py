@@ -62,9 +62,10 @@ def add_serve_parser(sub, parents=()) -> None:
     p.add_argument("--kv-cache-memory", metavar="SIZE",
                    help="memory for the state pool (KV blocks + recurrent slots), e.g. 2GiB (default: sized for "
                         "--max-concurrency sequences of 4k tokens, at most a fifth of free memory)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=256,
-                   help="tokens per engine step: decode tokens plus prompt chunks; a long prompt is spread over "
-                        "steps of this size so running streams keep flowing (default 256)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=64,
+                   help="tokens per engine step while streams decode: decode tokens plus prompt chunks; a long "
+                        "prompt is spread over steps of this size so running streams keep flowing (default 64; "
+                        "4x that when nothing decodes)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not keep prompt/reply state for reuse by later requests with the same prefix")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
