@@ -26,10 +26,6 @@ class SingleSequence:
         device = next(model.parameters()).device
         return cls(model.state_spec(), capacity, model.dtype, device)
 
-    @property
-    def length(self) -> int:
-        return self.state.num_computed
-
     def batch(self, num_new: int, positions: torch.Tensor | None = None) -> ForwardBatch:
         """The ForwardBatch for the sequence's next `num_new` tokens (positions default to their
         indices); the sequence counts them as computed."""
