@@ -44,11 +44,11 @@ MAX_JSON_DEPTH = 64  # arrays/objects inside one another; real requests (tool sc
 
 
 class Server:
-    def __init__(self, model, config: ServeConfig):
+    def __init__(self, model, config: ServeConfig, engine_thread: bool = True):
         self.model, self.config = model, config
         self.metrics = Metrics()
         model.engine.encoder_cache.max_bytes = config.encoder_cache_bytes
-        self.worker = Worker(model, self.metrics, config.max_concurrency, config.max_queue)
+        self.worker = Worker(model, self.metrics, config.max_concurrency, config.max_queue, own_thread=engine_thread)
         self.policy = MediaPolicy(config.allow_url_fetch, config.allowed_local_media_path, config.media_max_bytes,
                                   config.media_fetch_timeout_s)
         self.pixels = PixelBudget(config.media_limits.max_inflight_pixels)
@@ -295,8 +295,10 @@ def _grammar_factory(model) -> GrammarFactory | None:
     return factory
 
 
-def create_app(model, config: ServeConfig) -> Starlette:
-    server = Server(model, config)
+def create_app(model, config: ServeConfig, engine_thread: bool = True) -> Starlette:
+    """The ASGI app. With `engine_thread=False` the caller runs the engine loop itself
+    (`app.state.server.worker.run_here()`, as `minicpmv serve` does on its main thread)."""
+    server = Server(model, config, engine_thread)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -164,15 +164,13 @@ def run_serve(args) -> int:
     model = load_model(info, args, progress=sys.stderr.isatty(), say=log.info, **engine_settings)
     log.info("engine: %s", model.engine.describe())
 
-    import uvicorn
-
     from .app import create_app
+    from .run import serve
 
-    app = create_app(model, config)
+    app = create_app(model, config, engine_thread=False)
     for line in banner(model, info, config, args):
         log.info(line)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, log_config=None)
-    return 0
+    return serve(app, args.host, args.port, args.log_level)
 
 
 def banner(model, info, config, args) -> list[str]:

@@ -1,4 +1,9 @@
-"""The engine thread: it alone touches the Engine (and so torch), the event loop never does.
+"""The engine loop: one thread alone touches the Engine (and so torch), the event loop never does.
+
+`minicpmv serve` runs this loop on the process's main thread and the HTTP event loop on another
+(`run_here`): torch's OpenMP kernels run ~25% slower from a thread other than the one that first
+used them (docs/performance.md). Embedded servers (tests, `create_app` in a program) get a
+thread of their own (`start`).
 
 The event loop hands over work and cancellations through a thread-safe inbox; between two
 engine steps the thread takes everything waiting there, so a new request joins the running
@@ -55,7 +60,7 @@ class RequestHandle:
 
 
 class Worker:
-    def __init__(self, model, metrics: Metrics, max_concurrency: int, max_queue: int):
+    def __init__(self, model, metrics: Metrics, max_concurrency: int, max_queue: int, own_thread: bool = True):
         self.model = model
         self.engine = model.engine
         self.metrics = metrics
@@ -66,22 +71,38 @@ class Worker:
         self._owners: dict[int, tuple[RequestHandle, int]] = {}  # seq_id -> (handle, choice index); engine thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self._running = False  # the loop is running (on whichever thread)
         self._snapshot: dict = self.engine.metrics()
-        self._thread = threading.Thread(target=self._run, name="minicpmv-engine", daemon=True)
+        self._own_thread = own_thread  # False: the caller runs the loop with `run_here`
+        self._thread: threading.Thread | None = None
 
     # -- event loop side ------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve the event loop `loop`; start the engine loop on a thread of its own unless the
+        worker was made for `run_here`."""
         self._loop = loop
-        self._thread.start()
+        if self._own_thread:
+            self._running = True
+            self._thread = threading.Thread(target=self._run, name="minicpmv-engine", daemon=True)
+            self._thread.start()
+
+    def run_here(self) -> None:
+        """Run the engine loop on this thread until `stop` (the main thread of `minicpmv serve`);
+        outputs go to the event loop handed over by `start`."""
+        if self._own_thread:
+            raise RuntimeError("this worker runs its engine loop on a thread of its own")
+        self._running = True
+        self._run()
 
     def stop(self) -> None:
         self._stopping = True
         self._inbox.put(None)
-        self._thread.join(timeout=30)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return self._running and not self._stopping
 
     def admit(self, n: int) -> None:
         if not self.alive:
@@ -123,9 +144,10 @@ class Worker:
         try:
             self._loop_forever()
         except BaseException as e:  # noqa: BLE001 - nothing may leave a request waiting forever
-            log.exception("the engine thread stopped")
+            log.exception("the engine loop stopped")
             self._fail_everything(ApiError(503, f"the engine stopped: {type(e).__name__}"))
         finally:
+            self._running = False
             self._fail_everything(ApiError(503, "the server is shutting down"))
 
     def _loop_forever(self) -> None:
@@ -224,6 +246,8 @@ class Worker:
                 self._send(message[1], error)
 
     def _send(self, handle: RequestHandle, item) -> None:
+        if self._loop is None:  # nothing was ever served
+            return
         try:
             self._loop.call_soon_threadsafe(handle.queue.put_nowait, item)
         except RuntimeError:  # the event loop is closed: the server is shutting down
