@@ -145,8 +145,11 @@ class Contender:
 
 def contenders(args, folder: Path, threads: int) -> dict[str, list[Contender]]:
     env = worker_env(threads)
-    ours = [sys.executable, ROOT / "bench" / "serve_ours.py", "--model", folder, "--port", "{port}",
-            "--threads", str(threads), "--max-concurrency", "8"]
+    # `minicpmv serve` as users run it; the vision-encoding cache off (every sample encodes its image, as
+    # the peers are configured to)
+    ours = [sys.executable, "-m", "minicpmv.cli", "serve", "--model", folder, "--port", "{port}", "--host", "127.0.0.1",
+            "--threads", str(threads), "--max-concurrency", "8", "--encoder-cache-mb", "0",
+            "--served-model-name", "model", "--log-level", "warning"]
     groups = {
         "16bit": [Contender("ours auto", "ours", "16-bit", ours, env)],
         "8bit": [Contender("ours int8", "ours", "int8", ours + ["--weights", "int8"], env)],

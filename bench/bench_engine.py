@@ -118,13 +118,14 @@ class Server:
                 if r.status_code != 200:
                     raise RuntimeError(f"{self.name}: HTTP {r.status_code}: {r.read()[:300]!r}")
                 for line in r.iter_lines():
-                    if line.startswith("data: {"):
+                    # token chunks only: the role chunk comes before the prefill, the last one after
+                    if line.startswith("data: {") and _has_token(json.loads(line[6:])):
                         stamps[i].append(time.perf_counter())
 
         wait_quiet()
         with ThreadPoolExecutor(n) as pool:
             list(pool.map(one, range(n)))
-        start = max(s[0] for s in stamps)  # every stream is running
+        start = max(s[0] for s in stamps)  # every stream has its first token: all decode from here
         end = min(s[-1] for s in stamps)  # until the first one ends
         chunks = sum(sum(1 for t in s if start < t <= end) for s in stamps)
         return {"tok_s": chunks / (end - start) if end > start else float("nan")}
@@ -134,11 +135,19 @@ class Server:
         self.proc.wait()
 
 
+def _has_token(chunk: dict) -> bool:
+    return any(c.get("delta", {}).get("content") or c.get("delta", {}).get("reasoning_content")
+               for c in chunk.get("choices", []))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=32, help="decode tokens per sample")
+    p.add_argument("--server-tokens", type=int, default=128,
+                   help="tokens per streaming client (the window is from the last stream's first token to the "
+                        "first stream's last, so it must be long beside the prefills)")
     p.add_argument("--gap-prompt", type=int, default=16384)
     p.add_argument("--kv-cache-memory", type=int, default=4 << 30, help="v2's state pool in bytes (default 4 GiB)")
     p.add_argument("--tiny", action="store_true", help="the tiny test checkpoint (a smoke run of this script)")
@@ -193,7 +202,7 @@ def main():
                 res = {s.name: [] for s in servers}
                 for r in range(args.runs):
                     for s in (servers if r % 2 == 0 else servers[::-1]):
-                        res[s.name].append(s.streams(n, args.tokens)["tok_s"])
+                        res[s.name].append(s.streams(n, args.server_tokens)["tok_s"])
                 pairs = [({"tok_s": a}, {"tok_s": b}) for a, b in zip(res["v2"], res["v1"])]
                 rows.append((f"server, {n} streaming clients (tok/s)", summary(pairs, "tok_s")))
                 print(rows[-1], flush=True)

@@ -122,3 +122,21 @@ def test_video_flags_reach_the_frame_sampler(capsys, tiny46_dir, tmp_path):
     one_fps, two_fps = prompt_tokens("--fps", "1"), prompt_tokens("--fps", "2")
     assert two_fps > one_fps  # twice the frames sampled
     assert prompt_tokens("--fps", "2", "--max-frames", "2") < two_fps  # capped
+
+
+def test_weights_and_isa_flags_reach_the_load(capsys, monkeypatch, tiny46_dir, photo):
+    seen, load = [], minicpmv.load
+    monkeypatch.setattr(minicpmv, "load", lambda *a, **kw: seen.append(kw) or load(*a, **kw))
+    got = chat_json(capsys, "--model", tiny46_dir, "--dtype", "bfloat16", "--weights", "int8", "--isa", "avx2",
+                    "--image", photo, "--greedy", "--max-new-tokens", "5", "What is in the picture?")
+    assert seen[0]["weights"] == "int8" and seen[0]["isa"] == "avx2"
+    ref = load(tiny46_dir, dtype="bfloat16", device="cpu", progress=False, weights="int8", isa="avx2").chat(
+        msgs=[{"role": "user", "content": [{"type": "image", "image": str(photo)}, "What is in the picture?"]}],
+        do_sample=False, max_new_tokens=5, enable_thinking=False)
+    assert got["text"] == str(ref)
+
+
+def test_an_unknown_isa_is_one_line_before_loading(capsys, tiny46_dir):
+    assert main(["chat", "--quiet", "--model", str(tiny46_dir), "--isa", "sse9", "Hi"]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: --isa: CPU ISA level 'sse9'") and "expected one of" in err, err

@@ -8,6 +8,7 @@ import time
 
 from ..hub import DEFAULT_MODEL
 from .errors import CliError
+from .info import WEIGHT_FORMATS
 from .preflight import ModelInfo, check_checkpoint_files, check_device_name, check_device_present, inspect_model
 
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
@@ -23,6 +24,12 @@ def add_model_args(p: argparse.ArgumentParser, dtype_help: str | None = None) ->
                                       "in float32)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--weights", choices=list(WEIGHT_FORMATS),
+                   help="CPU: quantize the text matrices and lm_head of a 16-bit checkpoint at load (int8 "
+                        "per channel, int4 per group of 64), or a GPTQ checkpoint's dense lm_head; `minicpmv "
+                        "info --weights ...` shows the kernels")
+    p.add_argument("--isa", help="CPU: choose kernels as for this level at most (generic, avx2, avx512, avx512_bf16, "
+                                 "amx; default: what the CPU has, also $MINICPMV_CPU_ISA)")
 
 
 def check_model_args(args) -> ModelInfo:
@@ -55,10 +62,19 @@ def load_model(info: ModelInfo, args, progress: bool = True, say=None, **engine_
             raise CliError(str(e)) from e
         check_checkpoint_files(folder)
         info.folder = folder
+    weights, isa = getattr(args, "weights", None), getattr(args, "isa", None)
+    if isa:
+        from ..cpu.isa import detect
+
+        try:
+            detect(isa)
+        except ValueError as e:
+            raise CliError(f"--isa: {e}") from e
     t0 = time.perf_counter()
-    say(f"loading {info.family_name} from {folder} (dtype {args.dtype}, device {args.device}) ...")
+    fmt = f", weights {weights}" if weights else ""
+    say(f"loading {info.family_name} from {folder} (dtype {args.dtype}{fmt}, device {args.device}) ...")
     model = minicpmv.load(folder, dtype=args.dtype, device=None if args.device == "auto" else args.device, progress=progress,
-                 **engine_settings)
+                          weights=weights, isa=isa, **engine_settings)
     say(f"loaded in {time.perf_counter() - t0:.1f} s ({describe_model(model)})")
     return model
 

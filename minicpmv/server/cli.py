@@ -159,7 +159,8 @@ def run_serve(args) -> int:
     if args.replicas:
         from .replicas.launch import run_replicas
 
-        return run_replicas(args, config, {"dtype": args.dtype, "device": args.device, **engine_settings})
+        return run_replicas(args, config, {"dtype": args.dtype, "device": args.device, "weights": args.weights,
+                                             "isa": args.isa, **engine_settings})
     log = logging.getLogger("minicpmv.server")
     model = load_model(info, args, progress=sys.stderr.isatty(), say=log.info, **engine_settings)
     log.info("engine: %s", model.engine.describe())
