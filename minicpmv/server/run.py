@@ -8,6 +8,7 @@ Ctrl-C cuts them), uvicorn's shutdown stops the engine loop, and a server that c
 """
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -32,6 +33,10 @@ def serve(app, host: str, port: int, log_level: str) -> int:
         finally:
             worker.stop()  # no-op when uvicorn's shutdown already stopped it
 
+    # the model, tokenizer and grammar tables live as long as the process: keep them out of every
+    # later garbage collection pass (each pass would walk them between engine steps)
+    gc.collect()
+    gc.freeze()
     previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=http, name="minicpmv-http")
     try:
