@@ -39,6 +39,7 @@ import argparse
 import base64
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -169,7 +170,11 @@ def contenders(args, folder: Path, threads: int) -> dict[str, list[Contender]]:
     if "vllm" in args.only:
         py = setup_vllm()
         venv_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
-        venv_env.update(VLLM_CPU_KVCACHE_SPACE="4", VLLM_CPU_OMP_THREADS_BIND="all")
+        # vLLM 0.32 takes "auto", "nobind" or a CPU id list here ("all" fails in the engine core with
+        # "invalid literal for int()"); auto binds one CPU per physical core and may keep one back for
+        # the front end, so the same thread count as the others is an explicit list of `threads` CPUs
+        cpus = ",".join(str(i) for i in sorted(os.sched_getaffinity(0))[:threads])
+        venv_env.update(VLLM_CPU_KVCACHE_SPACE="4", VLLM_CPU_OMP_THREADS_BIND=cpus)
         groups["16bit"].append(Contender(
             "vLLM-CPU bf16", "vllm", "bf16",
             [py, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--served-model-name", "model",
