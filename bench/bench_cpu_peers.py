@@ -29,7 +29,7 @@ The run (~30-60 min at the real size on 2 cores):
     python bench/bench_cpu_peers.py --groups 4bit --gptq ~/ckpt/MiniCPM-V-4.6-gptq-int4
     python bench/bench_cpu_peers.py --metrics image_ttft image1344_ttft --llama-bench
 (--llama-bench adds llama.cpp's own in-process llama-bench figures; its JSON field names
-n_prompt / n_gen / avg_ts are those of b11434's `-o json`, not checked against a build today.)
+n_prompt / n_gen / avg_ts are those of b11434's `-o json`, checked against the build.)
 Smoke run of our side only (tiny random checkpoint, small sizes; the figures mean nothing):
     python bench/bench_cpu_peers.py --tiny --only ours --runs 1 --prompt-tokens 64 --decode-tokens 8
 """
