@@ -29,7 +29,7 @@ The run (~30-60 min at the real size on 2 cores):
     python bench/bench_cpu_peers.py --groups 4bit --gptq ~/ckpt/MiniCPM-V-4.6-gptq-int4
     python bench/bench_cpu_peers.py --metrics image_ttft image1344_ttft --llama-bench
 (--llama-bench adds llama.cpp's own in-process llama-bench figures; its JSON field names
-n_prompt / n_gen / avg_ts are those of b11434's `-o json`, not checked against a build today.)
+n_prompt / n_gen / avg_ts are those of b11434's `-o json`, checked against the build.)
 Smoke run of our side only (tiny random checkpoint, small sizes; the figures mean nothing):
     python bench/bench_cpu_peers.py --tiny --only ours --runs 1 --prompt-tokens 64 --decode-tokens 8
 """
@@ -39,6 +39,7 @@ import argparse
 import base64
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -172,7 +173,11 @@ def contenders(args, folder: Path, threads: int) -> dict[str, list[Contender]]:
     if "vllm" in args.only:
         py = setup_vllm()
         venv_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
-        venv_env.update(VLLM_CPU_KVCACHE_SPACE="4", VLLM_CPU_OMP_THREADS_BIND="all")
+        # vLLM 0.32 takes "auto", "nobind" or a CPU id list here ("all" fails in the engine core with
+        # "invalid literal for int()"); auto binds one CPU per physical core and may keep one back for
+        # the front end, so the same thread count as the others is an explicit list of `threads` CPUs
+        cpus = ",".join(str(i) for i in sorted(os.sched_getaffinity(0))[:threads])
+        venv_env.update(VLLM_CPU_KVCACHE_SPACE="4", VLLM_CPU_OMP_THREADS_BIND=cpus)
         groups["16bit"].append(Contender(
             "vLLM-CPU bf16", "vllm", "bf16",
             [py, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--served-model-name", "model",

