@@ -178,6 +178,11 @@ def contenders(args, folder: Path, threads: int) -> dict[str, list[Contender]]:
         # the front end, so the same thread count as the others is an explicit list of `threads` CPUs
         cpus = ",".join(str(i) for i in sorted(os.sched_getaffinity(0))[:threads])
         venv_env.update(VLLM_CPU_KVCACHE_SPACE="4", VLLM_CPU_OMP_THREADS_BIND=cpus)
+        # as vLLM's CPU guide sets it up: tcmalloc (Debian's libtcmalloc-minimal4) and Intel's OpenMP preloaded
+        preload = [str(lib) for lib in (Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"),
+                                        py.parent.parent / "lib" / "libiomp5.so") if lib.is_file()]
+        if preload:
+            venv_env["LD_PRELOAD"] = ":".join(preload)
         groups["16bit"].append(Contender(
             "vLLM-CPU bf16", "vllm", "bf16",
             [py, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--served-model-name", "model",
