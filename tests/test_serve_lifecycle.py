@@ -10,46 +10,21 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 
 from cli_support import REPO
-from test_server_support import free_port
-
-
-def start(folder, port: int, log_path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    with open(log_path, "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "minicpmv", "serve", "--model", str(folder), "--port",
-                                 str(port), "--dtype", "float32", "--device", "cpu", "--threads", "1"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-
-
-def wait_healthy(proc, base: str, log_path) -> None:
-    deadline = time.monotonic() + 240
-    while True:
-        assert proc.poll() is None, log_path.read_text()
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.3)
+from test_server_support import MODEL_NAME, ServerProcess
 
 
 def test_sigterm_lets_the_open_stream_finish_then_exits_0(tiny46_dir, tmp_path):
-    port, log_path = free_port(), tmp_path / "serve.log"
-    proc = start(tiny46_dir, port, log_path)
-    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "serve.log"
+    server = ServerProcess(tiny46_dir, log_path=log_path, api_key=None)
     try:
-        wait_healthy(proc, base, log_path)
-        model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
-        body = {"model": model, "messages": [{"role": "user", "content": "Count"}], "max_tokens": 600,
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Count"}], "max_tokens": 600,
                 "ignore_eos": True, "temperature": 0, "stream": True}
         tokens, finish, done = 0, None, False
-        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as response:
+        with httpx.stream("POST", server.base + "/v1/chat/completions", json=body, timeout=120) as response:
             assert response.status_code == 200
             for line in response.iter_lines():
                 if line == "data: [DONE]":
@@ -59,17 +34,15 @@ def test_sigterm_lets_the_open_stream_finish_then_exits_0(tiny46_dir, tmp_path):
                     if chunk["choices"] and chunk["choices"][0]["delta"].get("content") is not None:
                         tokens += 1
                         if tokens == 1:
-                            proc.send_signal(signal.SIGTERM)  # mid-stream
+                            server.proc.send_signal(signal.SIGTERM)  # mid-stream
                     if chunk["choices"] and chunk["choices"][0].get("finish_reason"):
                         finish = chunk["choices"][0]["finish_reason"]
         assert done and finish == "length", log_path.read_text()
-        assert proc.wait(timeout=60) == 0, log_path.read_text()
+        assert server.proc.wait(timeout=60) == 0, log_path.read_text()
         with socket.socket() as s:  # nothing listens any more
-            assert s.connect_ex(("127.0.0.1", port)) != 0
+            assert s.connect_ex(("127.0.0.1", server.port)) != 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 def test_a_taken_port_ends_the_process_with_an_error(tiny46_dir, tmp_path):
@@ -78,7 +51,11 @@ def test_a_taken_port_ends_the_process_with_an_error(tiny46_dir, tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = start(tiny46_dir, port, log_path)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "minicpmv", "serve", "--model", str(tiny46_dir),
+                                     "--port", str(port), "--dtype", "float32", "--device", "cpu", "--threads", "1"],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         try:
             status = proc.wait(timeout=240)
         finally:
