@@ -1,8 +1,8 @@
 """Run the server: the engine loop on this (the main) thread, uvicorn's event loop on another.
 
-torch's OpenMP kernels run fastest from the thread that first used them, which is the main
-thread that loaded the model (docs/performance.md has the measurement), so the engine keeps it
-and HTTP moves out. Ctrl-C / SIGTERM stop uvicorn gracefully (open streams finish; a second
+On a quiet machine torch's OpenMP kernels ran fastest from the thread that first used them, the
+main thread that loaded the model (docs/performance.md has the measurements), so the engine keeps
+it and HTTP moves out. Ctrl-C / SIGTERM stop uvicorn gracefully (open streams finish; a second
 Ctrl-C cuts them), uvicorn's shutdown stops the engine loop, and a server that cannot start
 (port taken) ends the engine loop too.
 """
@@ -39,14 +39,17 @@ def serve(app, host: str, port: int, log_level: str) -> int:
     gc.freeze()
     previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=http, name="minicpmv-http")
+    engine_ok = False
     try:
         thread.start()
-        worker.run_here()
+        engine_ok = worker.run_here()
     finally:
         server.should_exit = True
         thread.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if not engine_ok:  # the loop died (logged); a service manager should restart the server
+        return 1
     if failed or not server.started:
         code = getattr(failed[0], "code", 1) if failed else 1
         return code if isinstance(code, int) and code else 1

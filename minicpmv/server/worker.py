@@ -1,9 +1,9 @@
 """The engine loop: one thread alone touches the Engine (and so torch), the event loop never does.
 
 `minicpmv serve` runs this loop on the process's main thread and the HTTP event loop on another
-(`run_here`): torch's OpenMP kernels run ~25% slower from a thread other than the one that first
-used them (docs/performance.md). Embedded servers (tests, `create_app` in a program) get a
-thread of their own (`start`).
+(`run_here`): on a quiet machine torch's OpenMP kernels ran up to ~25% slower from a thread other
+than the one that first used them (docs/performance.md). Embedded servers (tests, `create_app` in
+a program) get a thread of their own (`start`).
 
 The event loop hands over work and cancellations through a thread-safe inbox; between two
 engine steps the thread takes everything waiting there, so a new request joins the running
@@ -72,6 +72,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._running = False  # the loop is running (on whichever thread)
+        self._crashed = False  # the loop ended on an exception, not on `stop`
         self._snapshot: dict = self.engine.metrics()
         self._own_thread = own_thread  # False: the caller runs the loop with `run_here`
         self._thread: threading.Thread | None = None
@@ -86,13 +87,14 @@ class Worker:
             self._thread = threading.Thread(target=self._run, name="minicpmv-engine", daemon=True)
             self._thread.start()
 
-    def run_here(self) -> None:
+    def run_here(self) -> bool:
         """Run the engine loop on this thread until `stop` (the main thread of `minicpmv serve`);
-        outputs go to the event loop handed over by `start`."""
+        outputs go to the event loop handed over by `start`. False when the loop ended on a fault."""
         if self._own_thread:
             raise RuntimeError("this worker runs its engine loop on a thread of its own")
         self._running = True
         self._run()
+        return not self._crashed
 
     def stop(self) -> None:
         self._stopping = True
@@ -145,6 +147,7 @@ class Worker:
             self._loop_forever()
         except BaseException as e:  # noqa: BLE001 - nothing may leave a request waiting forever
             log.exception("the engine loop stopped")
+            self._crashed = True
             self._fail_everything(ApiError(503, f"the engine stopped: {type(e).__name__}"))
         finally:
             self._running = False
