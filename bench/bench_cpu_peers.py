@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import CACHE, ROOT, cpu_jiffies, gemm_gflops, median, random_checkpoint_46, wait_quiet, \
+from common import CACHE, cpu_jiffies, gemm_gflops, median, random_checkpoint_46, wait_quiet, \
     read_bandwidth_gbs, worker_env
 from peers_setup import llama_bench, llama_bin, setup_llama, setup_vllm
 
@@ -299,15 +299,7 @@ def machine_line(threads: int) -> str:
     cpu = detect()
     torch.set_num_threads(threads)
     # operands cast once and a warm-up first: the casts and oneDNN's first-call set-up are not the GEMM
-    a, w = torch.randn(512, 2048).bfloat16(), torch.randn(2048, 2048).bfloat16()
-    for _ in range(3):
-        torch.nn.functional.linear(a, w)
-    times = []
-    for _ in range(7):
-        t = time.perf_counter()
-        torch.nn.functional.linear(a, w)
-        times.append(time.perf_counter() - t)
-    bf16 = 2 * 512 * 2048 * 2048 / median(times) / 1e9
+    bf16 = gemm_gflops(threads, torch.bfloat16, 512, 2048, 2048)
     return (f"{cpu.model}, level {cpu.level} ({cpu.feature_line()}), torch {torch.__version__}, {threads} threads; "
             f"fp32 GEMM {gemm_gflops(threads):.0f} GFLOP/s, bf16 GEMM {bf16:.0f} GFLOP/s, "
             f"read {read_bandwidth_gbs(threads):.1f} GB/s")

@@ -44,10 +44,11 @@ def random_checkpoint_46(dtype=torch.bfloat16) -> Path:
     return folder
 
 
-def gemm_gflops(threads: int) -> float:
-    """fp32 GEMM rate on a ViT-MLP-shaped product, median of 7."""
+def gemm_gflops(threads: int, dtype=torch.float32, m: int = 1024, k: int = 1152, n: int = 4304) -> float:
+    """GEMM rate of an [m, k] x [k, n] product (default: fp32, ViT-MLP-shaped), operands made in
+    `dtype` once, 3 warm-up calls, median of 7."""
     torch.set_num_threads(threads)
-    a, w = torch.randn(1024, 1152), torch.randn(4304, 1152)
+    a, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
     for _ in range(3):
         torch.nn.functional.linear(a, w)
     times = []
@@ -55,7 +56,7 @@ def gemm_gflops(threads: int) -> float:
         t = time.perf_counter()
         torch.nn.functional.linear(a, w)
         times.append(time.perf_counter() - t)
-    return 2 * 1024 * 1152 * 4304 / sorted(times)[3] / 1e9
+    return 2 * m * k * n / sorted(times)[3] / 1e9
 
 
 def read_bandwidth_gbs(threads: int) -> float:
