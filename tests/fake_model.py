@@ -67,6 +67,11 @@ class FakeModel(nn.Module):
         running = torch.empty(B, T, dtype=torch.float64)
         for rows, state in batch.recurrent_views(1):  # the running sum lives in each sequence's slot
             running[rows] = state[:, 0, 0, 0][:, None].to(torch.float64) + vals[rows].cumsum(-1)
+            if batch.keep is not None:  # the state after the first j tokens, as a DeltaNet layer keeps it
+                j = batch.keep[0]
+                mid = state[0].clone()
+                mid[0, 0, 0] = running[0, j - 1].to(state.dtype)
+                batch.keep_linear(1, batch.conv_state(1)[0], mid)
             state[:, 0, 0, 0] = running[rows, -1].to(state.dtype)
         pos = batch.positions.reshape(B, T).to(torch.float64)
         return torch.stack([sums, running, pos], -1)

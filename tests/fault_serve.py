@@ -17,11 +17,11 @@ def load(*args, **kwargs):
     embed, prefill = model.model.embed, model.engine.runner.prefill
     armed = [False]
 
-    def faulty_prefill(seq, n):
+    def faulty_prefill(seq, n, keep=None):
         ids = seq.prompt_ids
         armed[0] = any(ids[i:i + len(trigger)] == trigger for i in range(len(ids) - len(trigger) + 1))
         try:
-            return prefill(seq, n)
+            return prefill(seq, n, keep)
         finally:
             armed[0] = False
 

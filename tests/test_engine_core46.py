@@ -100,6 +100,33 @@ def test_turn_two_costs_only_its_new_tokens_and_answers_the_same(model):
     assert second.output_ids == run_one(model, cold, turn2).output_ids
 
 
+def test_the_state_kept_inside_a_chunk_is_the_state_at_the_boundary(model):
+    """Turn 1's prompt runs as one chunk that passes its reuse boundary; the DeltaNet state kept there
+    mid-chunk equals that of a prompt that stops at the boundary."""
+    msgs = [{"role": "user", "content": [photo(70, 90, 3), "What is in the picture?"]},
+            {"role": "assistant", "content": "A small picture."}, {"role": "user", "content": "Say more."}]
+    p = model.prepare(msgs)
+    b = p.reuse_boundary
+    kept, ref = fresh_engine(model, max_num_batched_tokens=4096), fresh_engine(model)
+    keeps = []
+    orig = kept.runner.prefill
+    kept.runner.prefill = lambda s, n, keep=None: keeps.append(keep) or orig(s, n, keep)
+    for engine, ids, reuse in ((kept, p.input_ids, b), (ref, p.input_ids[:b], None)):
+        seq = engine.add(Sequence(ids, model.sampling_params(do_sample=False, max_new_tokens=1), p.vision,
+                                  reuse_boundary=reuse))
+        while engine.has_work():
+            engine.step()
+        assert seq.finish_reason == "length", seq.error
+    assert [k[0] for k in keeps if k] == [b]  # one chunk, the state kept at offset b
+    [a] = [e for e in kept.manager.prefix.entries.values() if e.length == b]
+    [r] = [e for e in ref.manager.prefix.entries.values() if e.length == b]
+    assert a.key == r.key and a.slot is not None
+    for layer in kept.pool.recurrent:
+        torch.testing.assert_close(kept.pool.conv[layer][a.slot], ref.pool.conv[layer][r.slot], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(kept.pool.recurrent[layer][a.slot], ref.pool.recurrent[layer][r.slot],
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_chat_reports_cached_tokens(model):
     msgs = [{"role": "user", "content": [photo(64, 64, 9), "Hello there"]}]
     model.chat(msgs=msgs, do_sample=False, max_new_tokens=4)

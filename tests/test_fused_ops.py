@@ -3,13 +3,14 @@ recurrent step (3-D bmm + baddbmm_ into the state), the one-call RMSNorms the CP
 (layers/norm.py `fused`), and the tiny 4.6 model with them on against the plain fp32 load."""
 from dataclasses import replace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from minicpmv.cpu.apply import apply_plan
 from minicpmv.cpu.isa import detect
 from minicpmv.cpu.plan import rule_plan
-from minicpmv.layers.gated_delta import recurrent_gated_delta_step
+from minicpmv.layers.gated_delta import prefill_gated_delta_rule, recurrent_gated_delta_step
 from minicpmv.layers.norm import GatedRMSNorm, RMSNorm, ZeroCenteredRMSNorm
 from minicpmv.loading import load_model
 from test_parity46 import our_prefill_logits
@@ -44,6 +45,26 @@ def test_recurrent_step_matches_the_formula_and_updates_in_place():
     torch.testing.assert_close(recurrent_gated_delta_step(q, k, v, gate, beta, strided), expected_o,
                                atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(strided, expected_state, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 3, 4, 5, 16, 17, 30, 33, 64, 100])
+def test_the_prefill_rule_of_any_length_equals_the_token_by_token_recurrence(T):
+    g = torch.Generator().manual_seed(T)
+    B, H, dk, dv = 1, 4, 32, 16
+    q = F.normalize(torch.randn(B, H, T, dk, generator=g), dim=-1) * dk ** -0.5
+    k = F.normalize(torch.randn(B, H, T, dk, generator=g), dim=-1)
+    v, beta = torch.randn(B, H, T, dv, generator=g), torch.rand(B, H, T, generator=g)
+    gate = -torch.rand(B, H, T, generator=g)
+    state = torch.randn(B, H, dk, dv, generator=g) * 0.1
+    before = state.clone()
+    o, final = prefill_gated_delta_rule(q, k, v, gate, beta, state)
+    assert torch.equal(state, before)  # the caller's state is left alone
+    s, outs = state.clone(), []
+    for t in range(T):
+        step_o, s = plain_step(q[:, :, t], k[:, :, t], v[:, :, t], gate[:, :, t], beta[:, :, t], s)
+        outs.append(step_o)
+    torch.testing.assert_close(o, torch.stack(outs, 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final, s, atol=1e-5, rtol=1e-5)
 
 
 def test_fused_norms_equal_the_plain_ones():

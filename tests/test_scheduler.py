@@ -71,7 +71,7 @@ def test_prompts_are_fed_in_chunks_under_the_token_budget(request):
     long, short = seq(prompt(1, 30), n=5), seq(prompt(2, 3), n=12)
     chunks = []
     orig = e.runner.prefill
-    e.runner.prefill = lambda s, n: chunks.append((s.seq_id, n)) or orig(s, n)
+    e.runner.prefill = lambda s, n, keep=None: chunks.append((s.seq_id, n)) or orig(s, n, keep)
     gaps = []
 
     def on_step(engine, outs):
@@ -120,7 +120,7 @@ def test_prefix_reuse_skips_the_shared_part_and_keeps_the_output(request):
     run(e, [first])
     fed = []
     orig = e.runner.prefill
-    e.runner.prefill = lambda s, n: fed.append(n) or orig(s, n)
+    e.runner.prefill = lambda s, n, keep=None: fed.append(n) or orig(s, n, keep)
     turn2 = seq(first.token_ids + [5, 6, 7], n=5)  # the reply (but its last token) is in the pool
     run(e, [turn2])
     assert turn2.num_cached == len(first.token_ids) - 1
@@ -131,6 +131,31 @@ def test_prefix_reuse_skips_the_shared_part_and_keeps_the_output(request):
     assert other.num_cached == 0 and other.output_ids == reference_tokens(other.prompt_ids, 3)
     hits, misses = e.manager.prefix.hits, e.manager.prefix.misses
     assert (hits, misses) == (1, 2)
+
+
+def test_a_reuse_boundary_inside_a_chunk_is_kept_without_cutting_the_chunk(request):
+    e = track(request, engine_for(max_num_batched_tokens=64))
+    calls = []
+    orig = e.runner.prefill
+    e.runner.prefill = lambda s, n, keep=None: calls.append((n, keep and keep[0])) or orig(s, n, keep)
+    turn1 = Sequence(prompt(5, 20), SamplingParams(max_new_tokens=3, stop_token_ids=[]), reuse_boundary=13)
+    run(e, [turn1])
+    assert calls == [(20, 13)]  # one pass over the prompt; the state after 13 tokens kept meanwhile
+    assert turn1.output_ids == reference_tokens(turn1.prompt_ids, 3)
+    calls.clear()
+    other_turn = seq(prompt(5, 20)[:13] + [9, 8, 7, 6], n=4)  # same history, a different last turn
+    run(e, [other_turn])
+    assert other_turn.num_cached == 13 and calls == [(4, None)]
+    assert other_turn.output_ids == reference_tokens(other_turn.prompt_ids, 4)
+
+
+def test_a_snapshot_reserved_for_a_failing_chunk_is_given_back(request):
+    model = FakeModel(fail_on_token=77, fail_in="prefill")
+    e = track(request, engine_for(model))
+    bad = Sequence(prompt(5, 12) + [77, 1, 2], SamplingParams(max_new_tokens=3, stop_token_ids=[]), reuse_boundary=6)
+    run(e, [bad])
+    assert bad.finish_reason == "error" and len(e.manager.prefix) == 0
+    assert e.manager.slots.num_free == e.plan.num_slots
 
 
 def vision(values):

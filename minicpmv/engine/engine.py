@@ -119,7 +119,14 @@ class Engine:
         for seq, n in plan.prefill:
             if seq.finished:
                 continue
-            logits = self._guard(outputs, seq, self.runner.prefill, seq, n)
+            pending = self._boundary_inside(seq, n)
+            keep = None if pending is None or pending.slot is None else (pending.length - seq.num_computed, pending.slot)
+            logits = self._guard(outputs, seq, self.runner.prefill, seq, n, keep)
+            if pending is not None:
+                if seq.finished:
+                    self.manager.cancel_snapshot(pending)
+                else:
+                    self.manager.commit_snapshot(seq.state, pending)
             if seq.finished:
                 continue
             if seq.num_computed == seq.reuse_boundary:
@@ -151,6 +158,15 @@ class Engine:
         if to_sample:
             self._sample(torch.cat(rows).float(), to_sample, outputs)
         return outputs
+
+    def _boundary_inside(self, seq: Sequence, n: int):
+        """A snapshot reserved at the sequence's reuse boundary when it falls strictly inside this
+        chunk: the DeltaNet layers fill its slot during the chunk (ForwardBatch.keep); a KV-only
+        model needs nothing more, its blocks up to the boundary stay as they are."""
+        b, c = seq.reuse_boundary, seq.num_computed
+        if not b or not c < b < c + n:
+            return None
+        return self.manager.reserve_snapshot(seq.state, seq.token_ids, seq.vision, b)
 
     def _guard(self, outputs, seq, fn, *args):
         try:

@@ -39,14 +39,14 @@ class ModelRunner:
                 cache.put(key, feats)
         return feats
 
-    def prefill(self, seq: Sequence, n: int) -> torch.Tensor | None:
+    def prefill(self, seq: Sequence, n: int, keep: tuple[int, int] | None = None) -> torch.Tensor | None:
         """Feed tokens [num_computed, num_computed + n) of `seq`; logits [V] of the last one when the
-        chunk reaches the end of what the sequence has to compute, else None."""
+        chunk reaches the end of what the sequence has to compute, else None. keep: see ForwardBatch."""
         start = seq.num_computed
         ids = torch.tensor(seq.token_ids[start:start + n], dtype=torch.long, device=self.device)
         embeds = self.model.embed(ids, self._features(seq, start, n))
         batch = ForwardBatch(self.pool, seq.positions(start, start + n).to(self.device), [seq.state.blocks], [start],
-                             [seq.state.slot or 0])
+                             [seq.state.slot or 0], keep)
         hidden = self.model(embeds, batch)
         seq.state.num_computed += n
         if seq.num_pending:

@@ -100,8 +100,6 @@ class Scheduler:
             return budget, units - n
         # a sequence under suspicion recomputes all but its last token, which it then decodes alone
         n = min(seq.num_pending - (1 if seq.isolate else 0), budget)
-        if seq.reuse_boundary and seq.num_computed < seq.reuse_boundary:
-            n = min(n, seq.reuse_boundary - seq.num_computed)  # a chunk ends there: its state is kept
         if n <= 0:
             return budget, units
         m = self.manager

@@ -49,6 +49,22 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk_size: int = 64):
     return out.reshape(B, H, n * chunk_size, dv)[:, :, :T], state
 
 
+def prefill_gated_delta_rule(q, k, v, g, beta, state):
+    """The rule over a prompt chunk of any length, in the form that is cheapest for that length
+    (same arguments and result as chunk_gated_delta_rule; `state` is not modified). The chunked
+    form's cost is set by its chunk size, not by T: a chunk of a few tokens (the tail of a turn,
+    a chunk cut by the token budget) pays for 64. Measured on 16 heads of 128 x 128, 2 threads:
+    T=4 recurrent 0.5 ms vs chunk-64 4.4 ms; T=16 chunk-16 1.1 ms vs 3.5; T=30 chunk-32 1.6 vs 3.4;
+    from 64 tokens on, 64 is as good as any."""
+    T = q.shape[2]
+    if T <= 4:
+        state = state.clone()
+        out = torch.stack([recurrent_gated_delta_step(q[:, :, t], k[:, :, t], v[:, :, t], g[:, :, t], beta[:, :, t],
+                                                      state) for t in range(T)], dim=2)
+        return out, state
+    return chunk_gated_delta_rule(q, k, v, g, beta, state, chunk_size=16 if T <= 16 else 32 if T <= 32 else 64)
+
+
 def recurrent_gated_delta_step(q, k, v, g, beta, state):
     """One token, updating `state` in place. q, k [B, H, dk]; v [B, H, dv]; g, beta [B, H];
     state [B, H, dk, dv] (fp32). Returns o [B, H, dv]. The state is the largest thing a decode

@@ -11,7 +11,7 @@ from torch import nn
 from ..state import AttentionSpec, ForwardBatch, LinearSpec
 from ..layers.attention import cached_attention
 from ..layers.derived import Derived
-from ..layers.gated_delta import chunk_gated_delta_rule, l2_normalize, recurrent_gated_delta_step
+from ..layers.gated_delta import l2_normalize, prefill_gated_delta_rule, recurrent_gated_delta_step
 from ..layers.mlp import GatedMLP
 from ..layers.norm import GatedRMSNorm, ZeroCenteredRMSNorm
 from ..layers.rotary import apply_rope, mrope_cos_sin, rope_inv_freq
@@ -137,17 +137,33 @@ class GatedDeltaNet(nn.Module):
             outs = [recurrent_gated_delta_step(q[r, 0], k[r, 0], v[r, 0], g[r, 0], beta[r, 0], state)
                     for r, state in views]
             o = (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(1)  # [B, 1, H, dv]
+        elif batch.keep is not None:
+            # one sequence passing a reuse boundary at offset j: run the recurrence up to j, keep the
+            # state there (conv window = the K-1 inputs before j), then go on from it
+            j = batch.keep[0]
+            [(_, state)] = views
+            first, mid = _prefill_rule(q[:, :j], k[:, :j], v[:, :j], g[:, :j], beta[:, :j], state)
+            batch.keep_linear(layer_idx, window[0, :, j:j + self.kernel - 1], mid[0])
+            rest, final = _prefill_rule(q[:, j:], k[:, j:], v[:, j:], g[:, j:], beta[:, j:], mid)
+            state.copy_(final)
+            o = torch.cat([first, rest], dim=1)
         else:
             outs = []
             for r, state in views:
-                o, final = chunk_gated_delta_rule(q[r].transpose(1, 2), k[r].transpose(1, 2), v[r].transpose(1, 2),
-                                                  g[r].transpose(1, 2), beta[r].float().transpose(1, 2), state)
+                o, final = _prefill_rule(q[r], k[r], v[r], g[r], beta[r], state)
                 state.copy_(final)
-                outs.append(o.transpose(1, 2))
+                outs.append(o)
             o = outs[0] if len(outs) == 1 else torch.cat(outs)
 
         o = self.norm(o.to(x.dtype), z)
         return self.out_proj(o.reshape(B, T, self.value_size))
+
+
+def _prefill_rule(q, k, v, g, beta, state):
+    """The chunked rule on [B, T, H, .] inputs -> (o [B, T, H, dv], final state)."""
+    o, final = prefill_gated_delta_rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        g.transpose(1, 2), beta.float().transpose(1, 2), state)
+    return o.transpose(1, 2), final
 
 
 class GatedAttention(nn.Module):

@@ -12,14 +12,20 @@ from .pool import StatePool
 
 class ForwardBatch:
     def __init__(self, pool: StatePool, positions: torch.Tensor, block_tables: list[list[int]],
-                 context_lens: list[int], slots: list[int]):
+                 context_lens: list[int], slots: list[int], keep: tuple[int, int] | None = None):
         """positions [B, T] (or [streams, B, T] for multi-axis RoPE); context_lens: tokens of each
-        sequence already in the pool before this call; slots: each sequence's DeltaNet slot."""
+        sequence already in the pool before this call; slots: each sequence's DeltaNet slot;
+        keep: (offset, slot) for a one-sequence prompt chunk that passes a reuse boundary: the
+        DeltaNet layers also leave their state after the chunk's first `offset` tokens in `slot`
+        (a prefix snapshot taken inside the chunk, so the boundary costs no second pass)."""
         self.pool = pool
         self.positions = positions
         self.block_tables = block_tables
         self.context_lens = context_lens
         self.slots = slots
+        if keep is not None and (len(context_lens) != 1 or not 0 < keep[0] < positions.shape[-1]):
+            raise ValueError(f"keep {keep} needs one sequence and an offset inside its {positions.shape[-1]} tokens")
+        self.keep = keep
         self.batch_size = len(context_lens)
         self.num_new = positions.shape[-1]
 
@@ -98,3 +104,10 @@ class ForwardBatch:
         the largest thing a decode step touches besides the weights; copying them would double
         that traffic). The scheduler orders a decode batch by slot, so there are few runs."""
         return [(rows, self.pool.recurrent[layer][slots]) for rows, slots in self._slot_runs]
+
+    def keep_linear(self, layer: int, conv: torch.Tensor, recurrent: torch.Tensor) -> None:
+        """Write one layer's DeltaNet state at the keep offset (conv window [C, K-1], recurrent
+        [H, dk, dv]) into the keep slot."""
+        slot = self.keep[1]
+        self.pool.conv[layer][slot].copy_(conv)
+        self.pool.recurrent[layer][slot].copy_(recurrent)

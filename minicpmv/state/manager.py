@@ -142,22 +142,40 @@ class StateManager:
 
     def snapshot(self, st: SeqState, tokens: list[int], vision: list) -> None:
         """Keep the sequence's state at its current boundary (tokens[:num_computed]) for reuse."""
-        L = st.num_computed
-        if self.prefix is None or L == 0:
-            return
-        key = prefix_keys(tokens, vision_starts(tokens, vision), [L])[L]
+        pending = self.reserve_snapshot(st, tokens, vision, st.num_computed)
+        if pending is not None:
+            if pending.slot is not None and self.pool is not None:
+                self.pool.copy_slot(st.slot, pending.slot)
+            self.commit_snapshot(st, pending)
+
+    def reserve_snapshot(self, st: SeqState, tokens: list[int], vision: list, length: int) -> PrefixEntry | None:
+        """Start a snapshot of tokens[:length]: a free slot for its recurrent state when the model has
+        one (filled by the caller: a copy, or the layers writing it mid-chunk). None when there is
+        nothing to do (no prefix cache, already kept, no free slot: a snapshot never evicts, it is an
+        optimisation, not a need)."""
+        if self.prefix is None or length == 0:
+            return None
+        key = prefix_keys(tokens, vision_starts(tokens, vision), [length])[length]
         if key in self.prefix:
-            return
-        nblocks = -(-L // self.block_size) if self.uses_blocks else 0
+            return None
         slot = None
         if st.slot is not None:
             if not self.slots.num_free:
-                return  # a snapshot never evicts: it is an optimisation, not a need
+                return None
             slot = self.slots.allocate(high=True)
-            if self.pool is not None:
-                self.pool.copy_slot(st.slot, slot)
-        self.blocks.share(st.blocks[:nblocks])
-        self.prefix.add(PrefixEntry(key, L, st.blocks[:nblocks], slot))
+        return PrefixEntry(key, length, [], slot)
+
+    def commit_snapshot(self, st: SeqState, pending: PrefixEntry) -> None:
+        """File a reserved snapshot once the sequence's blocks hold its tokens (and its slot, if any,
+        is filled)."""
+        nblocks = -(-pending.length // self.block_size) if self.uses_blocks else 0
+        pending.blocks = st.blocks[:nblocks]
+        self.blocks.share(pending.blocks)
+        self.prefix.add(pending)
+
+    def cancel_snapshot(self, pending: PrefixEntry) -> None:
+        if pending.slot is not None:
+            self.slots.release(pending.slot)
 
     def _drop(self, entry: PrefixEntry) -> None:
         self.blocks.release(entry.blocks)
