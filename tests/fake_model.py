@@ -16,8 +16,12 @@ PLACEHOLDER = 96  # the fake vision placeholder token
 
 
 class FakeModel(nn.Module):
-    def __init__(self, fail_on_token: int | None = None, fail_in: str = "any"):
+    mixed_default = True  # tests flip it to run the engine both ways
+
+    def __init__(self, fail_on_token: int | None = None, fail_in: str = "any", mixed: bool | None = None):
         super().__init__()
+        # a step's prompt chunks and decode tokens in one call, or one call each
+        self.takes_mixed_batches = self.mixed_default if mixed is None else mixed
         self.anchor = nn.Parameter(torch.zeros(1), requires_grad=False)
         self.fail_on_token = fail_on_token
         self.fail_in = fail_in  # "any" | "decode" | "prefill"
@@ -51,6 +55,9 @@ class FakeModel(nn.Module):
         return x.reshape(1, -1, 1)
 
     def forward(self, x, batch):
+        return batch.per_part(self.forward_part, x)
+
+    def forward_part(self, batch, x):
         B, T, _ = x.shape
         phase = "decode" if T == 1 and B >= 1 and batch.context_lens[0] > 0 else "prefill"
         if self.fail_on_token is not None and self.fail_in in ("any", phase):

@@ -42,6 +42,29 @@ def run(engine, seqs, on_step=None):
     return [s.output_ids for s in seqs]
 
 
+def record_chunks(engine, note):
+    """Call note(seq, n, keep) for every prompt chunk the runner feeds, alone or in a mixed call."""
+    prefill, mixed = engine.runner.prefill, engine.runner.mixed
+
+    def one(seq, n, keep=None):
+        note(seq, n, keep)
+        return prefill(seq, n, keep)
+
+    def many(chunks, decodes):
+        for c in chunks:
+            note(*c)
+        return mixed(chunks, decodes)
+
+    engine.runner.prefill, engine.runner.mixed = one, many
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["one-call-per-step", "one-call-per-chunk"])
+def runner_mode(request, monkeypatch):
+    """Every test runs with the step's chunks and decode tokens in one model call, and without."""
+    monkeypatch.setattr(FakeModel, "mixed_default", request.param)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def pool_back_to_empty(request):
     engines = []
@@ -70,8 +93,7 @@ def test_prompts_are_fed_in_chunks_under_the_token_budget(request):
     e = track(request, engine_for(max_num_batched_tokens=8))
     long, short = seq(prompt(1, 30), n=5), seq(prompt(2, 3), n=12)
     chunks = []
-    orig = e.runner.prefill
-    e.runner.prefill = lambda s, n, keep=None: chunks.append((s.seq_id, n)) or orig(s, n, keep)
+    record_chunks(e, lambda s, n, keep: chunks.append((s.seq_id, n)))
     gaps = []
 
     def on_step(engine, outs):
@@ -119,8 +141,7 @@ def test_prefix_reuse_skips_the_shared_part_and_keeps_the_output(request):
     first = seq(prompt(3, 10), n=5)
     run(e, [first])
     fed = []
-    orig = e.runner.prefill
-    e.runner.prefill = lambda s, n, keep=None: fed.append(n) or orig(s, n, keep)
+    record_chunks(e, lambda s, n, keep: fed.append(n))
     turn2 = seq(first.token_ids + [5, 6, 7], n=5)  # the reply (but its last token) is in the pool
     run(e, [turn2])
     assert turn2.num_cached == len(first.token_ids) - 1
@@ -133,11 +154,26 @@ def test_prefix_reuse_skips_the_shared_part_and_keeps_the_output(request):
     assert (hits, misses) == (1, 2)
 
 
+def test_a_step_is_one_model_call_when_the_model_takes_mixed_batches(request, runner_mode):
+    e = track(request, engine_for(max_num_batched_tokens=8))
+    calls = []
+    forward = e.model.forward
+    e.model.forward = lambda x, batch: calls.append(e.num_steps) or forward(x, batch)
+    a, b, c = seq(prompt(1, 5), n=10), seq(prompt(2, 30), n=4), seq(prompt(3, 9), n=4)
+    run(e, [a])
+    run(e, [b, c])
+    assert [s.output_ids for s in (a, b, c)] == [reference_tokens(s.prompt_ids, len(s.output_ids)) for s in (a, b, c)]
+    per_step = [calls.count(i) for i in sorted(set(calls))]
+    if runner_mode:
+        assert per_step == [1] * len(per_step)
+    else:  # b and c prefill in the same steps at first: one call each
+        assert max(per_step) >= 2
+
+
 def test_a_reuse_boundary_inside_a_chunk_is_kept_without_cutting_the_chunk(request):
     e = track(request, engine_for(max_num_batched_tokens=64))
     calls = []
-    orig = e.runner.prefill
-    e.runner.prefill = lambda s, n, keep=None: calls.append((n, keep and keep[0])) or orig(s, n, keep)
+    record_chunks(e, lambda s, n, keep: calls.append((n, keep and keep[0])))
     turn1 = Sequence(prompt(5, 20), SamplingParams(max_new_tokens=3, stop_token_ids=[]), reuse_boundary=13)
     run(e, [turn1])
     assert calls == [(20, 13)]  # one pass over the prompt; the state after 13 tokens kept meanwhile

@@ -116,27 +116,19 @@ class Engine:
         for seq, units in plan.encode:
             self._guard(outputs, seq, self.runner.encode, seq, units)
         to_sample, rows = [], []
-        for seq, n in plan.prefill:
-            if seq.finished:
+        chunks = [(seq, n) for seq, n in plan.prefill if not seq.finished]
+        together = [(seq, n) for seq, n in chunks if not seq.isolate] if self.runner.mixes else []
+        if len(together) + bool(plan.decode) < 2:
+            together = []
+        if together:  # one call, one pass over the weights
+            self._mixed(together, plan.decode, outputs, to_sample, rows)
+        for seq, n in chunks:
+            if any(seq is s for s, _ in together):
                 continue
             pending = self._boundary_inside(seq, n)
-            keep = None if pending is None or pending.slot is None else (pending.length - seq.num_computed, pending.slot)
-            logits = self._guard(outputs, seq, self.runner.prefill, seq, n, keep)
-            if pending is not None:
-                if seq.finished:
-                    self.manager.cancel_snapshot(pending)
-                else:
-                    self.manager.commit_snapshot(seq.state, pending)
-            if seq.finished:
-                continue
-            if seq.num_computed == seq.reuse_boundary:
-                self.manager.snapshot(seq.state, seq.token_ids, seq.vision)
-            if seq.num_computed >= len(seq.prompt_ids):
-                seq.features = None  # every placeholder is in the pool now
-            if logits is not None:
-                to_sample.append(seq)
-                rows.append(logits[None])
-        if plan.decode:
+            logits = self._guard(outputs, seq, self.runner.prefill, seq, n, self._keep(seq, pending))
+            self._after_chunk(seq, pending, logits, to_sample, rows)
+        if plan.decode and not together:
             try:
                 rows.append(self.runner.decode(plan.decode))
                 to_sample += plan.decode
@@ -146,9 +138,7 @@ class Engine:
                 else:
                     log.warning("a batched decode of %d sequences failed (%s); recomputing each alone",
                                 len(plan.decode), e)
-                    for seq in plan.decode:
-                        self.scheduler.requeue(seq)
-                        seq.isolate = True
+                    self._recompute_alone(plan.decode)
         for seq in plan.isolated:
             logits = self._guard(outputs, seq, self.runner.decode, [seq])
             if not seq.finished:
@@ -158,6 +148,55 @@ class Engine:
         if to_sample:
             self._sample(torch.cat(rows).float(), to_sample, outputs)
         return outputs
+
+    def _mixed(self, chunks, decodes, outputs, to_sample, rows) -> None:
+        """Prompt chunks and decode tokens in one model call. A failure there cannot be pinned on one
+        request: every sequence in the call is recomputed alone (one that fails again fails by itself)."""
+        pendings = [self._boundary_inside(seq, n) for seq, n in chunks]
+        try:
+            chunk_logits, decode_logits = self.runner.mixed(
+                [(seq, n, self._keep(seq, p)) for (seq, n), p in zip(chunks, pendings)], decodes)
+        except Exception as e:  # noqa: BLE001 - attribute it by recomputing each alone
+            for p in pendings:
+                if p is not None:
+                    self.manager.cancel_snapshot(p)
+            seqs = [seq for seq, _ in chunks] + decodes
+            log.warning("a step of %d sequences failed (%s); recomputing each alone", len(seqs), e)
+            self._recompute_alone(seqs)
+            return
+        for (seq, _), pending, logits in zip(chunks, pendings, chunk_logits):
+            self._after_chunk(seq, pending, logits, to_sample, rows)
+        if decodes:
+            rows.append(decode_logits)
+            to_sample += decodes
+
+    def _recompute_alone(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self.scheduler.requeue(seq)
+            seq.isolate = True
+
+    def _after_chunk(self, seq: Sequence, pending, logits, to_sample, rows) -> None:
+        """Bookkeeping after one prompt chunk: the snapshot at its reuse boundary, features freed once
+        the prompt is in, its last logits to sample when the chunk ended the prompt."""
+        if pending is not None:
+            if seq.finished:
+                self.manager.cancel_snapshot(pending)
+            else:
+                self.manager.commit_snapshot(seq.state, pending)
+        if seq.finished:
+            return
+        if seq.num_computed == seq.reuse_boundary:
+            self.manager.snapshot(seq.state, seq.token_ids, seq.vision)
+        if seq.num_computed >= len(seq.prompt_ids):
+            seq.features = None  # every placeholder is in the pool now
+        if logits is not None:
+            to_sample.append(seq)
+            rows.append(logits[None])
+
+    @staticmethod
+    def _keep(seq: Sequence, pending) -> tuple[int, int] | None:
+        """ForwardBatch.keep for a chunk whose reserved snapshot has a recurrent-state slot."""
+        return None if pending is None or pending.slot is None else (pending.length - seq.num_computed, pending.slot)
 
     def _boundary_inside(self, seq: Sequence, n: int):
         """A snapshot reserved at the sequence's reuse boundary when it falls strictly inside this

@@ -1,12 +1,14 @@
 """The model runner: turns the scheduler's plan into model calls. Vision units are encoded (or
 taken from the encoder cache), prompt chunks are embedded (vision features scattered where their
-placeholders fall in the chunk) and run one call each, and all decoding sequences run as one
-batched call. It returns logits; sampling and bookkeeping are the engine's."""
+placeholders fall in the chunk), and a step's prompt chunks and decode tokens run as one call
+(`mixed`, one pass over the weights per step) on models that take a MixedBatch; otherwise one call
+per chunk and one batched call for all decoding sequences. It returns logits; sampling and
+bookkeeping are the engine's."""
 from __future__ import annotations
 
 import torch
 
-from ..state import ForwardBatch, StatePool
+from ..state import ForwardBatch, MixedBatch, StatePool
 from .encoder_cache import EncoderCache
 from .sequence import Sequence
 
@@ -52,6 +54,41 @@ class ModelRunner:
         if seq.num_pending:
             return None
         return self.model.logits(hidden[0, -1:])[0]
+
+    @property
+    def mixes(self) -> bool:
+        """Whether the model runs prompt chunks and decode tokens of many sequences in one call."""
+        return getattr(self.model, "takes_mixed_batches", False)
+
+    def mixed(self, chunks: list[tuple[Sequence, int, tuple[int, int] | None]], decodes: list[Sequence]
+              ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+        """Prompt chunks (sequence, tokens, keep) and one token for each decoding sequence in one call.
+        Returns each chunk's logits as prefill() would, and the decode logits [B, V] (None if none)."""
+        parts, embeds, ends, offset = [], [], [], 0
+        for seq, n, keep in chunks:
+            start = seq.num_computed
+            ids = torch.tensor(seq.token_ids[start:start + n], dtype=torch.long, device=self.device)
+            embeds.append(self.model.embed(ids, self._features(seq, start, n)))
+            parts.append(ForwardBatch(self.pool, seq.positions(start, start + n).to(self.device), [seq.state.blocks],
+                                      [start], [seq.state.slot or 0], keep))
+            offset += n
+            ends.append(offset - 1 if n == seq.num_pending else None)
+        if decodes:
+            ids = torch.tensor([s.last_token for s in decodes], dtype=torch.long, device=self.device)
+            embeds.append(self.model.embed(ids, {}))  # [1, B, D]: one token of each, packed
+            positions = torch.cat([s.positions(s.num_computed, s.num_computed + 1) for s in decodes], dim=-2)
+            parts.append(ForwardBatch(self.pool, positions.to(self.device), [s.state.blocks for s in decodes],
+                                      [s.num_computed for s in decodes], [s.state.slot or 0 for s in decodes]))
+        hidden = self.model(torch.cat(embeds, dim=1), MixedBatch(parts))[0]  # [N, D]
+        for seq, n, _ in chunks:
+            seq.state.num_computed += n
+        for s in decodes:
+            s.state.num_computed += 1
+        rows = [i for i in ends if i is not None] + list(range(offset, offset + len(decodes)))
+        logits = self.model.logits(hidden[rows]) if rows else None
+        it = iter(range(len(rows)))
+        chunk_logits = [None if i is None else logits[next(it)] for i in ends]
+        return chunk_logits, (logits[len(rows) - len(decodes):] if decodes else None)
 
     def _features(self, seq: Sequence, start: int, n: int) -> dict[int, torch.Tensor]:
         """The rows of each placeholder id's features that fall in prompt positions [start, start+n)."""

@@ -1,5 +1,6 @@
 """Causal softmax attention over the paged KV pool: one SDPA call per layer per model call,
-over every sequence of the batch (keys gathered from their blocks, padding masked)."""
+over every sequence of the batch (keys gathered from their blocks, padding masked); one per part
+of a mixed call."""
 import torch
 import torch.nn.functional as F
 
@@ -10,6 +11,11 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: F
                      scale: float) -> torch.Tensor:
     """q [B, H, T, D]; k, v [B, Hkv, T, D] (already rotated). Writes k/v into each sequence's
     blocks for this layer and attends causally over everything cached. Returns [B, H, T, D]."""
+    if not isinstance(batch, ForwardBatch):  # a MixedBatch: [1, H, N, D] packed, per part
+        heads_last = [t.transpose(1, 2) for t in (q, k, v)]  # [1, N, H, D]
+        return batch.per_part(lambda part, q, k, v: cached_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), part, layer_idx, scale).transpose(1, 2),
+            *heads_last).transpose(1, 2)
     B, Hkv, T, D = k.shape
     keys, values = batch.pool.keys[layer_idx], batch.pool.values[layer_idx]
     rows = batch.write_rows
@@ -17,8 +23,36 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: F
     values.index_copy_(0, rows, v.transpose(1, 2).reshape(B * T, Hkv, D).to(values.dtype))
     if batch.causal:  # a fresh prompt: its own keys, plain causal attention (no mask tensor at all)
         kk, vv = k, v
+    elif B == 1 and T > 1 and _flash is not None and q.device.type == "cpu":
+        c = batch.context_lens[0]
+        read = batch.read_rows[0, :c]
+        return chunk_after_context(q, k, v, keys[read].permute(1, 0, 2)[None].to(q.dtype),
+                                   values[read].permute(1, 0, 2)[None].to(q.dtype), scale)
     else:
         read = batch.read_rows
         kk, vv = keys[read].permute(0, 2, 1, 3), values[read].permute(0, 2, 1, 3)
     return F.scaled_dot_product_attention(q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=batch.attn_mask,
                                           is_causal=batch.causal, scale=scale, enable_gqa=True)
+
+
+_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def chunk_after_context(q, k, v, k_ctx, v_ctx, scale: float) -> torch.Tensor:
+    """One sequence's prompt chunk after c cached tokens, without a [T, c + T] mask: q [1, H, T, D],
+    the chunk's own k/v [1, Hkv, T, D], the cached k_ctx/v_ctx [1, Hkv, c, D]. Every query sees all
+    cached keys (no mask: the query heads sharing a key head fold into one block of rows, one
+    pass over each cached key head) and the chunk's keys causally; the two softmax halves are
+    joined through their log-sum-exps. At c = 16k, T = 64 on 2 threads: 27 + ~2 ms against
+    47 ms for one masked call (bf16), 54 against 84 (fp32)."""
+    _, H, T, D = q.shape
+    Hkv = k.shape[1]
+    g = H // Hkv
+    o_ctx, lse_ctx = _flash(q.reshape(1, Hkv, g * T, D), k_ctx, v_ctx, scale=scale)
+    o_new, lse_new = _flash(q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), is_causal=True,
+                            scale=scale)
+    lse_ctx = lse_ctx.reshape(1, H, T, 1)
+    lse_new = lse_new.reshape(1, H, T, 1)
+    w_ctx = torch.sigmoid(lse_ctx - lse_new)  # = e^lse_ctx / (e^lse_ctx + e^lse_new)
+    out = o_ctx.reshape(1, H, T, D).float() * w_ctx + o_new.float() * (1 - w_ctx)
+    return out.to(q.dtype)

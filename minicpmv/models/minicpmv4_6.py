@@ -186,6 +186,7 @@ class MiniCPMV46(nn.Module):
     # layers/fp16_packed.py); the vision side runs once per image
     per_token_prefixes = ("language_model.", "lm_head")
     text_model_class = Qwen35TextModel
+    takes_mixed_batches = True  # prompt chunks and decode tokens of many sequences in one call (state/batch.py)
 
     def __init__(self, cfg: MiniCPMV46Config):
         super().__init__()

@@ -96,16 +96,25 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, layer_idx: int) -> torch.Tensor:
         B, T, _ = x.shape
-        conv_state = batch.conv_state(layer_idx)  # [B, C, K-1]
         if self.in_proj is not None:
             qkv, z, b, a = self.in_proj(x).split([self.conv_dim, self.value_size, self.num_v_heads,
                                                   self.num_v_heads], dim=-1)
         else:
             qkv, z, b, a = self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
-        qkv = qkv.transpose(1, 2)  # [B, C, T]
         z = z.reshape(B, T, self.num_v_heads, self.v_dim)
         beta = b.sigmoid()
         g = self.neg_A(self.A_log) * F.softplus(a.float() + self.dt_bias)
+        o = batch.per_part(lambda part, qkv, beta, g: self.mix(qkv, beta, g, part, layer_idx, x.dtype), qkv, beta, g)
+        o = self.norm(o.to(x.dtype), z)
+        return self.out_proj(o.reshape(B, T, self.value_size))
+
+    def mix(self, qkv: torch.Tensor, beta: torch.Tensor, g: torch.Tensor, batch: ForwardBatch,
+            layer_idx: int, dtype: torch.dtype) -> torch.Tensor:
+        """The sequence-wise part: qkv [B, T, C], beta and g [B, T, H] -> o [B, T, H, dv] (fp32), the
+        conv windows and recurrent states of the batch's sequences advanced by T tokens."""
+        B, T, _ = qkv.shape
+        conv_state = batch.conv_state(layer_idx)  # [B, C, K-1]
+        qkv = qkv.transpose(1, 2)  # [B, C, T]
 
         # short causal conv, continuing from the cached window of previous inputs
         window = torch.cat([conv_state.to(qkv.dtype), qkv], dim=-1)
@@ -116,7 +125,7 @@ class GatedDeltaNet(nn.Module):
             # only: in bf16 the reference's conv rounds once at the end, this would round per term
             qkv = F.silu((window * w[:, 0]).sum(-1, keepdim=True)).transpose(1, 2)
         else:
-            qkv = F.silu(F.conv1d(window.to(w.dtype), w, groups=self.conv_dim)).to(x.dtype).transpose(1, 2)
+            qkv = F.silu(F.conv1d(window.to(w.dtype), w, groups=self.conv_dim)).to(dtype).transpose(1, 2)
 
         q, k, v = torch.split(qkv, [self.key_size, self.key_size, self.value_size], dim=-1)
         q = q.reshape(B, T, self.num_k_heads, self.k_dim)
@@ -136,8 +145,8 @@ class GatedDeltaNet(nn.Module):
             beta = beta.float()
             outs = [recurrent_gated_delta_step(q[r, 0], k[r, 0], v[r, 0], g[r, 0], beta[r, 0], state)
                     for r, state in views]
-            o = (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(1)  # [B, 1, H, dv]
-        elif batch.keep is not None:
+            return (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(1)  # [B, 1, H, dv]
+        if batch.keep is not None:
             # one sequence passing a reuse boundary at offset j: run the recurrence up to j, keep the
             # state there (conv window = the K-1 inputs before j), then go on from it
             j = batch.keep[0]
@@ -146,17 +155,13 @@ class GatedDeltaNet(nn.Module):
             batch.keep_linear(layer_idx, window[0, :, j:j + self.kernel - 1], mid[0])
             rest, final = _prefill_rule(q[:, j:], k[:, j:], v[:, j:], g[:, j:], beta[:, j:], mid)
             state.copy_(final)
-            o = torch.cat([first, rest], dim=1)
-        else:
-            outs = []
-            for r, state in views:
-                o, final = _prefill_rule(q[r], k[r], v[r], g[r], beta[r], state)
-                state.copy_(final)
-                outs.append(o)
-            o = outs[0] if len(outs) == 1 else torch.cat(outs)
-
-        o = self.norm(o.to(x.dtype), z)
-        return self.out_proj(o.reshape(B, T, self.value_size))
+            return torch.cat([first, rest], dim=1)
+        outs = []
+        for r, state in views:
+            o, final = _prefill_rule(q[r], k[r], v[r], g[r], beta[r], state)
+            state.copy_(final)
+            outs.append(o)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _prefill_rule(q, k, v, g, beta, state):

@@ -111,3 +111,35 @@ class ForwardBatch:
         slot = self.keep[1]
         self.pool.conv[layer][slot].copy_(conv)
         self.pool.recurrent[layer][slot].copy_(recurrent)
+
+    def per_part(self, fn, *tensors):
+        """fn(part, *tensors) for each part of the call; one part here (see MixedBatch)."""
+        return fn(self, *tensors)
+
+
+class MixedBatch:
+    """Several ForwardBatches (prompt chunks of different sequences, a batch of decode tokens) run as
+    one model call: their tokens packed along one axis, inputs [1, N, D] with N the sum of every
+    part's B x T, so each token-wise op (projections, norms, MLP, head) makes one pass over the
+    weights for the whole step. Only the sequence-wise cores (attention over the pool, the DeltaNet
+    recurrence) run per part, on [B, T, ...] views of their rows (per_part)."""
+
+    def __init__(self, parts: list[ForwardBatch]):
+        self.parts = parts
+        self.sizes = [(p.batch_size, p.num_new) for p in parts]
+        self.pool = parts[0].pool
+        # [1, N] (or [streams, 1, N]): each part's [B, T] positions flattened in token order
+        self.positions = torch.cat([p.positions.reshape(*p.positions.shape[:-2], 1, -1) for p in parts], dim=-1)
+        self.batch_size = 1
+        self.num_new = self.positions.shape[-1]
+
+    def per_part(self, fn, *tensors):
+        """tensors [1, N, ...] -> fn(part, *[its rows as [B, T, ...]]) per part, the results [B, T, ...]
+        packed back to [1, N, ...]."""
+        outs, start = [], 0
+        for part, (B, T) in zip(self.parts, self.sizes):
+            pieces = [t[:, start:start + B * T].reshape(B, T, *t.shape[2:]) for t in tensors]
+            out = fn(part, *pieces)
+            outs.append(out.reshape(1, B * T, *out.shape[2:]))
+            start += B * T
+        return torch.cat(outs, dim=1)
