@@ -154,6 +154,25 @@ def test_prefix_reuse_skips_the_shared_part_and_keeps_the_output(request):
     assert (hits, misses) == (1, 2)
 
 
+def test_chunks_beside_streams_shrink_as_the_context_grows(request):
+    e = track(request, engine_for(blocks=64, max_num_batched_tokens=8, long_context_tokens=16, min_chunk_tokens=2))
+    fed = []
+    record_chunks(e, lambda s, n, keep: fed.append((s.seq_id, s.num_computed, n)))
+    stream, long = seq(prompt(1, 4), n=60), seq(prompt(2, 90), n=2)
+    run(e, [stream], on_step=lambda eng, _: eng.add(long) if len(stream.output_ids) == 1 else None)
+    assert stream.output_ids == reference_tokens(stream.prompt_ids, 60)
+    assert long.output_ids == reference_tokens(long.prompt_ids, 2)
+    chunks = [(c, n) for sid, c, n in fed if sid == long.seq_id]
+    assert sum(n for _, n in chunks) == 90
+    assert [n for c, n in chunks if c <= 16] == [7, 7, 7]  # a full budget less the stream's token
+    later = [(c, n) for c, n in chunks if c > 16]
+    assert later and all(n == min(90 - c, max(2, 8 * 16 // c)) for c, n in later), later
+    alone = seq(prompt(3, 90), n=1)
+    fed.clear()
+    run(e, [alone])  # nothing decodes beside it: full (idle) chunks whatever the context
+    assert [n for _, _, n in fed] == [32, 32, 26]
+
+
 def test_a_step_is_one_model_call_when_the_model_takes_mixed_batches(request, runner_mode):
     e = track(request, engine_for(max_num_batched_tokens=8))
     calls = []

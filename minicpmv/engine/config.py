@@ -21,6 +21,11 @@ class EngineConfig:
     # prompt (real 4.6 here: 64 -> 0.85 s at 16k context, 256 -> 2.45 s; docs/performance.md)
     max_num_batched_tokens: int = 64
     idle_budget_factor: int = 4  # the budget of a step in which nothing decodes (one user's prompt)
+    # past this many cached tokens, a prompt chunk beside decoding streams shrinks in proportion to its
+    # context (never below min_chunk_tokens): its attention work, which grows with the context, then
+    # stays that of a full chunk at this context, and so does the streams' gap (docs/engine.md)
+    long_context_tokens: int = 8192
+    min_chunk_tokens: int = 16
     encoder_chunk_patches: int = 4096  # vision work is cut into units of about this many patches...
     max_encoder_units_per_step: int = 1  # ...and at most this many units run per step
     enable_prefix_caching: bool = True
@@ -28,7 +33,7 @@ class EngineConfig:
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "idle_budget_factor", "encoder_chunk_patches",
-                     "max_encoder_units_per_step"):
+                     "max_encoder_units_per_step", "long_context_tokens", "min_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

@@ -9,7 +9,8 @@ Each step packs, under a token budget:
   3. newly admitted sequences, first come first served, while there are free blocks and slots
      (a prefix-cache hit is adopted at admission, so only the rest of the prompt is computed).
 A long prompt or video is therefore spread over many steps and never stalls the decoding streams
-for more than one chunk; when no sequence is decoding, nothing waits on the chunk, so it may be
+for more than one chunk; past `long_context_tokens` of context its chunks shrink in proportion, as
+their attention grows with the context; when no sequence is decoding, nothing waits on the chunk, so it may be
 `idle_budget_factor` times larger (fewer passes over the weights for one user's prompt)."""
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ class Scheduler:
                 plan.encode.append((seq, n))
             return budget, units - n
         # a sequence under suspicion recomputes all but its last token, which it then decodes alone
-        n = min(seq.num_pending - (1 if seq.isolate else 0), budget)
+        n = min(seq.num_pending - (1 if seq.isolate else 0), budget, self._chunk_limit(seq, plan))
         if n <= 0:
             return budget, units
         m = self.manager
@@ -111,6 +112,14 @@ class Scheduler:
         self.manager.grow(seq.state, seq.num_computed + n)
         plan.prefill.append((seq, n))
         return budget - n, units
+
+    def _chunk_limit(self, seq: Sequence, plan: StepPlan) -> int:
+        """The largest chunk whose attention over the cached context keeps the decoding streams' gap
+        bounded: a full budget up to long_context_tokens of context, then in proportion to it."""
+        c, cfg = seq.num_computed, self.config
+        if not (plan.decode or plan.isolated) or c <= cfg.long_context_tokens:
+            return 1 << 62
+        return max(cfg.min_chunk_tokens, cfg.max_num_batched_tokens * cfg.long_context_tokens // c)
 
     def _admit(self, seq: Sequence, budget: int) -> bool:
         first = min(seq.num_pending, max(budget, 1))
