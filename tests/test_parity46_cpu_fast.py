@@ -42,9 +42,9 @@ def test_auto_on_cpu_keeps_a_bf16_checkpoint_narrow(models):
     assert isinstance(layers[1].self_attn.qkv_proj, PackedFP16Linear) and layers[1].self_attn.k_proj is None
 
 
-def greedy(ours, prompts):
+def greedy(ours, prompts, **settings):
     """Decode every (ids, vision) prompt together in one engine; returns their tokens."""
-    engine = Engine(ours, max_context=4096)
+    engine = Engine(ours, max_context=4096, **settings)
     seqs = [engine.add(Sequence(list(ids), SamplingParams(max_new_tokens=N_TOKENS, do_sample=False), vision))
             for ids, vision in prompts]
     while engine.has_work():

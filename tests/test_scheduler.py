@@ -173,8 +173,9 @@ def test_chunks_beside_streams_shrink_as_the_context_grows(request):
     assert [n for _, _, n in fed] == [32, 32, 26]
 
 
-def test_a_step_is_one_model_call_when_the_model_takes_mixed_batches(request, runner_mode):
-    e = track(request, engine_for(max_num_batched_tokens=8))
+@pytest.mark.parametrize("mixed_steps", [True, False])
+def test_a_step_is_one_model_call_when_the_model_takes_mixed_batches(request, runner_mode, mixed_steps):
+    e = track(request, engine_for(max_num_batched_tokens=8, mixed_steps=mixed_steps))
     calls = []
     forward = e.model.forward
     e.model.forward = lambda x, batch: calls.append(e.num_steps) or forward(x, batch)
@@ -183,7 +184,7 @@ def test_a_step_is_one_model_call_when_the_model_takes_mixed_batches(request, ru
     run(e, [b, c])
     assert [s.output_ids for s in (a, b, c)] == [reference_tokens(s.prompt_ids, len(s.output_ids)) for s in (a, b, c)]
     per_step = [calls.count(i) for i in sorted(set(calls))]
-    if runner_mode:
+    if runner_mode and mixed_steps:
         assert per_step == [1] * len(per_step)
     else:  # b and c prefill in the same steps at first: one call each
         assert max(per_step) >= 2

@@ -28,6 +28,11 @@ class EngineConfig:
     min_chunk_tokens: int = 16
     encoder_chunk_patches: int = 4096  # vision work is cut into units of about this many patches...
     max_encoder_units_per_step: int = 1  # ...and at most this many units run per step
+    # a step's prompt chunks and decode tokens in one model call (one pass over the weights per step,
+    # on models that take it). False: one call per chunk, so what a sequence computes never depends
+    # on what else runs beside it, under every weight format (int8/int4/bf16 kernels change with the
+    # row count; fp32 output is the same either way)
+    mixed_steps: bool = True
     enable_prefix_caching: bool = True
     encoder_cache_bytes: int = 256 << 20
 

@@ -117,7 +117,8 @@ class Engine:
             self._guard(outputs, seq, self.runner.encode, seq, units)
         to_sample, rows = [], []
         chunks = [(seq, n) for seq, n in plan.prefill if not seq.finished]
-        together = [(seq, n) for seq, n in chunks if not seq.isolate] if self.runner.mixes else []
+        mixes = self.runner.mixes and self.config.mixed_steps
+        together = [(seq, n) for seq, n in chunks if not seq.isolate] if mixes else []
         if len(together) + bool(plan.decode) < 2:
             together = []
         if together:  # one call, one pass over the weights

@@ -232,8 +232,26 @@ class Bf16Linear(nn.Linear):
         return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        rows = x.numel() // x.shape[-1]
+        xb = x.to(torch.bfloat16)
+        if rows <= GEMV_ROWS and x.device.type == "cpu":
+            y = _weight_major(self.weight, xb.reshape(rows, -1)).reshape(*x.shape[:-1], -1).to(x.dtype)
+        else:
+            y = F.linear(xb, self.weight).to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+
+# Up to this many rows (decode steps) a bf16 product runs weight-major: torch.mv for one row, W @ X^T
+# for a few. On the AMX Xeon, 2 threads, cold matrices: one row 6.5-7.8 G params/s against 5.1-5.8
+# for F.linear (oneDNN), same result bit for bit; 4-8 rows 6.3-7.0 against 5.4-6.5.
+GEMV_ROWS = 8
+
+
+def _weight_major(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] bf16 -> [rows, out] for a handful of rows."""
+    if x.shape[0] == 1:
+        return torch.mv(weight, x[0])[None]
+    return (weight @ x.t()).t().contiguous()
 
 
 class TiedQuantEmbedding(nn.Module):
