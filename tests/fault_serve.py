@@ -14,14 +14,25 @@ _load = minicpmv.load
 def load(*args, **kwargs):
     model = _load(*args, **kwargs)
     trigger = model.tokenizer.encode(TRIGGER, add_special_tokens=False).ids
-    embed, prefill = model.model.embed, model.engine.runner.prefill
+    runner = model.engine.runner
+    embed, prefill, mixed = model.model.embed, runner.prefill, runner.mixed
     armed = [False]
 
-    def faulty_prefill(seq, n, keep=None):
+    def triggered(seq) -> bool:
         ids = seq.prompt_ids
-        armed[0] = any(ids[i:i + len(trigger)] == trigger for i in range(len(ids) - len(trigger) + 1))
+        return any(ids[i:i + len(trigger)] == trigger for i in range(len(ids) - len(trigger) + 1))
+
+    def faulty_prefill(seq, n, keep=None):
+        armed[0] = triggered(seq)
         try:
             return prefill(seq, n, keep)
+        finally:
+            armed[0] = False
+
+    def faulty_mixed(chunks, decodes):  # a step's chunks of several requests in one call
+        armed[0] = any(triggered(seq) for seq, _, _ in chunks)
+        try:
+            return mixed(chunks, decodes)
         finally:
             armed[0] = False
 
@@ -31,7 +42,7 @@ def load(*args, **kwargs):
         return embed(ids, vision)
 
     model.model.embed = faulty_embed
-    model.engine.runner.prefill = faulty_prefill
+    runner.prefill, runner.mixed = faulty_prefill, faulty_mixed
     return model
 
 
