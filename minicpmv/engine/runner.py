@@ -44,11 +44,7 @@ class ModelRunner:
     def prefill(self, seq: Sequence, n: int, keep: tuple[int, int] | None = None) -> torch.Tensor | None:
         """Feed tokens [num_computed, num_computed + n) of `seq`; logits [V] of the last one when the
         chunk reaches the end of what the sequence has to compute, else None. keep: see ForwardBatch."""
-        start = seq.num_computed
-        ids = torch.tensor(seq.token_ids[start:start + n], dtype=torch.long, device=self.device)
-        embeds = self.model.embed(ids, self._features(seq, start, n))
-        batch = ForwardBatch(self.pool, seq.positions(start, start + n).to(self.device), [seq.state.blocks], [start],
-                             [seq.state.slot or 0], keep)
+        embeds, batch = self._chunk_part(seq, n, keep)
         hidden = self.model(embeds, batch)
         seq.state.num_computed += n
         if seq.num_pending:
@@ -66,19 +62,15 @@ class ModelRunner:
         Returns each chunk's logits as prefill() would, and the decode logits [B, V] (None if none)."""
         parts, embeds, ends, offset = [], [], [], 0
         for seq, n, keep in chunks:
-            start = seq.num_computed
-            ids = torch.tensor(seq.token_ids[start:start + n], dtype=torch.long, device=self.device)
-            embeds.append(self.model.embed(ids, self._features(seq, start, n)))
-            parts.append(ForwardBatch(self.pool, seq.positions(start, start + n).to(self.device), [seq.state.blocks],
-                                      [start], [seq.state.slot or 0], keep))
+            e, part = self._chunk_part(seq, n, keep)
+            embeds.append(e)
+            parts.append(part)
             offset += n
             ends.append(offset - 1 if n == seq.num_pending else None)
         if decodes:
-            ids = torch.tensor([s.last_token for s in decodes], dtype=torch.long, device=self.device)
-            embeds.append(self.model.embed(ids, {}))  # [1, B, D]: one token of each, packed
-            positions = torch.cat([s.positions(s.num_computed, s.num_computed + 1) for s in decodes], dim=-2)
-            parts.append(ForwardBatch(self.pool, positions.to(self.device), [s.state.blocks for s in decodes],
-                                      [s.num_computed for s in decodes], [s.state.slot or 0 for s in decodes]))
+            e, part = self._decode_part(decodes)
+            embeds.append(e)  # [1, B, D]: one token of each, packed
+            parts.append(part)
         hidden = self.model(torch.cat(embeds, dim=1), MixedBatch(parts))[0]  # [N, D]
         for seq, n, _ in chunks:
             seq.state.num_computed += n
@@ -86,9 +78,25 @@ class ModelRunner:
             s.state.num_computed += 1
         rows = [i for i in ends if i is not None] + list(range(offset, offset + len(decodes)))
         logits = self.model.logits(hidden[rows]) if rows else None
-        it = iter(range(len(rows)))
-        chunk_logits = [None if i is None else logits[next(it)] for i in ends]
+        at = {row: j for j, row in enumerate(rows)}
+        chunk_logits = [None if i is None else logits[at[i]] for i in ends]
         return chunk_logits, (logits[len(rows) - len(decodes):] if decodes else None)
+
+    def _chunk_part(self, seq: Sequence, n: int, keep) -> tuple[torch.Tensor, ForwardBatch]:
+        """The next n prompt tokens of seq: embeddings [1, n, D] and their ForwardBatch."""
+        start = seq.num_computed
+        ids = torch.tensor(seq.token_ids[start:start + n], dtype=torch.long, device=self.device)
+        embeds = self.model.embed(ids, self._features(seq, start, n))
+        return embeds, ForwardBatch(self.pool, seq.positions(start, start + n).to(self.device), [seq.state.blocks],
+                                    [start], [seq.state.slot or 0], keep)
+
+    def _decode_part(self, seqs: list[Sequence]) -> tuple[torch.Tensor, ForwardBatch]:
+        """One new token of each sequence: embeddings [1, B, D] and their ForwardBatch ([B, 1] tokens)."""
+        ids = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=self.device)
+        positions = torch.cat([s.positions(s.num_computed, s.num_computed + 1) for s in seqs], dim=-2)
+        return self.model.embed(ids, {}), ForwardBatch(
+            self.pool, positions.to(self.device), [s.state.blocks for s in seqs], [s.num_computed for s in seqs],
+            [s.state.slot or 0 for s in seqs])
 
     def _features(self, seq: Sequence, start: int, n: int) -> dict[int, torch.Tensor]:
         """The rows of each placeholder id's features that fall in prompt positions [start, start+n)."""
@@ -105,12 +113,8 @@ class ModelRunner:
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One new token for each sequence, in one call -> logits [B, V]."""
-        ids = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=self.device)
-        embeds = self.model.embed(ids, {}).transpose(0, 1)  # [B, 1, D]
-        positions = torch.cat([s.positions(s.num_computed, s.num_computed + 1) for s in seqs], dim=-2)
-        batch = ForwardBatch(self.pool, positions.to(self.device), [s.state.blocks for s in seqs],
-                             [s.num_computed for s in seqs], [s.state.slot or 0 for s in seqs])
-        hidden = self.model(embeds, batch)
+        embeds, batch = self._decode_part(seqs)
+        hidden = self.model(embeds.transpose(0, 1), batch)  # [B, 1, D]
         for s in seqs:
             s.state.num_computed += 1
         return self.model.logits(hidden[:, -1])

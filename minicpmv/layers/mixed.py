@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .scratch import scratch
+
 # At and below this many rows the half-precision GEMV/GEMM on the stored weight is faster than
 # converting the weight to fp32 first (measured on AVX2: bf16 M=1 ~19 GB/s, M=8 ~3x slower
 # than fp32, fp32 upcast of a 3584x1024 weight ~1 ms).
@@ -23,17 +25,6 @@ SMALL_M = 4
 # 248k-row lm_head when several sequences decode together) never gets a full fp32 copy, and no
 # call pays page faults for a fresh multi-MB allocation.
 UPCAST_CHUNK_BYTES = 32 << 20
-_scratch = {}  # dtype -> flat buffer, grown on demand (the engine runs in one thread)
-
-
-def _upcast_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    buf = _scratch.get(dtype)
-    if buf is None or buf.numel() < numel:
-        # a plain tensor even when first needed under inference_mode: an inference tensor could
-        # not be written again by a later call made outside it (a caller using torch.no_grad)
-        with torch.inference_mode(False):
-            buf = _scratch[dtype] = torch.empty(numel, dtype=dtype)
-    return buf[:numel]
 
 
 class MixedLinear(nn.Linear):
@@ -48,13 +39,13 @@ class MixedLinear(nn.Linear):
         n_out, n_in = w.shape
         step = max(1, UPCAST_CHUNK_BYTES // (n_in * x.element_size()))
         if step >= n_out:
-            return F.linear(x, _upcast_buffer(w.numel(), x.dtype).view_as(w).copy_(w), self.bias)
+            return F.linear(x, scratch("upcast", w.numel(), x.dtype).view_as(w).copy_(w), self.bias)
         out = x.new_empty(*x.shape[:-1], n_out)
         for start in range(0, n_out, step):
             part = w[start:start + step]
             bias = None if self.bias is None else self.bias[start:start + step]
             out[..., start:start + len(part)] = F.linear(
-                x, _upcast_buffer(part.numel(), x.dtype).view_as(part).copy_(part), bias)
+                x, scratch("upcast", part.numel(), x.dtype).view_as(part).copy_(part), bias)
         return out
 
 

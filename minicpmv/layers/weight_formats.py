@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .scratch import scratch
+
 # At and below this many rows the quantized kernel runs on the stored bytes; above, blocks are
 # dequantized and multiplied by a GEMM (a fixed crossover, not measured: see docs/performance.md).
 KERNEL_ROWS = 16
@@ -33,15 +35,6 @@ KERNEL_ROWS = 16
 BLOCK_BYTES = 64 << 20
 INT4_ROW_BLOCK = 64  # _convert_weight_to_int4pack_for_cpu interleaves rows in blocks of 64 (checked below)
 
-_scratch: dict = {}
-
-
-def _buffer(key, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    buf = _scratch.get((key, dtype))
-    if buf is None or buf.numel() < numel:
-        with torch.inference_mode(False):  # writable from any later mode (see layers/mixed.py)
-            buf = _scratch[(key, dtype)] = torch.empty(numel, dtype=dtype)
-    return buf[:numel]
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +102,7 @@ class Int8Linear(QuantLinear):
 
     def dequantize(self, start, stop, dtype=torch.float32):
         q, s = self.qweight[start:stop], self.scale[start:stop, None]
-        out = _buffer("deq", q.numel(), dtype).view(q.shape)
+        out = scratch("deq", q.numel(), dtype).view(q.shape)
         return out.copy_(q).mul_(s.to(dtype))
 
     def gather_rows(self, ids):
