@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from minicpmv.layers import mixed
+from minicpmv.layers import mixed, scratch
 from minicpmv.layers.mixed import MixedLinear
 
 
@@ -30,7 +30,7 @@ def test_few_rows_use_the_half_precision_product():
 
 
 def test_the_reused_buffer_works_inside_and_outside_inference_mode(monkeypatch):
-    monkeypatch.setattr(mixed, "_scratch", {})  # first use under inference_mode allocates it
+    monkeypatch.setattr(scratch, "_buffers", {})  # first use under inference_mode allocates it
     lin = make(1000, 64)
     x = torch.randn(3, 7, 64)
     expected = F.linear(x, lin.weight.float(), lin.bias)
