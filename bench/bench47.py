@@ -102,14 +102,27 @@ def make_inputs(folder: Path, tiny: bool) -> dict:
             "text": {"input_ids": ids, "attention_mask": torch.ones_like(ids)}}
 
 
-def ours(folder: Path, dtype, device):
+def model_bytes(model) -> tuple[int, int]:
+    """(bytes of every parameter and buffer, of those inside the text tower's decoder layers)."""
+    total = layers = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        n = t.numel() * t.element_size()
+        total += n
+        layers += n if ".layers." in name and name.startswith("language_model.") else 0
+    return total, layers
+
+
+def ours(folder: Path, dtype, device, weights=None, sizes=None):
     from minicpmv.engine.engine import Engine
     from minicpmv.engine.sampling import SamplingParams
     from minicpmv.engine.sequence import Sequence, VisionInputs
     from minicpmv.loading import load_model
     from minicpmv.processing.canvas_rope import CanvasMarkers, canvas_positions, token_types
 
-    model, config = load_model(folder, dtype, device, progress=False)
+    model, config = load_model(folder, dtype, device, progress=False, weights=weights)
+    if sizes is not None:
+        sizes["total"], sizes["layers"] = model_bytes(model)
+        sizes["rss_after_load_gb"] = peak_rss_gb()
     engine = Engine(model, max_context=32768, encoder_cache_bytes=0)
     markers = CanvasMarkers.from_config(config)
 
@@ -130,9 +143,10 @@ def ours(folder: Path, dtype, device):
             engine.step()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
+            if all(s.output_ids for s in seqs):  # from the step that gave the last prompt its first token
+                stamps.append(time.perf_counter())
         assert all(len(s.output_ids) == n for s in seqs)
-        return t0, stamps[batch - 1:]  # the first batch-1 steps are the other sequences' prefills
+        return t0, stamps
 
     return generate
 
@@ -182,6 +196,7 @@ def main():
     p.add_argument("--tokens", type=int, default=32, help="decoded tokens per sample")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--weights", choices=["int8", "int4"], help="ours: quantize at load (the MoE's experts too)")
     p.add_argument("--tiny", action="store_true", help="smoke run on tiny random checkpoints")
     args = p.parse_args()
     if args.threads:
@@ -200,15 +215,23 @@ def main():
     for name, folder in folders.items():
         cfg = json.loads((folder / "config.json").read_text())
         inputs = make_inputs(folder, args.tiny)
+        sizes = {}
         row = {"active_params": active_params(cfg),
-               "ours": measure(ours(folder, args.dtype, args.device), inputs, args.tokens, args.runs)}
+               "ours": measure(ours(folder, args.dtype, args.device, args.weights, sizes), inputs, args.tokens,
+                               args.runs)}
+        layers = cfg["text_config"]["num_hidden_layers"]
+        real_layers = json.loads(CONFIGS["35B-A3B" if name == "MoE" else "1B"].read_text())["text_config"][
+            "num_hidden_layers"]
+        row["ours_weights_gb"] = sizes["total"] / 1e9
+        row["real_size_weights_gb"] = (sizes["total"] + sizes["layers"] * (real_layers / layers - 1)) / 1e9
+        row["peak_rss_after_load_gb"] = sizes["rss_after_load_gb"]
         if not args.skip_hf:
             row["hf"] = measure(hf(folder, dtype, args.device), inputs, args.tokens, args.runs)
         rows[name] = row
         print(f"{name}: {json.dumps(row)}", flush=True)
 
-    print(f"\n| model | active params/token | engine | TTFT 448 img (s) | decode tok/s | 8-seq tok/s | "
-          f"active Gparam/s |\n|---|---|---|---|---|---|---|")
+    print("\n| model | active params/token | engine | TTFT 448 img (s) | decode tok/s | 8-seq tok/s | "
+          "active Gparam/s |\n|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         for engine in ("ours", "hf"):
             if engine in row:
@@ -221,6 +244,10 @@ def main():
     print(f"\nMoE decode throughput per active parameter vs dense: {per_param['MoE'] / per_param['1B']:.2f}x")
     print(f"predicted real 35B-A3B batch-1 decode ({real / 1e9:.2f} B active params/token): "
           f"{per_param['MoE'] / real:.2f} tok/s (from the MoE), {per_param['1B'] / real:.2f} tok/s (at the dense rate)")
+    for name, row in rows.items():
+        print(f"{name} ({args.weights or args.dtype}): resident weights {row['ours_weights_gb']:.2f} GB, at the real "
+              f"layer count {row['real_size_weights_gb']:.2f} GB; peak RSS after our load "
+              f"{row['peak_rss_after_load_gb']:.2f} GB")
     print(f"peak RSS {peak_rss_gb():.2f} GB; dense 1B 8-seq/1-seq {dense['agg8_tok_s'] / dense['tok_s']:.2f}x, "
           f"MoE {moe['agg8_tok_s'] / moe['tok_s']:.2f}x")
 

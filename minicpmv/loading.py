@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .cpu.apply import apply_plan
+from .cpu.apply import apply_plan, quantize_experts_while_loading
 from .cpu.plan import check_weights, choose
 from .hub import DEFAULT_MODEL, resolve_model_path
 from .layers.mixed import mixed_precision_plan
@@ -64,7 +64,8 @@ def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_pe
 
     On CPU the kernels come from the CPU at hand (cpu/plan.py; `isa`, e.g. "avx2", or
     $MINICPMV_CPU_ISA lowers the level the choice is made for). weights="int8" / "int4"
-    quantizes the per-token matrices and the lm_head of a 16-bit checkpoint at load time
+    quantizes the per-token matrices, the MoE experts (as they stream in) and the lm_head of a
+    16-bit checkpoint at load time
     (layers/weight_formats.py); on a GPTQ checkpoint, the per-token matrices it keeps dense (the
     lm_head, DeltaNet's a/b projections). dtype="float32" is always exact fp32 arithmetic.
     pack_per_token=False keeps every matrix an nn.Linear with a `.weight` (the quantizer reads them)."""
@@ -83,6 +84,8 @@ def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_pe
     with torch.device("meta"):
         model = build_model(config)
     quant = plan_quantized_load(model, config, folder)  # GPTQ: swap the quantized linears (None if dense)
+    if weights is not None:
+        quantize_experts_while_loading(model, weights)  # MoE experts: rounded as they stream in
     num_params = sum(p.numel() for p in model.parameters())
     dtype = pick_dtype(dtype, device, num_params, stored_float_dtype(folder))
     if weights is not None and dtype == torch.float32:

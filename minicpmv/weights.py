@@ -74,6 +74,9 @@ def load_weights(model: torch.nn.Module, folder: Path, rename, dtype_for, device
     parameter must be covered, except ones tied to another (lm_head with tied embeddings).
     `regroup` (optional, e.g. models/expert_layout.py) may merge several stored tensors into one
     before renaming: `.feed(pairs)` maps (key, tensor) pairs, `.finish()` checks nothing is left."""
+    # modules that take their checkpoint tensors themselves (e.g. experts quantized while they
+    # load, layers/moe_quant.py): `load_stream(attr, tensor)`, `stream_missing()`
+    streams = {name: m for name, m in model.named_modules() if hasattr(m, "load_stream")}
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers()))
     expected = {n for n, _ in model.named_parameters()}
@@ -90,6 +93,10 @@ def load_weights(model: torch.nn.Module, folder: Path, rename, dtype_for, device
             name = rename(key)
             if name is None or name in tied:
                 continue
+            owner = _stream_owner(name, streams) if streams else None
+            if owner is not None:
+                streams[owner].load_stream(name[len(owner) + 1:], t)
+                continue
             if name not in params:
                 raise KeyError(f"unexpected tensor {key!r} in {path.name}")
             target = params[name]
@@ -103,9 +110,25 @@ def load_weights(model: torch.nn.Module, folder: Path, rename, dtype_for, device
     bar.close()
     if regroup is not None:
         regroup.finish()
+    for owner, module in streams.items():
+        gap = module.stream_missing()
+        if gap is not None:
+            raise KeyError(f"checkpoint in {folder} lacks {owner}: {gap}")
     missing = expected - loaded
     if missing:
         raise KeyError(f"checkpoint in {folder} lacks {len(missing)} tensors, e.g. {sorted(missing)[:5]}")
+
+
+def _stream_owner(name: str, streams: dict) -> str | None:
+    """The streaming module `name` belongs to (its own name), if any: tried at up to 3 levels up."""
+    prefix = name
+    for _ in range(3):
+        prefix = prefix.rpartition(".")[0]
+        if not prefix:
+            return None
+        if prefix in streams:
+            return prefix
+    return None
 
 
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:

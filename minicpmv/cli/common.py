@@ -25,8 +25,8 @@ def add_model_args(p: argparse.ArgumentParser, dtype_help: str | None = None) ->
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--weights", choices=list(WEIGHT_FORMATS),
-                   help="CPU: quantize the text matrices and lm_head of a 16-bit checkpoint at load (int8 "
-                        "per channel, int4 per group of 64), or a GPTQ checkpoint's dense lm_head; `minicpmv "
+                   help="CPU: quantize the text matrices, MoE experts and lm_head of a 16-bit checkpoint at load "
+                        "(int8 per channel, int4 per group of 64), or a GPTQ checkpoint's dense lm_head; `minicpmv "
                         "info --weights ...` shows the kernels")
     p.add_argument("--isa", help="CPU: choose kernels as for this level at most (generic, avx2, avx512, avx512_bf16, "
                                  "amx; default: what the CPU has, also $MINICPMV_CPU_ISA)")

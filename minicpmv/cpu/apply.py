@@ -9,9 +9,11 @@ from torch import nn
 
 from ..layers import fp16_packed
 from ..layers.mixed import MixedLinear
+from ..layers.moe import Experts
+from ..layers.moe_quant import QuantExperts
 from ..layers.norm import GatedRMSNorm, RMSNorm, ZeroCenteredRMSNorm
-from ..layers.weight_formats import (Bf16Linear, Int4Linear, Int8Linear, QuantLinear, TiedQuantEmbedding,
-                                     int4_layout_ok, swap_linears)
+from ..layers.weight_formats import (Bf16Linear, Int4Linear, Int8Linear, QuantEmbedding, QuantLinear,
+                                     TiedQuantEmbedding, int4_layout_ok, swap_linears)
 from .plan import BF16, FP16_PACKED, INT4_GROUP, KernelPlan
 
 
@@ -38,7 +40,22 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
 
 
 def _half_linear(lin: nn.Linear) -> bool:
-    return lin.weight.device.type == "cpu" and lin.weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    return (lin.weight.device.type == "cpu" and lin.weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and not getattr(lin, "keep_dense", False))
+
+
+def quantize_experts_while_loading(model: nn.Module, weights: str) -> int:
+    """Before loading (on the meta model): replace the routed MoE experts by `QuantExperts` in
+    the requested format, which round each expert's tensors as the checkpoint streams in (a MoE
+    too large for memory in 16 bits never exists in 16 bits). Returns how many were replaced."""
+    done = 0
+    for name, m in list(model.named_modules()):
+        if type(m) is Experts:
+            hidden, n = m.down_proj.shape[1], m.down_proj.shape[2]
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, QuantExperts(m.num_experts, hidden, n, weights, INT4_GROUP))
+            done += 1
+    return done
 
 
 def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str, gemm_dtype: torch.dtype) -> int:
@@ -52,18 +69,30 @@ def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str
     if weights == "int4" and not int4_layout_ok():
         tied = {}  # unknown packing layout: embeddings keep their own copy rather than misread it
 
-    def make(weight: torch.Tensor, bias):
-        if weights == "int4":
-            group = next((g for g in (INT4_GROUP, 32) if weight.shape[1] % g == 0), None)
-            q = Int8Linear(weight, bias) if group is None else Int4Linear(weight, bias, group)
-        else:
-            q = Int8Linear(weight, bias)
+    def build(weight: torch.Tensor, bias) -> QuantLinear:
+        group = next((g for g in (INT4_GROUP, 32) if weight.shape[1] % g == 0), None) if weights == "int4" else None
+        q = Int8Linear(weight, bias) if group is None else Int4Linear(weight, bias, group)
         q.gemm_dtype = gemm_dtype
+        return q
+
+    def make(weight: torch.Tensor, bias):
+        q = build(weight, bias)
         for owner, attr in tied.pop(weight.untyped_storage().data_ptr(), []):
             setattr(owner, attr, TiedQuantEmbedding(q))
         return q
 
-    return swap_linears(model, prefixes, make, accept=_half_linear)
+    for m in model.modules():
+        if isinstance(m, QuantExperts):
+            m.gemm_dtype = gemm_dtype
+    done = swap_linears(model, prefixes, make, accept=_half_linear)
+    # untied input embeddings (4.7, 4.5) are stored int8 under either format, rows dequantized on
+    # lookup: half their 16-bit memory; a lookup reads a few rows, so 4 bits would save memory only
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Embedding) and name.startswith(prefixes):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, QuantEmbedding(Int8Linear(m.weight.detach(), None)))
+            done += 1
+    return done
 
 
 def format_bytes(model: nn.Module, prefixes: tuple[str, ...]) -> int:
@@ -72,7 +101,7 @@ def format_bytes(model: nn.Module, prefixes: tuple[str, ...]) -> int:
     for name, m in model.named_modules():
         if not name.startswith(prefixes):
             continue
-        if isinstance(m, QuantLinear):
+        if isinstance(m, (QuantLinear, QuantExperts)):
             total += m.weight_bytes()
         elif isinstance(m, fp16_packed.PackedFP16Linear):
             total += 2 * m.in_features * m.out_features

@@ -22,17 +22,11 @@ def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]
     return weights.to(logits.dtype), experts
 
 
-class Experts(nn.Module):
-    """E SwiGLU experts: gate_up_proj [E, 2I, D] (rows: gate then up) and down_proj [E, D, I],
-    the names and layout of transformers' fused parameters."""
+class GroupedExperts(nn.Module):
+    """Routed compute grouped by expert; subclasses hold the matrices and define `expert(e, x)`
+    (x [n, D] fp32: the n tokens routed to expert e -> [n, D])."""
 
-    matrix_names = ("gate_up_proj", "down_proj")  # stored narrow on the CPU mixed path (layers/mixed.py)
-
-    def __init__(self, num_experts: int, hidden: int, intermediate: int):
-        super().__init__()
-        self.num_experts = num_experts
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+    num_experts: int
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D]; experts, weights [N, k] -> sum_k weights * expert_k(x), [N, D]."""
@@ -48,11 +42,26 @@ class Experts(nn.Module):
             if n == 0:
                 continue
             rows = tokens[start:start + n]
-            gate, up = F.linear(x[rows], self.gate_up_proj[e].to(x.dtype)).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e].to(x.dtype))
-            out.index_add_(0, rows, y * pair_weights[start:start + n, None])
+            out.index_add_(0, rows, self.expert(e, x[rows]) * pair_weights[start:start + n, None])
             start += n
         return out
+
+
+class Experts(GroupedExperts):
+    """E SwiGLU experts: gate_up_proj [E, 2I, D] (rows: gate then up) and down_proj [E, D, I],
+    the names and layout of transformers' fused parameters."""
+
+    matrix_names = ("gate_up_proj", "down_proj")  # stored narrow on the CPU mixed path (layers/mixed.py)
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[e].to(x.dtype)).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e].to(x.dtype))
 
 
 class SparseMoeBlock(nn.Module):
@@ -63,6 +72,9 @@ class SparseMoeBlock(nn.Module):
         self.experts = Experts(num_experts, hidden, intermediate)
         self.shared_expert = GatedMLP(hidden, shared_intermediate) if shared_intermediate else None
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_intermediate else None
+        for gate in (self.gate, self.shared_expert_gate):  # routing stays in 16 bits under int8/int4
+            if gate is not None:  # (llama.cpp keeps its ffn_gate_inp unquantized too)
+                gate.keep_dense = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

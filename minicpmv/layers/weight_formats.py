@@ -87,12 +87,7 @@ class Int8Linear(QuantLinear):
         self.out_features, self.in_features = weight.shape
         q = torch.empty(weight.shape, dtype=torch.int8)
         scale = torch.empty(self.out_features, dtype=torch.bfloat16)
-        step = max(1, BLOCK_BYTES // (4 * self.in_features))
-        for i in range(0, self.out_features, step):
-            w = weight[i:i + step].float()
-            s = (w.abs().amax(1) / 127.0).clamp_min(1e-30).bfloat16()
-            q[i:i + step] = torch.round(w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-            scale[i:i + step] = s
+        int8_quantize(weight, q, scale)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
@@ -101,9 +96,7 @@ class Int8Linear(QuantLinear):
         return torch._weight_int8pack_mm(x, self.qweight, self.scale)
 
     def dequantize(self, start, stop, dtype=torch.float32):
-        q, s = self.qweight[start:stop], self.scale[start:stop, None]
-        out = scratch("deq", q.numel(), dtype).view(q.shape)
-        return out.copy_(q).mul_(s.to(dtype))
+        return int8_dequantize(self.qweight[start:stop], self.scale[start:stop], dtype)
 
     def gather_rows(self, ids):
         return self.qweight[ids].float() * self.scale[ids, None].float()
@@ -123,21 +116,8 @@ class Int4Linear(QuantLinear):
         if group not in (32, 64, 128, 256) or self.in_features % group:
             raise ValueError(f"int4 group size {group} must be 32/64/128/256 and divide {self.in_features}")
         self.group = group
-        n_pad = -(-self.out_features // INT4_ROW_BLOCK) * INT4_ROW_BLOCK
-        K, G = self.in_features, self.in_features // group
-        packed = torch.empty(n_pad, K // 2, dtype=torch.uint8)
-        sz = torch.zeros(G, n_pad, 2, dtype=torch.bfloat16)
-        step = max(INT4_ROW_BLOCK, BLOCK_BYTES // (4 * K) // INT4_ROW_BLOCK * INT4_ROW_BLOCK)
-        for i in range(0, n_pad, step):
-            rows = min(step, n_pad - i)
-            w = torch.zeros(rows, K)
-            real = max(0, min(rows, self.out_features - i))
-            w[:real] = weight[i:i + real].float()
-            q, s, z = int4_grid(w.view(rows, G, group))
-            q = q.to(torch.int32).view(rows, K)
-            packed[i:i + rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1).view(rows, K // 2)
-            sz[:, i:i + rows, 0] = s.t()
-            sz[:, i:i + rows, 1] = z.t()
+        packed, sz = int4_buffers(self.out_features, self.in_features, group)
+        int4_quantize(weight, group, packed, sz)
         self.register_buffer("qweight", packed)
         self.register_buffer("scale_zero", sz)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
@@ -146,15 +126,7 @@ class Int4Linear(QuantLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group, self.scale_zero)
 
     def codes(self, start: int, stop: int) -> torch.Tensor:
-        """The 4-bit codes q [stop - start, K] (uint8) of rows start..stop, read back from the
-        kernel's layout: per block of 64 rows, K x 32 bytes whose low nibbles hold rows 0-31 and
-        high nibbles rows 32-63 of the block."""
-        K = self.in_features
-        b0, b1 = start // INT4_ROW_BLOCK, -(-stop // INT4_ROW_BLOCK)
-        blocks = self.qweight[b0 * INT4_ROW_BLOCK:b1 * INT4_ROW_BLOCK].reshape(b1 - b0, K, 32)
-        codes = torch.stack([blocks & 15, blocks >> 4], 1).permute(0, 1, 3, 2).reshape(-1, K)
-        first = b0 * INT4_ROW_BLOCK
-        return codes[start - first:stop - first]
+        return int4_codes(self.qweight, self.in_features, start, stop)
 
     def gather_rows(self, ids):
         K, G = self.in_features, self.in_features // self.group
@@ -165,16 +137,77 @@ class Int4Linear(QuantLinear):
         return ((q.float() - 8.0) * s + z).view(-1, K)
 
     def dequantize(self, start, stop, dtype=torch.float32):
-        K, G = self.in_features, self.in_features // self.group
-        s = self.scale_zero[:, start:stop, 0].t()[..., None].float()
-        z = self.scale_zero[:, start:stop, 1].t()[..., None].float()
-        q = self.codes(start, stop).view(stop - start, G, self.group)
-        w = (q.float() - 8.0).mul_(s).add_(z).view(stop - start, K)
-        return w if dtype == torch.float32 else w.to(dtype)
+        return int4_dequantize(self.qweight, self.scale_zero, self.group, start, stop, dtype)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"int4 group={self.group} asymmetric")
+
+
+def int8_quantize(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """Round weight [N, K] (any float dtype) per row into q [N, K] int8 and scale [N] bf16, in
+    place, a block of rows at a time (fp32 staging of at most BLOCK_BYTES)."""
+    step = max(1, BLOCK_BYTES // (4 * weight.shape[1]))
+    for i in range(0, weight.shape[0], step):
+        w = weight[i:i + step].float()
+        s = (w.abs().amax(1) / 127.0).clamp_min(1e-30).bfloat16()
+        q[i:i + step] = torch.round(w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[i:i + step] = s
+
+
+def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """q [n, K] int8, scale [n] -> q * scale in `dtype`, in a reused scratch buffer."""
+    out = scratch("deq", q.numel(), dtype).view(q.shape)
+    return out.copy_(q).mul_(scale[:, None].to(dtype))
+
+
+def int4_buffers(n: int, k: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty storage for an [n, k] int4 matrix in the kernel's layout: packed codes [n_pad, k/2]
+    uint8 and scale/offset pairs [k/group, n_pad, 2] bf16 (n padded to a multiple of 64, zeros)."""
+    n_pad = -(-n // INT4_ROW_BLOCK) * INT4_ROW_BLOCK
+    return (torch.empty(n_pad, k // 2, dtype=torch.uint8),
+            torch.zeros(k // group, n_pad, 2, dtype=torch.bfloat16))
+
+
+def int4_quantize(weight: torch.Tensor, group: int, packed: torch.Tensor, sz: torch.Tensor) -> None:
+    """Round weight [N, K] (any float dtype) into `int4_buffers(N, K, group)`, in place, a block
+    of rows at a time (fp32 staging of at most BLOCK_BYTES); the padding rows are zero."""
+    n_pad, K = packed.shape[0], weight.shape[1]
+    G = K // group
+    step = max(INT4_ROW_BLOCK, BLOCK_BYTES // (4 * K) // INT4_ROW_BLOCK * INT4_ROW_BLOCK)
+    for i in range(0, n_pad, step):
+        rows = min(step, n_pad - i)
+        w = torch.zeros(rows, K)
+        real = max(0, min(rows, weight.shape[0] - i))
+        w[:real] = weight[i:i + real].float()
+        q, s, z = int4_grid(w.view(rows, G, group))
+        q = q.to(torch.int32).view(rows, K)
+        packed[i:i + rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1).view(rows, K // 2)
+        sz[:, i:i + rows, 0] = s.t()
+        sz[:, i:i + rows, 1] = z.t()
+
+
+def int4_codes(packed: torch.Tensor, k: int, start: int, stop: int) -> torch.Tensor:
+    """The 4-bit codes q [stop - start, k] (uint8) of rows start..stop, read back from the
+    kernel's layout: per block of 64 rows, k x 32 bytes whose low nibbles hold rows 0-31 and
+    high nibbles rows 32-63 of the block."""
+    b0, b1 = start // INT4_ROW_BLOCK, -(-stop // INT4_ROW_BLOCK)
+    blocks = packed[b0 * INT4_ROW_BLOCK:b1 * INT4_ROW_BLOCK].reshape(b1 - b0, k, 32)
+    codes = torch.stack([blocks & 15, blocks >> 4], 1).permute(0, 1, 3, 2).reshape(-1, k)
+    first = b0 * INT4_ROW_BLOCK
+    return codes[start - first:stop - first]
+
+
+def int4_dequantize(packed: torch.Tensor, sz: torch.Tensor, group: int, start: int, stop: int,
+                    dtype=torch.float32) -> torch.Tensor:
+    """Rows start..stop of the matrix stored in (packed, sz), (q - 8) * s + z, in `dtype`."""
+    k = packed.shape[1] * 2
+    G = k // group
+    s = sz[:, start:stop, 0].t()[..., None].float()
+    z = sz[:, start:stop, 1].t()[..., None].float()
+    q = int4_codes(packed, k, start, stop).view(stop - start, G, group)
+    w = (q.float() - 8.0).mul_(s).add_(z).view(stop - start, k)
+    return w if dtype == torch.float32 else w.to(dtype)
 
 
 # Grid ranges tried per group, as fractions of its min..max span (kept around its centre): clipping
@@ -261,6 +294,18 @@ class TiedQuantEmbedding(nn.Module):
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.embedding_dim}, tied to the quantized lm_head"
+
+
+class QuantEmbedding(TiedQuantEmbedding):
+    """An untied input embedding stored in a weight format itself (`rows`, a QuantLinear over
+    the [vocab, dim] matrix), rows dequantized on lookup: what Q4_K_M does with token_embd."""
+
+    def __init__(self, rows: QuantLinear):
+        super().__init__(rows)
+        self.rows = rows
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
 def swap_linears(model: nn.Module, prefixes: tuple[str, ...],

@@ -33,14 +33,24 @@ class MiniCPMV47(MiniCPMV46):
     def text_model_class(self):
         return Qwen35MoeTextModel if isinstance(self.config.text, Qwen35MoeTextConfig) else Qwen35TextModel
 
-    @staticmethod
-    def checkpoint_key(name: str) -> str | None:
-        if PER_EXPERT.match(name):  # reached only by GPTQ planning: plain ones are stacked before renaming
+    def checkpoint_key(self, name: str) -> str | None:
+        m = PER_EXPERT.match(name)
+        if m is None:
+            return MiniCPMV46.checkpoint_key(name)
+        if not self._experts_stream():  # plain ones are stacked before renaming: this is GPTQ planning
             raise ValueError(f"{name}: quantized MoE experts are not supported (a GPTQ 4.7 MoE checkpoint must keep "
                              f"its routed experts in floating point)")
-        return MiniCPMV46.checkpoint_key(name)
+        experts = MiniCPMV46.checkpoint_key(m.group(1) + ".weight")
+        return None if experts is None else f"{experts[:-len('.weight')]}.{m.group(2)}.{m.group(3)}"
 
     def checkpoint_regrouper(self) -> ExpertStacker | None:
-        """Per-expert checkpoint tensors are stacked into the fused expert parameters."""
+        """Per-expert checkpoint tensors are stacked into the fused expert parameters, unless the
+        experts take them one by one (quantized while loading, layers/moe_quant.py)."""
         text = self.config.text
-        return ExpertStacker(text.num_experts) if isinstance(text, Qwen35MoeTextConfig) else None
+        if not isinstance(text, Qwen35MoeTextConfig) or self._experts_stream():
+            return None
+        return ExpertStacker(text.num_experts)
+
+    def _experts_stream(self) -> bool:
+        layers = self.language_model.layers
+        return len(layers) > 0 and hasattr(getattr(layers[0].mlp, "experts", None), "load_stream")
