@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .cpu.apply import apply_plan, quantize_experts_while_loading
+from .cpu.apply import apply_plan, quantize_experts_while_loading, quantize_per_token
 from .cpu.plan import check_weights, choose
 from .hub import DEFAULT_MODEL, resolve_model_path
 from .layers.mixed import mixed_precision_plan
@@ -58,6 +58,23 @@ def release_freed_memory() -> None:
         pass
 
 
+def _quantize_as_loaded(model, weights: str, gemm_dtype: torch.dtype):
+    """What the loader calls every GB read: quantize the linears loaded so far and give the freed
+    16-bit copies back, so a 16-bit copy of the whole model never exists. Call on the meta model:
+    an embedding that shares its parameter with the lm_head is tied (kept for the final pass)."""
+    owners = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    untied = {name for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Embedding) and owners[id(m.weight)] == 1}
+
+    def compact():
+        quantize_per_token(model, model.per_token_prefixes, weights, gemm_dtype, embeddings=untied)
+        release_freed_memory()
+    return compact
+
+
 def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_per_token: bool = True,
                weights: str | None = None, isa: str | None = None):
     """Build and load just the torch model (no tokenizer); returns (model, config dict).
@@ -101,13 +118,16 @@ def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_pe
         def dtype_for(name):
             return None if keep(name) else dtype
     regroup = model.checkpoint_regrouper() if hasattr(model, "checkpoint_regrouper") else None
-    load_weights(model, folder, model.checkpoint_key, dtype_for, device, progress=progress, regroup=regroup)
+    packs = pack_per_token and device.type == "cpu" and dtype != torch.float32
+    compact = _quantize_as_loaded(model, weights, choose(isa).gemm_dtype) if weights is not None and packs else None
+    load_weights(model, folder, model.checkpoint_key, dtype_for, device, progress=progress, regroup=regroup,
+                 compact=compact)
     model.tie_weights()
     if quant is not None:
         # float32 asked for: the GPTQ layers compute exactly as transformers + gptqmodel do in fp32
         # (fp16-rounded dequantized weights, fp32 math); otherwise the fast int4 kernels
         quant.finish(model, "fp16_weight" if dtype == torch.float32 else "auto", isa=isa)
-    if pack_per_token and device.type == "cpu" and dtype != torch.float32:
+    if packs:
         # the kernels this CPU runs fastest, per op class (cpu/plan.py); one copy of each matrix
         plan = choose(isa)
         apply_plan(model, plan, weights, model.per_token_prefixes)

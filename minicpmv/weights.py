@@ -22,6 +22,8 @@ def _read_header(f) -> tuple[int, dict]:
     header.pop("__metadata__", None)
     return n, header
 
+COMPACT_EVERY = 1 << 30
+
 
 def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) from one safetensors file with plain reads into fresh tensors.
@@ -68,12 +70,14 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 
 def load_weights(model: torch.nn.Module, folder: Path, rename, dtype_for, device, progress: bool = True,
-                 regroup=None) -> None:
+                 regroup=None, compact=None) -> None:
     """Assign every checkpoint tensor to the parameter/buffer `rename(key)` names (None = skip).
     Floating tensors are cast to `dtype_for(name)` (None = keep the checkpoint's dtype); every
     parameter must be covered, except ones tied to another (lm_head with tied embeddings).
     `regroup` (optional, e.g. models/expert_layout.py) may merge several stored tensors into one
-    before renaming: `.feed(pairs)` maps (key, tensor) pairs, `.finish()` checks nothing is left."""
+    before renaming: `.feed(pairs)` maps (key, tensor) pairs, `.finish()` checks nothing is left.
+    `compact()` (optional) is called after every COMPACT_EVERY bytes read and after each file:
+    the loader's chance to convert what has arrived (e.g. quantize it) before more comes in."""
     # modules that take their checkpoint tensors themselves (e.g. experts quantized while they
     # load, layers/moe_quant.py): `load_stream(attr, tensor)`, `stream_missing()`
     streams = {name: m for name, m in model.named_modules() if hasattr(m, "load_stream")}
@@ -86,10 +90,15 @@ def load_weights(model: torch.nn.Module, folder: Path, rename, dtype_for, device
     total = sum(f.stat().st_size for f in files)  # bytes: a one-file checkpoint gets a moving bar too
     bar = tqdm(total=total, desc="Loading weights", unit="B", unit_scale=True, unit_divisor=1024,
                disable=not progress or total < 64 << 20)
+    since = 0  # bytes read since the last compact()
     for path in files:
         tensors = read_safetensors(path)
         for key, t in (tensors if regroup is None else regroup.feed(tensors)):
             bar.update(t.numel() * t.element_size())
+            since += t.numel() * t.element_size()
+            if compact is not None and since >= COMPACT_EVERY:
+                compact()
+                since = 0
             name = rename(key)
             if name is None or name in tied:
                 continue
@@ -107,6 +116,9 @@ def load_weights(model: torch.nn.Module, folder: Path, rename, dtype_for, device
                 t = t.to(dtype)
             _assign(model, name, t.to(device))
             loaded.add(name)
+        if compact is not None:
+            compact()
+            since = 0
     bar.close()
     if regroup is not None:
         regroup.finish()

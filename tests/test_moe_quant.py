@@ -194,3 +194,23 @@ def test_cli_chat_on_int4_experts(tiny47_moe_dir, tmp_path):
     content = [{"type": "image", "image": str(path)}, "What is in the picture?"]
     ref = local.chat(msgs=[{"role": "user", "content": content}], do_sample=False, max_new_tokens=6)
     assert out.stdout == str(ref) + "\n" and str(ref)
+
+
+@pytest.mark.parametrize("folder", ["tiny47_moe_dir", "tiny46_dir"])
+def test_quantizing_while_loading_equals_quantizing_after(folder, request, monkeypatch):
+    """With a compaction every 64 KB read (a real checkpoint: every GB) the linears are quantized
+    as they arrive, a tied head/embedding pair still ends as one matrix, and the model is the same
+    as when everything is quantized after the last tensor."""
+    from minicpmv import loading, weights
+
+    folder = request.getfixturevalue(folder)
+    after, _ = load_model(folder, "auto", "cpu", progress=False, weights="int4")
+    calls = []
+    real = loading.quantize_per_token
+    monkeypatch.setattr(loading, "quantize_per_token", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(weights, "COMPACT_EVERY", 1 << 16)
+    streamed, _ = load_model(folder, "auto", "cpu", progress=False, weights="int4")
+    assert len(calls) > 5
+    a, b = after.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [type(m) for m in after.modules()] == [type(m) for m in streamed.modules()]

@@ -4,6 +4,8 @@ format. Called right after the weights load, one matrix at a time (the replaced 
 before the next is built), so the peak stays at the model plus one matrix's staging copy."""
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import nn
 
@@ -40,8 +42,9 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
 
 
 def _half_linear(lin: nn.Linear) -> bool:
+    """A loaded (not meta) floating linear that may take a weight format."""
     return (lin.weight.device.type == "cpu" and lin.weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and not getattr(lin, "keep_dense", False))
+            and (lin.bias is None or lin.bias.device.type == "cpu") and not getattr(lin, "keep_dense", False))
 
 
 def quantize_experts_while_loading(model: nn.Module, weights: str) -> int:
@@ -58,9 +61,13 @@ def quantize_experts_while_loading(model: nn.Module, weights: str) -> int:
     return done
 
 
-def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str, gemm_dtype: torch.dtype) -> int:
-    """Replace every per-token linear by its int8/int4 form (the lm_head included). An input
-    embedding tied to a quantized matrix then reads that matrix (one resident copy)."""
+def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str, gemm_dtype: torch.dtype,
+                       embeddings: bool | Collection[str] = True) -> int:
+    """Replace every loaded per-token linear by its int8/int4 form (the lm_head included). An
+    input embedding tied to a quantized matrix then reads that matrix (one resident copy); the
+    other embeddings are stored int8 (all of them, or those named in `embeddings`: while loading,
+    the ones known to be untied). Linears and embeddings still on the meta device are left for a
+    later call, so the loader can call this as the checkpoint streams in."""
     tied = {}  # weight storage -> [(owner, attr)] of the embeddings that share it
     for name, m in model.named_modules():
         if isinstance(m, nn.Embedding):
@@ -88,7 +95,8 @@ def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str
     # untied input embeddings (4.7, 4.5) are stored int8 under either format, rows dequantized on
     # lookup: half their 16-bit memory; a lookup reads a few rows, so 4 bits would save memory only
     for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Embedding) and name.startswith(prefixes):
+        if (isinstance(m, nn.Embedding) and name.startswith(prefixes) and m.weight.device.type == "cpu"
+                and (embeddings is True or name in embeddings)):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, QuantEmbedding(Int8Linear(m.weight.detach(), None)))
             done += 1

@@ -314,9 +314,11 @@ def swap_linears(model: nn.Module, prefixes: tuple[str, ...],
     """Replace every accepted nn.Linear whose qualified name starts with one of `prefixes` by
     `make(weight, bias)` (None: leave it). Projections a module fuses (`packed_fusions = {fused:
     (member, ...)}`, members reading the same input) become one matrix under `fused`, the members
-    set to None; the module's forward uses the fused product when present. One matrix at a time,
+    set to None; the module's forward uses the fused product when present (members still on the
+    meta device, not loaded yet, leave their group for a later call). One matrix at a time,
     no reference kept to a replaced module. Returns how many linears were replaced."""
     done = 0
+    deferred = set()
     owners = [name for name, m in model.named_modules() if getattr(m, "packed_fusions", None)]
     for name in owners:
         if not (name + ".").startswith(prefixes):
@@ -324,6 +326,9 @@ def swap_linears(model: nn.Module, prefixes: tuple[str, ...],
         owner = model.get_submodule(name)
         for fused, members in owner.packed_fusions.items():
             linears = [getattr(owner, m) for m in members]
+            if any(isinstance(lin, nn.Linear) and lin.weight.device.type == "meta" for lin in linears):
+                deferred.update(f"{name}.{m}" for m in members)  # not all loaded yet: fuse them later
+                continue
             if not all(isinstance(lin, nn.Linear) and accept(lin) for lin in linears):
                 continue  # e.g. GPTQ int4 layers: they stay as they are
             biases = [lin.bias for lin in linears]
@@ -339,7 +344,8 @@ def swap_linears(model: nn.Module, prefixes: tuple[str, ...],
                 setattr(owner, m, None)
             setattr(owner, fused, new)
             done += len(members)
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith(prefixes)]
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and name.startswith(prefixes) and name not in deferred]
     for name in names:
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent)
