@@ -58,7 +58,7 @@ def release_freed_memory() -> None:
         pass
 
 
-def _quantize_as_loaded(model, weights: str, gemm_dtype: torch.dtype):
+def _quantize_as_loaded(model, weights: str, plan):
     """What the loader calls every GB read: quantize the linears loaded so far and give the freed
     16-bit copies back, so a 16-bit copy of the whole model never exists. Call on the meta model:
     an embedding that shares its parameter with the lm_head is tied (kept for the final pass)."""
@@ -70,7 +70,7 @@ def _quantize_as_loaded(model, weights: str, gemm_dtype: torch.dtype):
               if isinstance(m, torch.nn.Embedding) and owners[id(m.weight)] == 1}
 
     def compact():
-        quantize_per_token(model, model.per_token_prefixes, weights, gemm_dtype, embeddings=untied)
+        quantize_per_token(model, model.per_token_prefixes, weights, plan, embeddings=untied)
         release_freed_memory()
     return compact
 
@@ -119,7 +119,7 @@ def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_pe
             return None if keep(name) else dtype
     regroup = model.checkpoint_regrouper() if hasattr(model, "checkpoint_regrouper") else None
     packs = pack_per_token and device.type == "cpu" and dtype != torch.float32
-    compact = _quantize_as_loaded(model, weights, choose(isa).gemm_dtype) if weights is not None and packs else None
+    compact = _quantize_as_loaded(model, weights, choose(isa)) if weights is not None and packs else None
     load_weights(model, folder, model.checkpoint_key, dtype_for, device, progress=progress, regroup=regroup,
                  compact=compact)
     model.tie_weights()

@@ -2,6 +2,7 @@
 MINICPMV_CPU_ISA switch, the rules per level, a calibration overturning them only on clear
 wins, its on-disk cache, and `minicpmv info`."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -88,6 +89,44 @@ def test_calibration_overturns_the_rules_only_on_clear_wins():
         assert cal.apply(amx, table(0.2, 1.0, 1.0, 0.95)).text16 == BF16
         assert cal.apply(bf16_cpu, table(0.2, 1.0, 0.5, 1.0)).text16 == BF16
         assert cal.apply(rule_plan(cpu("avx2")), table(8.0, 1.0, 0.5, 1.0)).text16 == FP16_PACKED  # no bf16 GEMMs
+
+
+def test_quantized_kernel_rows_come_from_the_plan_and_the_calibration():
+    avx512, avx2 = rule_plan(cpu("amx")), rule_plan(cpu("avx2"))
+    assert (avx512.int8_rows, avx512.int4_rows) == (24, 96) and (avx2.int8_rows, avx2.int4_rows) == (16, 16)
+    assert "up to 96 rows" in dict(avx512.rows("int4"))["prefill GEMMs"]
+    measured = cal.apply(avx512, table(0.2, 1.0, 1.0, 1.0) | {"quant_kernel_rows": {"int8": 32, "int4": 48}})
+    assert (measured.int8_rows, measured.int4_rows) == (32, 48)
+    assert cal.apply(avx2, table(8.0, 1.0, 1.0, 1.0)).int4_rows == 16  # an older cache without the probe
+
+
+def test_the_crossover_probe_stops_where_the_gemm_wins(monkeypatch):
+    """_crossover walks QUANT_ROWS up while the kernel is faster: fake timings where the kernel
+    costs rows x 1 and the GEMM 50 make 48 the last winning row count."""
+    class Fake:
+        in_features = 8
+
+        def _kernel(self, x):
+            return ("kernel", x.shape[0])
+
+        def _gemm(self, x):
+            return ("gemm", x.shape[0])
+
+    monkeypatch.setattr(cal, "_time", lambda fn, **kw: (lambda kind, m: m if kind == "kernel" else 50)(*fn()))
+    assert cal._crossover(Fake(), torch.Generator()) == 48
+
+
+def test_loaded_layers_take_the_plans_kernel_rows(tmp_path, monkeypatch):
+    from minicpmv.layers.weight_formats import Int4Linear, Int8Linear
+    from minicpmv.loading import load_model
+    from tiny46 import build_tiny_46
+
+    folder = build_tiny_46(tmp_path / "m", seed=0)
+    plan = replace(rule_plan(cpu("amx")), int8_rows=5, int4_rows=7)
+    monkeypatch.setattr("minicpmv.loading.choose", lambda isa=None: plan)
+    model, _ = load_model(folder, "auto", "cpu", progress=False, weights="int4")
+    quant = [m for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear))]
+    assert quant and all(m.kernel_rows == (7 if isinstance(m, Int4Linear) else 5) for m in quant)
 
 
 def test_calibration_is_cached_per_cpu_and_torch(tmp_path, monkeypatch):

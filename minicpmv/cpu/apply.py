@@ -30,7 +30,7 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
                     and module.weight.dtype == torch.bfloat16):
                 module.__class__ = Bf16Linear
     if weights is not None:
-        quantize_per_token(model, prefixes, weights, plan.gemm_dtype)
+        quantize_per_token(model, prefixes, weights, plan)
         return
     if plan.text16 == BF16:
         swap_linears(model, prefixes, Bf16Linear.of, accept=lambda lin: lin.weight.dtype == torch.bfloat16)
@@ -61,7 +61,7 @@ def quantize_experts_while_loading(model: nn.Module, weights: str) -> int:
     return done
 
 
-def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str, gemm_dtype: torch.dtype,
+def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str, plan: KernelPlan,
                        embeddings: bool | Collection[str] = True) -> int:
     """Replace every loaded per-token linear by its int8/int4 form (the lm_head included). An
     input embedding tied to a quantized matrix then reads that matrix (one resident copy); the
@@ -79,7 +79,7 @@ def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str
     def build(weight: torch.Tensor, bias) -> QuantLinear:
         group = next((g for g in (INT4_GROUP, 32) if weight.shape[1] % g == 0), None) if weights == "int4" else None
         q = Int8Linear(weight, bias) if group is None else Int4Linear(weight, bias, group)
-        q.gemm_dtype = gemm_dtype
+        q.gemm_dtype, q.kernel_rows = plan.gemm_dtype, plan.kernel_rows(q.format)
         return q
 
     def make(weight: torch.Tensor, bias):
@@ -90,7 +90,7 @@ def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str
 
     for m in model.modules():
         if isinstance(m, QuantExperts):
-            m.gemm_dtype = gemm_dtype
+            m.gemm_dtype, m.kernel_rows = plan.gemm_dtype, plan.kernel_rows(m.fmt)
     done = swap_linears(model, prefixes, make, accept=_half_linear)
     # untied input embeddings (4.7, 4.5) are stored int8 under either format, rows dequantized on
     # lookup: half their 16-bit memory; a lookup reads a few rows, so 4 bits would save memory only
@@ -98,7 +98,9 @@ def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str
         if (isinstance(m, nn.Embedding) and name.startswith(prefixes) and m.weight.device.type == "cpu"
                 and (embeddings is True or name in embeddings)):
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, QuantEmbedding(Int8Linear(m.weight.detach(), None)))
+            rows = Int8Linear(m.weight.detach(), None)
+            rows.gemm_dtype, rows.kernel_rows = plan.gemm_dtype, plan.kernel_rows("int8")
+            setattr(model.get_submodule(parent), attr, QuantEmbedding(rows))
             done += 1
     return done
 

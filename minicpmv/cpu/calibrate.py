@@ -30,7 +30,8 @@ from .plan import BF16, FP16_PACKED, WIDENED
 ENV_CALIBRATE = "MINICPMV_CPU_CALIBRATE"
 ENV_CACHE = "MINICPMV_CACHE_DIR"
 CLEAR_WIN = 1.15  # a measured kernel replaces the rule's choice only when this much faster
-VERSION = 1
+VERSION = 2
+QUANT_ROWS = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # row counts probed for the int8/int4 kernel crossover
 
 
 def cache_dir() -> Path:
@@ -94,7 +95,22 @@ def probe() -> dict:
         del q8
         q4 = [Int4Linear(m, None, 64) for m in mats]
         gemv["int4"] = _time(lambda: [q(row) for q in q4]) / len(mats)
-    return {"gemm_256x1024x2048_ms": gemm, "gemv_4096x2048_ms": gemv}
+        q8, q4 = Int8Linear(mats[0][:2048], None), q4[0]
+        q8.gemm_dtype = q4.gemm_dtype = torch.bfloat16 if gemm["bf16"] < gemm["fp32"] else torch.float32
+        rows = {"int8": _crossover(q8, g), "int4": _crossover(q4, g)}
+    return {"gemm_256x1024x2048_ms": gemm, "gemv_4096x2048_ms": gemv, "quant_kernel_rows": rows}
+
+
+def _crossover(q, g) -> int:
+    """The most rows (of QUANT_ROWS) at which q's kernel on the stored bytes still beats
+    dequantize + GEMM, checked upwards until the GEMM wins."""
+    best = QUANT_ROWS[0]
+    for m in QUANT_ROWS:
+        x = torch.randn(m, q.in_features, generator=g)
+        if _time(lambda: q._kernel(x.bfloat16()), min_s=0.05) >= _time(lambda: q._gemm(x), min_s=0.05):
+            break
+        best = m
+    return best
 
 
 def load_or_run(cpu: CpuInfo, run: bool = False, force: bool = False) -> dict | None:
@@ -138,5 +154,7 @@ def apply(plan, result: dict):
         text16 = BF16
     if text16 == BF16 and not vision_bf16:
         text16 = WIDENED if not fp16_packed.available() else FP16_PACKED
+    rows = result.get("quant_kernel_rows", {})
     return replace(plan, vision_bf16=vision_bf16, text16=text16, gemm_dtype=gemm_dtype,
+                   int8_rows=rows.get("int8", plan.int8_rows), int4_rows=rows.get("int4", plan.int4_rows),
                    source=f"calibrated ({result['path']})")

@@ -42,6 +42,13 @@ class KernelPlan:
     gemm_dtype: torch.dtype    # dtype of the GEMMs quantized matrices are widened to for prompts
     fused_norm: bool = False   # RMSNorms as one F.rms_norm call (layers/norm.py)
     source: str = "rules"      # "rules", or the calibration file that decided
+    # up to this many rows an int8 / int4 matrix runs torch's kernel on its stored bytes; more rows
+    # dequantize it and run a GEMM (the kernels' time grows with the rows, dequantizing does not)
+    int8_rows: int = 16
+    int4_rows: int = 16
+
+    def kernel_rows(self, fmt: str) -> int:
+        return self.int4_rows if fmt == "int4" else self.int8_rows
 
     def rows(self, weights: str | None = None) -> list[tuple[str, str]]:
         """(op class, kernel) lines describing what a model loaded with `weights` runs."""
@@ -49,11 +56,11 @@ class KernelPlan:
                   "fp32 GEMM on the bf16 weights widened per call")
         gemm = "bf16" if self.gemm_dtype == torch.bfloat16 else "fp32"
         if weights == "int8":
-            prefill = f"int8 widened per block + {gemm} GEMM"
+            prefill = f"int8 kernel up to {self.int8_rows} rows, else widened per block + {gemm} GEMM"
             decode = "int8 weight-only per-channel (_weight_int8pack_mm), bf16 activations"
             head = decode + "; the tied embedding reads it"
         elif weights == "int4":
-            prefill = f"int4 widened per block + {gemm} GEMM"
+            prefill = f"int4 kernel up to {self.int4_rows} rows, else widened per block + {gemm} GEMM"
             decode = f"int4 weight-only g{INT4_GROUP} asymmetric (_weight_int4pack_mm_for_cpu), bf16 activations"
             head = decode + "; the tied embedding reads it"
         elif self.text16 == FP16_PACKED:
@@ -76,12 +83,17 @@ class KernelPlan:
 def rule_plan(cpu: CpuInfo) -> KernelPlan:
     fbgemm = cpu.arch in ("x86_64", "AMD64") and cpu.at_least("avx2") and fp16_packed.available()
     fused_norm = cpu.at_least("avx512")  # F.rms_norm measured slower than five ops on the AVX2 box
+    # int8 / int4 kernel up to these rows on AVX-512 (measured on the AMX Xeon: the int4 kernel
+    # beats dequantize + bf16 GEMM up to ~100-150 rows, int8's up to ~22-26); elsewhere unmeasured: 16
+    rows = {"int8_rows": 24, "int4_rows": 96} if cpu.at_least("avx512") else {}
     if cpu.at_least("amx") or (cpu.fast_bf16 and not fbgemm):
-        return KernelPlan(cpu, vision_bf16=True, text16=BF16, gemm_dtype=torch.bfloat16, fused_norm=fused_norm)
+        return KernelPlan(cpu, vision_bf16=True, text16=BF16, gemm_dtype=torch.bfloat16, fused_norm=fused_norm, **rows)
     if cpu.fast_bf16:
-        return KernelPlan(cpu, vision_bf16=True, text16=FP16_PACKED, gemm_dtype=torch.bfloat16, fused_norm=fused_norm)
+        return KernelPlan(cpu, vision_bf16=True, text16=FP16_PACKED, gemm_dtype=torch.bfloat16, fused_norm=fused_norm,
+                          **rows)
     if fbgemm:
-        return KernelPlan(cpu, vision_bf16=False, text16=FP16_PACKED, gemm_dtype=torch.float32, fused_norm=fused_norm)
+        return KernelPlan(cpu, vision_bf16=False, text16=FP16_PACKED, gemm_dtype=torch.float32, fused_norm=fused_norm,
+                          **rows)
     return KernelPlan(cpu, vision_bf16=False, text16=WIDENED, gemm_dtype=torch.float32)
 
 

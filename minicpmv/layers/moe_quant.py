@@ -28,6 +28,7 @@ class QuantExperts(GroupedExperts):
     (`gate_up_proj` [E, 2I, D], `down_proj` [E, D, I]) or per-expert ones (`{e}.gate_proj` ...)."""
 
     gemm_dtype = torch.float32
+    kernel_rows = KERNEL_ROWS  # set per format by the CPU plan (cpu/apply.py)
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, fmt: str, group: int = 64):
         super().__init__()
@@ -106,7 +107,7 @@ class QuantExperts(GroupedExperts):
     def _matmul(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
         n, k = self.shapes[name]
         q, s = getattr(self, f"{name}_q")[e], getattr(self, f"{name}_s")[e]
-        if x.shape[0] <= KERNEL_ROWS:
+        if x.shape[0] <= self.kernel_rows:
             xb = x.to(torch.bfloat16)
             if self.fmt == "int4":
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, q, self.groups[name], s)[:, :n]

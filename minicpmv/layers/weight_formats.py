@@ -29,7 +29,8 @@ from torch import nn
 from .scratch import scratch
 
 # At and below this many rows the quantized kernel runs on the stored bytes; above, blocks are
-# dequantized and multiplied by a GEMM (a fixed crossover, not measured: see docs/performance.md).
+# dequantized and multiplied by a GEMM. The default of a layer made outside a kernel plan; the CPU
+# plan sets each layer's `kernel_rows` per format (cpu/plan.py, measured by cpu/calibrate.py).
 KERNEL_ROWS = 16
 # Quantize / dequantize at most this many fp32 bytes of a matrix at a time, into reused buffers.
 BLOCK_BYTES = 64 << 20
@@ -46,10 +47,11 @@ class QuantLinear(nn.Module):
     `_kernel(x2d)` (bf16 in, bf16 [M, out_padded] out) and `dequantize(start, stop, dtype)` (rows of W)."""
 
     gemm_dtype = torch.float32
+    kernel_rows = KERNEL_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = _rows(x.float())
-        if flat.shape[0] <= KERNEL_ROWS:
+        if flat.shape[0] <= self.kernel_rows:
             y = self._kernel(flat.to(torch.bfloat16)).float()
             if y.shape[-1] != self.out_features:
                 y = y[:, :self.out_features]
@@ -82,6 +84,8 @@ class QuantLinear(nn.Module):
 class Int8Linear(QuantLinear):
     """W ~ q * s, q int8 in [-127, 127], s one bf16 scale per output row."""
 
+    format = "int8"
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -109,6 +113,8 @@ class Int4Linear(QuantLinear):
     """W ~ (q - 8) * s + z per group of `group` inputs, q in [0, 15], s and z bf16: an asymmetric
     grid over (a clipped part of) each group's min..max range (`int4_grid`). Rows are padded to a
     multiple of 64 (the kernel's packing block); the padding rows are zero and never returned."""
+
+    format = "int4"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = 64):
         super().__init__()
