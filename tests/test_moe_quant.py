@@ -216,3 +216,22 @@ def test_quantizing_while_loading_equals_quantizing_after(folder, request, monke
     a, b = after.state_dict(), streamed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [type(m) for m in after.modules()] == [type(m) for m in streamed.modules()]
+
+
+def test_server_on_int4_experts(tiny47_moe_dir, tmp_path):
+    """`minicpmv serve --weights int4` on a MoE: an image question answered as the Python API does."""
+    import minicpmv
+    from test_server_api import ask
+    from test_server_support import ServerProcess, image_part, photo, user
+
+    server = ServerProcess(tiny47_moe_dir, "--dtype", "auto", "--weights", "int4", log_path=tmp_path / "server.log")
+    try:
+        image = photo(400, 700, 6)
+        reply = ask(server.client(), user(image_part(image), "What is in this image?"), max_tokens=8)
+    finally:
+        server.stop()
+    local = minicpmv.load(tiny47_moe_dir, device="cpu", progress=False, weights="int4")
+    ref = local.chat(msgs=[{"role": "user", "content": [image, "What is in this image?"]}], do_sample=False,
+                     max_new_tokens=8)
+    assert reply.choices[0].message.content == str(ref) and str(ref)
+    assert reply.usage.prompt_tokens == ref.usage["prompt_tokens"]

@@ -32,6 +32,7 @@ from .isa import CpuInfo, detect
 FP16_PACKED, BF16, WIDENED = "fp16-packed", "bf16", "bf16-widened"
 WEIGHT_FORMATS = ("int8", "int4")
 INT4_GROUP = 64
+EMBEDDING_NOTE = "; a tied embedding reads it, an untied one is stored int8"
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,11 @@ class KernelPlan:
         if weights == "int8":
             prefill = f"int8 kernel up to {self.int8_rows} rows, else widened per block + {gemm} GEMM"
             decode = "int8 weight-only per-channel (_weight_int8pack_mm), bf16 activations"
-            head = decode + "; the tied embedding reads it"
+            head = decode + EMBEDDING_NOTE
         elif weights == "int4":
             prefill = f"int4 kernel up to {self.int4_rows} rows, else widened per block + {gemm} GEMM"
             decode = f"int4 weight-only g{INT4_GROUP} asymmetric (_weight_int4pack_mm_for_cpu), bf16 activations"
-            head = decode + "; the tied embedding reads it"
+            head = decode + EMBEDDING_NOTE
         elif self.text16 == FP16_PACKED:
             prefill = "fbgemm fp16-packed GEMM, fp32 math"
             decode = "fbgemm fp16-packed GEMV, fp32 math"
@@ -76,8 +77,10 @@ class KernelPlan:
             decode = "bf16 GEMV (<= 4 rows), fp32 beyond"
             head = decode
         norms = "F.rms_norm, one call each" if self.fused_norm else "five tensor ops each"
-        return [("vision GEMMs", vision), ("prefill GEMMs", prefill), ("decode GEMVs", decode), ("lm_head", head),
-                ("RMSNorms", norms)]
+        rows = [("vision GEMMs", vision), ("prefill GEMMs", prefill), ("decode GEMVs", decode), ("lm_head", head)]
+        if weights is not None:
+            rows.append(("MoE experts", f"{weights}, quantized while loading, kernels as above; the router 16-bit"))
+        return rows + [("RMSNorms", norms)]
 
 
 def rule_plan(cpu: CpuInfo) -> KernelPlan:
