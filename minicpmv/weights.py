@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+COMPACT_EVERY = 1 << 30  # bytes read between two calls of load_weights' `compact`
 
 
 def _read_header(f) -> tuple[int, dict]:
@@ -21,8 +22,6 @@ def _read_header(f) -> tuple[int, dict]:
     header = json.loads(f.read(n))
     header.pop("__metadata__", None)
     return n, header
-
-COMPACT_EVERY = 1 << 30
 
 
 def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
