@@ -46,6 +46,13 @@ def forced_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     return torch.stack(out)
 
 
+def first_step_error(reference, model, prompt: list[int]) -> float:
+    """max |logit - reference logit| of the first generated position, relative to the reference's
+    largest logit."""
+    a, b = forced_logits(reference, prompt, [0])[0], forced_logits(model, prompt, [0])[0]
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
 def accuracy(reference, model, prompt: list[int], n: int) -> Accuracy:
     tokens = greedy(reference, prompt, n)
     ref = forced_logits(reference, prompt, tokens)

@@ -16,7 +16,7 @@ real weights; the per-matrix error bounds are the format's own promise):
 import pytest
 import torch
 
-from format_accuracy import accuracy
+from format_accuracy import accuracy, first_step_error
 from minicpmv.cpu.apply import format_bytes
 from minicpmv.layers.weight_formats import (INT4_ROW_BLOCK, Int4Linear, Int8Linear, TiedQuantEmbedding,
                                             int4_grid, int4_layout_ok)
@@ -127,18 +127,11 @@ def test_accuracy_against_fp32(references, version, fmt):
     folder, ref, prompt = references[version]
     model, _ = load_model(folder, "auto", "cpu", progress=False, weights=fmt)
     acc = accuracy(ref, model, prompt, STEPS)
-    first = _first_step_error(ref, model, prompt)
+    first = first_step_error(ref, model, prompt)
     print(f"{version} {fmt}: {acc}; first-step max |logit error| / logit scale {first:.3g}")
     min_46, min_45, first_max = TOLERANCE[fmt]
     assert acc.top1_agreement >= (min_46 if version == "4.6" else min_45)
     assert first <= first_max
-
-
-def _first_step_error(ref, model, prompt):
-    from format_accuracy import forced_logits
-
-    a, b = forced_logits(ref, prompt, [0])[0], forced_logits(model, prompt, [0])[0]
-    return ((a - b).abs().max() / a.abs().max()).item()
 
 
 def test_bad_weight_requests_fail_clearly(tiny46):

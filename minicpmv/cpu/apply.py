@@ -15,7 +15,7 @@ from ..layers.moe import Experts
 from ..layers.moe_quant import QuantExperts
 from ..layers.norm import GatedRMSNorm, RMSNorm, ZeroCenteredRMSNorm
 from ..layers.weight_formats import (Bf16Linear, Int4Linear, Int8Linear, QuantEmbedding, QuantLinear,
-                                     TiedQuantEmbedding, int4_layout_ok, swap_linears)
+                                     TiedQuantEmbedding, int4_group, int4_layout_ok, swap_linears)
 from .plan import BF16, FP16_PACKED, INT4_GROUP, KernelPlan
 
 
@@ -76,8 +76,8 @@ def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str
     if weights == "int4" and not int4_layout_ok():
         tied = {}  # unknown packing layout: embeddings keep their own copy rather than misread it
 
-    def build(weight: torch.Tensor, bias) -> QuantLinear:
-        group = next((g for g in (INT4_GROUP, 32) if weight.shape[1] % g == 0), None) if weights == "int4" else None
+    def build(weight: torch.Tensor, bias, fmt: str = weights) -> QuantLinear:
+        group = int4_group(weight.shape[1], INT4_GROUP) if fmt == "int4" else None
         q = Int8Linear(weight, bias) if group is None else Int4Linear(weight, bias, group)
         q.gemm_dtype, q.kernel_rows = plan.gemm_dtype, plan.kernel_rows(q.format)
         return q
@@ -98,9 +98,7 @@ def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str
         if (isinstance(m, nn.Embedding) and name.startswith(prefixes) and m.weight.device.type == "cpu"
                 and (embeddings is True or name in embeddings)):
             parent, _, attr = name.rpartition(".")
-            rows = Int8Linear(m.weight.detach(), None)
-            rows.gemm_dtype, rows.kernel_rows = plan.gemm_dtype, plan.kernel_rows("int8")
-            setattr(model.get_submodule(parent), attr, QuantEmbedding(rows))
+            setattr(model.get_submodule(parent), attr, QuantEmbedding(build(m.weight.detach(), None, "int8")))
             done += 1
     return done
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .moe import GroupedExperts
-from .weight_formats import (KERNEL_ROWS, int4_buffers, int4_dequantize, int4_quantize, int8_dequantize,
+from .weight_formats import (KERNEL_ROWS, int4_buffers, int4_dequantize, int4_group, int4_quantize, int8_dequantize,
                              int8_quantize)
 
 PIECE = re.compile(r"^(\d+)\.(gate_proj|up_proj|down_proj)$")
@@ -39,7 +39,7 @@ class QuantExperts(GroupedExperts):
         self.groups = {}
         for name, (n, k) in self.shapes.items():
             if fmt == "int4":
-                g = next((g for g in (group, 32) if k % g == 0), None)
+                g = int4_group(k, group)
                 if g is None:
                     raise ValueError(f"int4 experts need widths that are multiples of 32; {name} has {k} inputs")
                 self.groups[name] = g
@@ -121,10 +121,6 @@ class QuantExperts(GroupedExperts):
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._buffers.values())
-
-    def active_bytes(self, top_k: int) -> int:
-        """Bytes read per token at batch 1: top_k experts' matrices."""
-        return self.weight_bytes() * top_k // self.num_experts
 
     def extra_repr(self) -> str:
         fmt = self.fmt if self.fmt == "int8" else f"int4 groups {sorted(set(self.groups.values()))}"

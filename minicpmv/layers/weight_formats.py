@@ -150,6 +150,12 @@ class Int4Linear(QuantLinear):
                 f"int4 group={self.group} asymmetric")
 
 
+def int4_group(k: int, preferred: int = 64) -> int | None:
+    """The int4 group size for rows of k inputs: `preferred` if it divides k, else 32, else None
+    (no int4 layout fits)."""
+    return next((g for g in (preferred, 32) if k % g == 0), None)
+
+
 def int8_quantize(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
     """Round weight [N, K] (any float dtype) per row into q [N, K] int8 and scale [N] bf16, in
     place, a block of rows at a time (fp32 staging of at most BLOCK_BYTES)."""
