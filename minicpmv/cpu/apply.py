@@ -16,6 +16,7 @@ from ..layers.moe_quant import QuantExperts
 from ..layers.norm import GatedRMSNorm, RMSNorm, ZeroCenteredRMSNorm
 from ..layers.weight_formats import (Bf16Linear, Int4Linear, Int8Linear, QuantEmbedding, QuantLinear,
                                      TiedQuantEmbedding, int4_group, int4_layout_ok, swap_linears)
+from . import native
 from .plan import BF16, FP16_PACKED, INT4_GROUP, KernelPlan
 
 
@@ -76,10 +77,17 @@ def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str
     if weights == "int4" and not int4_layout_ok():
         tied = {}  # unknown packing layout: embeddings keep their own copy rather than misread it
 
+    kernels = native.quant_kernels(plan.cpu) if plan.quant_native else None
+
+    def tune(m, fmt: str, width: int) -> None:
+        m.gemm_dtype, m.kernel_rows = plan.gemm_dtype, plan.kernel_rows(fmt)
+        if kernels is not None and width % 16 == 0:  # the extension's int8 loop takes 16 inputs at a time
+            m.native, m.native_rows = kernels, native.ROWS
+
     def build(weight: torch.Tensor, bias, fmt: str = weights) -> QuantLinear:
         group = int4_group(weight.shape[1], INT4_GROUP) if fmt == "int4" else None
         q = Int8Linear(weight, bias) if group is None else Int4Linear(weight, bias, group)
-        q.gemm_dtype, q.kernel_rows = plan.gemm_dtype, plan.kernel_rows(q.format)
+        tune(q, q.format, q.in_features)
         return q
 
     def make(weight: torch.Tensor, bias):
@@ -90,7 +98,7 @@ def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str
 
     for m in model.modules():
         if isinstance(m, QuantExperts):
-            m.gemm_dtype, m.kernel_rows = plan.gemm_dtype, plan.kernel_rows(m.fmt)
+            tune(m, m.fmt, min(k for _, k in m.shapes.values()))
     done = swap_linears(model, prefixes, make, accept=_half_linear)
     # untied input embeddings (4.7, 4.5) are stored int8 under either format, rows dequantized on
     # lookup: half their 16-bit memory; a lookup reads a few rows, so 4 bits would save memory only

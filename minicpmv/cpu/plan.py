@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layers import fp16_packed
+from . import native
 from .isa import CpuInfo, detect
 
 # storage/kernel of the 16-bit per-token matrices
@@ -47,6 +48,8 @@ class KernelPlan:
     # dequantize it and run a GEMM (the kernels' time grows with the rows, dequantizing does not)
     int8_rows: int = 16
     int4_rows: int = 16
+    # int8/int4 few-row products through cpu/native.py's AVX-512 kernels (when they build)
+    quant_native: bool = False
 
     def kernel_rows(self, fmt: str) -> int:
         return self.int4_rows if fmt == "int4" else self.int8_rows
@@ -56,13 +59,17 @@ class KernelPlan:
         vision = ("bf16 GEMM, fp32 accumulation (bf16 weights)" if self.vision_bf16 else
                   "fp32 GEMM on the bf16 weights widened per call")
         gemm = "bf16" if self.gemm_dtype == torch.bfloat16 else "fp32"
-        if weights == "int8":
-            prefill = f"int8 kernel up to {self.int8_rows} rows, else widened per block + {gemm} GEMM"
-            decode = "int8 weight-only per-channel (_weight_int8pack_mm), bf16 activations"
-            head = decode + EMBEDDING_NOTE
-        elif weights == "int4":
-            prefill = f"int4 kernel up to {self.int4_rows} rows, else widened per block + {gemm} GEMM"
-            decode = f"int4 weight-only g{INT4_GROUP} asymmetric (_weight_int4pack_mm_for_cpu), bf16 activations"
+        if weights in WEIGHT_FORMATS:
+            torch_kernel = "_weight_int8pack_mm" if weights == "int8" else "_weight_int4pack_mm_for_cpu"
+            kernel_rows = self.kernel_rows(weights)
+            prefill = f"{weights} kernels up to {kernel_rows} rows, else widened per block + {gemm} GEMM"
+            decode = ("int8 weight-only per-channel: " if weights == "int8" else
+                      f"int4 weight-only g{INT4_GROUP} asymmetric: ")
+            if self.quant_native:
+                decode += (f"{native.describe()} up to {native.ROWS} rows, then torch's {torch_kernel} "
+                           f"(bf16 activations)")
+            else:
+                decode += f"torch's {torch_kernel}, bf16 activations"
             head = decode + EMBEDDING_NOTE
         elif self.text16 == FP16_PACKED:
             prefill = "fbgemm fp16-packed GEMM, fp32 math"
@@ -89,6 +96,7 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
     # int8 / int4 kernel up to these rows on AVX-512 (measured on the AMX Xeon: the int4 kernel
     # beats dequantize + bf16 GEMM up to ~100-150 rows, int8's up to ~22-26); elsewhere unmeasured: 16
     rows = {"int8_rows": 24, "int4_rows": 96} if cpu.at_least("avx512") else {}
+    rows["quant_native"] = native.unusable(cpu) is None
     if cpu.at_least("amx") or (cpu.fast_bf16 and not fbgemm):
         return KernelPlan(cpu, vision_bf16=True, text16=BF16, gemm_dtype=torch.bfloat16, fused_norm=fused_norm, **rows)
     if cpu.fast_bf16:
@@ -97,7 +105,8 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
     if fbgemm:
         return KernelPlan(cpu, vision_bf16=False, text16=FP16_PACKED, gemm_dtype=torch.float32, fused_norm=fused_norm,
                           **rows)
-    return KernelPlan(cpu, vision_bf16=False, text16=WIDENED, gemm_dtype=torch.float32)
+    return KernelPlan(cpu, vision_bf16=False, text16=WIDENED, gemm_dtype=torch.float32,
+                      quant_native=rows["quant_native"])
 
 
 def choose(isa: str | None = None, calibrate: bool | None = None) -> KernelPlan:

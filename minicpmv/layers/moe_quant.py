@@ -29,6 +29,7 @@ class QuantExperts(GroupedExperts):
 
     gemm_dtype = torch.float32
     kernel_rows = KERNEL_ROWS  # set per format by the CPU plan (cpu/apply.py)
+    native, native_rows = None, 0  # cpu/native.py's kernels and their row limit, as on QuantLinear
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, fmt: str, group: int = 64):
         super().__init__()
@@ -107,6 +108,11 @@ class QuantExperts(GroupedExperts):
     def _matmul(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
         n, k = self.shapes[name]
         q, s = getattr(self, f"{name}_q")[e], getattr(self, f"{name}_s")[e]
+        if x.shape[0] <= self.native_rows and self.native is not None:
+            xf = x.float().contiguous()
+            y = (self.native.int4_mm(xf, q, s, self.groups[name])[:, :n] if self.fmt == "int4"
+                 else self.native.int8_mm(xf, q, s))
+            return y.to(x.dtype)
         if x.shape[0] <= self.kernel_rows:
             xb = x.to(torch.bfloat16)
             if self.fmt == "int4":

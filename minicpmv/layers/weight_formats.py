@@ -44,14 +44,23 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 class QuantLinear(nn.Module):
     """Shared forward: kernel path for few rows, dequantize-and-GEMM for many. Subclasses define
-    `_kernel(x2d)` (bf16 in, bf16 [M, out_padded] out) and `dequantize(start, stop, dtype)` (rows of W)."""
+    `_kernel(x2d)` (bf16 in, bf16 [M, out_padded] out), `_native(x2d)` (fp32 in and out, the
+    extension's kernel) and `dequantize(start, stop, dtype)` (rows of W)."""
 
     gemm_dtype = torch.float32
     kernel_rows = KERNEL_ROWS
+    # cpu/native.py's AVX-512 module (int8_mm / int4_mm on the stored bytes, fp32 activations) and
+    # up to how many rows it runs; set by the CPU plan where it was built (cpu/apply.py)
+    native = None
+    native_rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = _rows(x.float())
-        if flat.shape[0] <= self.kernel_rows:
+        if flat.shape[0] <= self.native_rows and self.native is not None:
+            y = self._native(flat.contiguous())
+            if y.shape[-1] != self.out_features:
+                y = y[:, :self.out_features]
+        elif flat.shape[0] <= self.kernel_rows:
             y = self._kernel(flat.to(torch.bfloat16)).float()
             if y.shape[-1] != self.out_features:
                 y = y[:, :self.out_features]
@@ -99,6 +108,9 @@ class Int8Linear(QuantLinear):
     def _kernel(self, x):
         return torch._weight_int8pack_mm(x, self.qweight, self.scale)
 
+    def _native(self, x):
+        return self.native.int8_mm(x, self.qweight, self.scale)
+
     def dequantize(self, start, stop, dtype=torch.float32):
         return int8_dequantize(self.qweight[start:stop], self.scale[start:stop], dtype)
 
@@ -130,6 +142,9 @@ class Int4Linear(QuantLinear):
 
     def _kernel(self, x):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group, self.scale_zero)
+
+    def _native(self, x):
+        return self.native.int4_mm(x, self.qweight, self.scale_zero, self.group)
 
     def codes(self, start: int, stop: int) -> torch.Tensor:
         return int4_codes(self.qweight, self.in_features, start, stop)

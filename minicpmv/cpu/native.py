@@ -1,0 +1,104 @@
+"""The AVX-512 int8/int4 few-row kernels (cpu/csrc/quant_gemv.cpp), built on first use.
+
+Decode multiplies one row (a few, batched) by every per-token matrix: on int8/int4 weights
+torch's CPU kernels are compute-bound there (docs/performance.md), this extension reads the
+same stored bytes 1.2-1.7x faster with fp32 activations. It is compiled with torch's
+cpp_extension (a C++ compiler is needed once, ~30 s) into
+`<cache>/native-<hash>/`, keyed by the source, torch's version and the CPU's flags, and reused
+by every later load. Where it cannot be used (no AVX-512, no compiler, a failed build,
+$MINICPMV_NATIVE=0) the loader keeps torch's kernels and says why (`status()`).
+Built at load time, never inside a request."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .isa import CpuInfo
+
+log = logging.getLogger("minicpmv.cpu")
+
+ENV = "MINICPMV_NATIVE"  # "0" keeps torch's kernels
+SOURCE = Path(__file__).with_name("csrc") / "quant_gemv.cpp"
+NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi")
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi", "-mfma",
+         "-fopenmp"]
+# Up to this many rows the extension runs; beyond, torch's kernels (up to the plan's kernel rows),
+# then dequantize + GEMM. On the AMX Xeon, 2 threads: 1.2-1.7x torch's at 1 row, 1.1-1.4x at 8.
+ROWS = 8
+
+_module = None
+_status = "not built yet"
+
+
+def unusable(cpu: CpuInfo) -> str | None:
+    """Why the extension cannot serve this CPU and setting, or None when it can."""
+    if os.environ.get(ENV, "1") == "0":
+        return f"disabled by {ENV}=0"
+    if cpu.forced and not cpu.at_least("avx512"):
+        return f"level forced to {cpu.level}"
+    missing = [f for f in NEEDS if f not in cpu.flags or f not in _host_flags()]
+    if missing:
+        return "the CPU lacks " + ", ".join(missing)
+    if sys.platform != "linux":
+        return "built on Linux only"
+    return None
+
+
+def _host_flags() -> frozenset:
+    """The flags of the CPU this process runs on (a plan may be made for a described CPU)."""
+    from .isa import _read_cpuinfo
+
+    return _read_cpuinfo()[1]
+
+
+def describe() -> str:
+    """What the few-row int8/int4 products run, for the plan's printout."""
+    if _module is None and _status == "not built yet":
+        return "minicpmv AVX-512 kernel, fp32 activations (built at the first int8/int4 load, then cached)"
+    return _status if _module is None else _status.replace("kernel (", "kernel, fp32 activations (")
+
+
+def quant_kernels(cpu: CpuInfo, progress: bool = True):
+    """The built extension module (int8_mm, int4_mm), or None with `status()` saying why."""
+    global _module, _status
+    if _module is not None:
+        return _module
+    why = unusable(cpu)
+    if why is not None:
+        _status = f"torch's kernels ({why})"
+        return None
+    if _status.startswith("torch's kernels (build failed"):
+        return None  # one attempt per process
+    from torch.utils.cpp_extension import load
+
+    from .calibrate import cache_dir
+
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(sorted(cpu.flags)).encode()
+                         + " ".join(FLAGS).encode()).hexdigest()[:12]
+    folder = cache_dir() / f"native-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    fresh = not any(folder.glob("*.so"))
+    if fresh and shutil.which(os.environ.get("CXX", "c++")) is None:
+        _status = "torch's kernels (build failed: no C++ compiler found; set CXX or install g++)"
+        log.warning("minicpmv: int8/int4 AVX-512 kernels not built: no C++ compiler; using torch's")
+        return None
+    if fresh and progress:
+        print(f"minicpmv: building the int8/int4 AVX-512 kernels once (~30 s) into {folder}", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        _module = load(f"minicpmv_quant_gemv_{key}", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                       build_directory=str(folder), verbose=False)
+    except Exception as e:  # a broken toolchain must not stop a load: torch's kernels remain
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        _status = f"torch's kernels (build failed: {first})"
+        log.warning("minicpmv: int8/int4 AVX-512 kernels not built (%s); using torch's", first)
+        return None
+    _status = f"minicpmv AVX-512 kernel ({'built in %.0f s' % (time.perf_counter() - t0) if fresh else 'cached'})"
+    return _module
