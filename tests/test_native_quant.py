@@ -1,7 +1,8 @@
-"""The AVX-512 int8/int4 few-row kernels (cpu/native.py, cpu/csrc/quant_gemv.cpp).
+"""The AVX-512 few-row kernels for bf16/int8/int4 matrices (cpu/native.py, cpu/csrc/quant_gemv.cpp).
 
 On a CPU that has what they need (AVX-512 F/BW/VL/DQ, VNNI, VBMI: this project's Xeon and Zen 5
 machines) they are built once and must give the fp32 product with the dequantized matrix:
+  * bf16: exact products of fp32 activations with the bf16 weights, fp32 sums: within 1e-6;
   * int8: fp32 activations, fp32 accumulation: within 1e-5 of max|y| (measured 2-5e-7);
   * int4: activations rounded to int16 per group (max|x| / 32767), exact int32 sums, fp32 group
     sums: within 2e-4 of max|y| (measured 3-6e-5);
@@ -17,9 +18,10 @@ import torch
 from format_accuracy import forced_logits, greedy
 from minicpmv.cpu import native
 from minicpmv.cpu.isa import CpuInfo, detect
-from minicpmv.cpu.plan import rule_plan
-from minicpmv.layers.weight_formats import Int4Linear, Int8Linear, QuantLinear
+from minicpmv.cpu.plan import BF16, rule_plan
+from minicpmv.layers.weight_formats import Bf16Linear, Int4Linear, Int8Linear, QuantLinear
 from minicpmv.loading import load_model
+from tiny46 import build_tiny_46
 
 HERE = detect()
 USABLE = native.unusable(HERE) is None
@@ -40,7 +42,7 @@ def test_reasons_on_made_up_cpus(monkeypatch):
     monkeypatch.setenv(native.ENV, "0")
     assert "MINICPMV_NATIVE=0" in native.unusable(cpu(FULL))
     monkeypatch.delenv(native.ENV)
-    assert rule_plan(cpu(FULL - {"avx512vbmi"})).quant_native is False
+    assert rule_plan(cpu(FULL - {"avx512vbmi"})).native_kernels is False
 
 
 def test_builds_here_or_says_why():
@@ -69,6 +71,11 @@ def test_kernels_give_the_fp32_product_with_the_dequantized_matrix(n, k):
                        mod.int4_mm(x, lin.qweight, lin.scale_zero, lin.group)[:, :n])
             err = (got - ref).abs().max() / ref.abs().max()
             assert err <= (tol if mod is not None else 2e-2), (lin.format, m, float(err))
+    if mod is not None:  # bf16 weights: exact products, fp32 sums
+        wb = w.bfloat16()
+        x = torch.randn(3, k, generator=g)
+        ref = x @ wb.float().t()
+        assert (mod.bf16_mm(x, wb) - ref).abs().max() <= 1e-6 * ref.abs().max()
     zero = torch.zeros(1, k)
     if mod is not None:
         assert torch.equal(mod.int4_mm(zero, l4.qweight, l4.scale_zero, l4.group)[:, :n], torch.zeros(1, n))
@@ -86,6 +93,21 @@ def test_bad_inputs_are_refused_with_a_message():
     q4 = Int4Linear(torch.randn(8, 64), None, group=32)
     with pytest.raises(RuntimeError, match="scale_zero"):
         mod.int4_mm(torch.randn(1, 64), q4.qweight, q4.scale_zero, 64)
+
+
+def test_a_16_bit_model_on_the_bf16_plan_decodes_through_them(tmp_path):
+    folder = build_tiny_46(tmp_path / "bf16", seed=1, dtype=torch.bfloat16)
+    model, _ = load_model(folder, "auto", "cpu", progress=False)
+    bf16 = [m for name, m in model.named_modules()
+            if type(m) is Bf16Linear and name.startswith(model.per_token_prefixes)]
+    if model.kernel_plan.text16 != BF16:  # this CPU's plan keeps another 16-bit kernel
+        assert not bf16
+        return
+    assert bf16 and all((m.native is not None) == USABLE for m in bf16)
+    x = torch.randn(2, bf16[0].in_features)
+    fast = bf16[0](x)
+    exact = x @ bf16[0].weight.float().t()
+    assert (fast - exact).abs().max() <= 1e-5 * exact.abs().max()
 
 
 @pytest.mark.parametrize("fmt,tol", [("int8", 1e-4), ("int4", 5e-3)])

@@ -35,6 +35,10 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
         return
     if plan.text16 == BF16:
         swap_linears(model, prefixes, Bf16Linear.of, accept=lambda lin: lin.weight.dtype == torch.bfloat16)
+        kernels = native.quant_kernels(plan.cpu) if plan.native_kernels else None
+        for name, m in model.named_modules():
+            if kernels is not None and type(m) is Bf16Linear and name.startswith(prefixes) and m.in_features % 16 == 0:
+                m.native = kernels  # decode rows: the extension's bf16 GEMV
         if fp16_packed.available():  # what is left: an fp16 checkpoint's matrices (no bf16 copy to run)
             swap_linears(model, prefixes, fp16_packed.PackedFP16Linear,
                          accept=lambda lin: type(lin) is not Bf16Linear and fp16_packed.packable(lin))
@@ -77,7 +81,7 @@ def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str
     if weights == "int4" and not int4_layout_ok():
         tied = {}  # unknown packing layout: embeddings keep their own copy rather than misread it
 
-    kernels = native.quant_kernels(plan.cpu) if plan.quant_native else None
+    kernels = native.quant_kernels(plan.cpu) if plan.native_kernels else None
 
     def tune(m, fmt: str, width: int) -> None:
         m.gemm_dtype, m.kernel_rows = plan.gemm_dtype, plan.kernel_rows(fmt)

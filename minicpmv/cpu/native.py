@@ -1,12 +1,14 @@
-"""The AVX-512 int8/int4 few-row kernels (cpu/csrc/quant_gemv.cpp), built on first use.
+"""The AVX-512 few-row kernels for bf16, int8 and int4 matrices (cpu/csrc/quant_gemv.cpp), built
+on first use.
 
-Decode multiplies one row (a few, batched) by every per-token matrix: on int8/int4 weights
-torch's CPU kernels are compute-bound there (docs/performance.md), this extension reads the
-same stored bytes 1.2-1.7x faster with fp32 activations. It is compiled with torch's
+Decode multiplies one row (a few, batched) by every per-token matrix, so it streams the weights:
+torch's int8/int4 CPU kernels are compute-bound there and its bf16 GEMV leaves bandwidth unused
+(docs/performance.md); this extension reads the same stored bytes faster (software prefetch, VNNI
+for int4), with fp32 activations. It is compiled with torch's
 cpp_extension (a C++ compiler is needed once, ~30 s) into
 `<cache>/native-<hash>/`, keyed by the source, torch's version and the CPU's flags, and reused
 by every later load. Where it cannot be used (no AVX-512, no compiler, a failed build,
-$MINICPMV_NATIVE=0) the loader keeps torch's kernels and says why (`status()`).
+$MINICPMV_NATIVE=0) the loader keeps torch's kernels and says why (`describe()`).
 Built at load time, never inside a request."""
 from __future__ import annotations
 
@@ -59,14 +61,14 @@ def _host_flags() -> frozenset:
 
 
 def describe() -> str:
-    """What the few-row int8/int4 products run, for the plan's printout."""
+    """What the few-row bf16/int8/int4 products run, for the plan's printout."""
     if _module is None and _status == "not built yet":
-        return "minicpmv AVX-512 kernel, fp32 activations (built at the first int8/int4 load, then cached)"
+        return "minicpmv AVX-512 kernel, fp32 activations (built at the first load, then cached)"
     return _status if _module is None else _status.replace("kernel (", "kernel, fp32 activations (")
 
 
 def quant_kernels(cpu: CpuInfo, progress: bool = True):
-    """The built extension module (int8_mm, int4_mm), or None with `status()` saying why."""
+    """The built extension module (bf16_mm, int8_mm, int4_mm), or None with `describe()` saying why."""
     global _module, _status
     if _module is not None:
         return _module
@@ -87,10 +89,10 @@ def quant_kernels(cpu: CpuInfo, progress: bool = True):
     fresh = not any(folder.glob("*.so"))
     if fresh and shutil.which(os.environ.get("CXX", "c++")) is None:
         _status = "torch's kernels (build failed: no C++ compiler found; set CXX or install g++)"
-        log.warning("minicpmv: int8/int4 AVX-512 kernels not built: no C++ compiler; using torch's")
+        log.warning("minicpmv: AVX-512 decode kernels not built: no C++ compiler; using torch's")
         return None
     if fresh and progress:
-        print(f"minicpmv: building the int8/int4 AVX-512 kernels once (~30 s) into {folder}", file=sys.stderr)
+        print(f"minicpmv: building the AVX-512 decode kernels once (~30 s) into {folder}", file=sys.stderr)
     t0 = time.perf_counter()
     try:
         _module = load(f"minicpmv_quant_gemv_{key}", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
@@ -98,7 +100,7 @@ def quant_kernels(cpu: CpuInfo, progress: bool = True):
     except Exception as e:  # a broken toolchain must not stop a load: torch's kernels remain
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
         _status = f"torch's kernels (build failed: {first})"
-        log.warning("minicpmv: int8/int4 AVX-512 kernels not built (%s); using torch's", first)
+        log.warning("minicpmv: AVX-512 decode kernels not built (%s); using torch's", first)
         return None
     _status = f"minicpmv AVX-512 kernel ({'built in %.0f s' % (time.perf_counter() - t0) if fresh else 'cached'})"
     return _module

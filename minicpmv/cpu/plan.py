@@ -48,8 +48,8 @@ class KernelPlan:
     # dequantize it and run a GEMM (the kernels' time grows with the rows, dequantizing does not)
     int8_rows: int = 16
     int4_rows: int = 16
-    # int8/int4 few-row products through cpu/native.py's AVX-512 kernels (when they build)
-    quant_native: bool = False
+    # few-row bf16/int8/int4 products through cpu/native.py's AVX-512 kernels (when they build)
+    native_kernels: bool = False
 
     def kernel_rows(self, fmt: str) -> int:
         return self.int4_rows if fmt == "int4" else self.int8_rows
@@ -65,7 +65,7 @@ class KernelPlan:
             prefill = f"{weights} kernels up to {kernel_rows} rows, else widened per block + {gemm} GEMM"
             decode = ("int8 weight-only per-channel: " if weights == "int8" else
                       f"int4 weight-only g{INT4_GROUP} asymmetric: ")
-            if self.quant_native:
+            if self.native_kernels:
                 decode += (f"{native.describe()} up to {native.ROWS} rows, then torch's {torch_kernel} "
                            f"(bf16 activations)")
             else:
@@ -77,7 +77,8 @@ class KernelPlan:
             head = decode
         elif self.text16 == BF16:
             prefill = "bf16 GEMM, fp32 accumulation"
-            decode = "bf16 GEMV, fp32 accumulation"
+            decode = (f"bf16 GEMV: {native.describe()} up to 8 rows" if self.native_kernels else
+                      "bf16 GEMV, fp32 accumulation")
             head = decode
         else:
             prefill = "fp32 GEMM on the bf16 weights widened per call"
@@ -96,7 +97,7 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
     # int8 / int4 kernel up to these rows on AVX-512 (measured on the AMX Xeon: the int4 kernel
     # beats dequantize + bf16 GEMM up to ~100-150 rows, int8's up to ~22-26); elsewhere unmeasured: 16
     rows = {"int8_rows": 24, "int4_rows": 96} if cpu.at_least("avx512") else {}
-    rows["quant_native"] = native.unusable(cpu) is None
+    rows["native_kernels"] = native.unusable(cpu) is None
     if cpu.at_least("amx") or (cpu.fast_bf16 and not fbgemm):
         return KernelPlan(cpu, vision_bf16=True, text16=BF16, gemm_dtype=torch.bfloat16, fused_norm=fused_norm, **rows)
     if cpu.fast_bf16:
@@ -106,7 +107,7 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
         return KernelPlan(cpu, vision_bf16=False, text16=FP16_PACKED, gemm_dtype=torch.float32, fused_norm=fused_norm,
                           **rows)
     return KernelPlan(cpu, vision_bf16=False, text16=WIDENED, gemm_dtype=torch.float32,
-                      quant_native=rows["quant_native"])
+                      native_kernels=rows["native_kernels"])
 
 
 def choose(isa: str | None = None, calibrate: bool | None = None) -> KernelPlan:

@@ -284,8 +284,14 @@ class Bf16Linear(nn.Linear):
         lin.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
         return lin
 
+    native = None  # cpu/native.py's module (bf16_mm: fp32 activations, exact products), set by the CPU plan
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
+        if rows <= GEMV_ROWS and self.native is not None:
+            y = self.native.bf16_mm(x.reshape(rows, -1).float().contiguous(), self.weight)
+            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+            return y if self.bias is None else y + self.bias
         xb = x.to(torch.bfloat16)
         if rows <= GEMV_ROWS and x.device.type == "cpu":
             y = _weight_major(self.weight, xb.reshape(rows, -1)).reshape(*x.shape[:-1], -1).to(x.dtype)

@@ -23,8 +23,8 @@ namespace {
 // Software prefetch distances (bytes ahead in each weight stream): one core's hardware
 // prefetcher alone left these streams at ~10 GB/s on the AMX Xeon; 4-8 KB ahead reached
 // 17-20 GB/s (1 KB: ~8, 32 KB: no better).
-constexpr int64_t PF_INT8 = 4096;  // per row, 4 rows at a time
-constexpr int64_t PF_INT4 = 8192;  // one stream per 64-row block
+constexpr int64_t PF_ROWS = 8192;  // per row, 4 rows at a time (int8, bf16)
+constexpr int64_t PF_INT4 = 16384;  // one stream per 64-row block
 
 inline float bf16_to_float(uint16_t b) {
   uint32_t u = static_cast<uint32_t>(b) << 16;
@@ -33,9 +33,19 @@ inline float bf16_to_float(uint16_t b) {
   return f;
 }
 
-// R weight rows against MR activation rows; K a multiple of 16.
-template <int R, int MR>
-void int8_tile(const int8_t* q, const uint16_t* scale, const float* x, float* y,
+// 16 weights of a row as fp32: int8 codes (sign-extended, converted) or bf16 values (exact).
+inline __m512 widen16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 widen16(const uint16_t* p) {
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+// R weight rows (int8 codes or bf16 values, T) against MR activation rows; K a multiple of 16.
+// `scale` (one bf16 per row) or nullptr.
+template <int R, int MR, typename T>
+void rows_tile(const T* q, const uint16_t* scale, const float* x, float* y,
                int64_t K, int64_t N, int64_t n0, int64_t m0) {
   __m512 acc[R][MR];
   for (int r = 0; r < R; ++r)
@@ -43,31 +53,45 @@ void int8_tile(const int8_t* q, const uint16_t* scale, const float* x, float* y,
   for (int64_t k = 0; k < K; k += 16) {
     __m512 xv[MR];
     for (int m = 0; m < MR; ++m) xv[m] = _mm512_loadu_ps(x + (m0 + m) * K + k);
-    if ((k & 63) == 0)
-      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(q + (n0 + r) * K + k + PF_INT8), _MM_HINT_T0);
+    if (((k * sizeof(T)) & 63) == 0)
+      for (int r = 0; r < R; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(q + (n0 + r) * K + k) + PF_ROWS, _MM_HINT_T0);
     for (int r = 0; r < R; ++r) {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (n0 + r) * K + k));
-      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+      const __m512 w = widen16(q + (n0 + r) * K + k);
       for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_fmadd_ps(w, xv[m], acc[r][m]);
     }
   }
   for (int r = 0; r < R; ++r) {
-    const float s = bf16_to_float(scale[n0 + r]);
+    const float s = scale ? bf16_to_float(scale[n0 + r]) : 1.0f;
     for (int m = 0; m < MR; ++m) y[(m0 + m) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) * s;
   }
 }
 
-template <int R>
-void int8_rows(const int8_t* q, const uint16_t* scale, const float* x, float* y,
-               int64_t K, int64_t N, int64_t M, int64_t n0) {
+template <int R, typename T>
+void rows_of(const T* q, const uint16_t* scale, const float* x, float* y,
+             int64_t K, int64_t N, int64_t M, int64_t n0) {
   int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) int8_tile<R, 4>(q, scale, x, y, K, N, n0, m0);
+  for (; m0 + 4 <= M; m0 += 4) rows_tile<R, 4>(q, scale, x, y, K, N, n0, m0);
   switch (M - m0) {
-    case 3: int8_tile<R, 3>(q, scale, x, y, K, N, n0, m0); break;
-    case 2: int8_tile<R, 2>(q, scale, x, y, K, N, n0, m0); break;
-    case 1: int8_tile<R, 1>(q, scale, x, y, K, N, n0, m0); break;
+    case 3: rows_tile<R, 3>(q, scale, x, y, K, N, n0, m0); break;
+    case 2: rows_tile<R, 2>(q, scale, x, y, K, N, n0, m0); break;
+    case 1: rows_tile<R, 1>(q, scale, x, y, K, N, n0, m0); break;
     default: break;
   }
+}
+
+template <typename T>
+void rows_mm(const T* q, const uint16_t* scale, const float* x, float* y, int64_t K, int64_t N, int64_t M) {
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * 4;
+      if (n0 + 4 <= N) {
+        rows_of<4>(q, scale, x, y, K, N, M, n0);
+      } else {
+        for (int64_t n = n0; n < N; ++n) rows_of<1>(q, scale, x, y, K, N, M, n);
+      }
+    }
+  });
 }
 
 // Activations for the int4 kernel: per row and per group of the matrix, x ~ xq * dx with xq int16
@@ -189,18 +213,18 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   auto y = torch::empty({M, N}, x.options());
   const int8_t* qp = q.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * 4;
-      if (n0 + 4 <= N) {
-        int8_rows<4>(qp, sp, xp, yp, K, N, M, n0);
-      } else {
-        for (int64_t n = n0; n < N; ++n) int8_rows<1>(qp, sp, xp, yp, K, N, M, n);
-      }
-    }
-  });
+  rows_mm(qp, sp, x.data_ptr<float>(), y.data_ptr<float>(), K, N, M);
+  return y;
+}
+
+torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "w: contiguous [N, K] bf16");
+  const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
+  check_x(x, K);
+  TORCH_CHECK(K % 16 == 0, "K must be a multiple of 16");
+  auto y = torch::empty({M, N}, x.options());
+  rows_mm(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), nullptr, x.data_ptr<float>(),
+          y.data_ptr<float>(), K, N, M);
   return y;
 }
 
@@ -233,5 +257,6 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, i
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_mm", &int8_mm, "x [M, K] fp32 @ (q [N, K] int8 * scale [N] bf16)^T -> [M, N] fp32");
+  m.def("bf16_mm", &bf16_mm, "x [M, K] fp32 @ w [N, K] bf16 ^T -> [M, N] fp32 (exact products, fp32 sums)");
   m.def("int4_mm", &int4_mm, "x [M, K] fp32 @ int4pack(packed, scale_zero, group)^T -> [M, n_pad] fp32");
 }
