@@ -6,6 +6,8 @@ machines) they are built once and must give the fp32 product with the dequantize
   * int8: fp32 activations, fp32 accumulation: within 1e-5 of max|y| (measured 2-5e-7);
   * int4: activations rounded to int16 per group (max|x| / 32767), exact int32 sums, fp32 group
     sums: within 2e-4 of max|y| (measured 3-6e-5);
+  * the decode helpers (RMSNorm, DeltaNet's conv step and gated delta step): within 1e-6 of the
+    tensor ops they replace;
 and a model loaded with weights="int8"/"int4" must route its few-row products through them:
 24 greedy steps of the tiny 4.6 give the tokens of the same model whose quantized matrices run the
 exact fp32 product with their dequantized matrices, logits within 1e-4 (int8, measured 1.3e-6)
@@ -14,11 +16,13 @@ logit scale. Where the CPU lacks them, the loader must keep torch's kernels and 
 reasons are checked on made-up CPUs everywhere."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from format_accuracy import forced_logits, greedy
 from minicpmv.cpu import native
 from minicpmv.cpu.isa import CpuInfo, detect
 from minicpmv.cpu.plan import BF16, rule_plan
+from minicpmv.layers.gated_delta import l2_normalize, recurrent_gated_delta_step
 from minicpmv.layers.weight_formats import Bf16Linear, Int4Linear, Int8Linear, QuantLinear
 from minicpmv.loading import load_model
 from tiny46 import build_tiny_46
@@ -79,6 +83,38 @@ def test_kernels_give_the_fp32_product_with_the_dequantized_matrix(n, k):
     zero = torch.zeros(1, k)
     if mod is not None:
         assert torch.equal(mod.int4_mm(zero, l4.qweight, l4.scale_zero, l4.group)[:, :n], torch.zeros(1, n))
+
+
+def test_decode_helpers_match_the_tensor_ops():
+    """rms_norm (optionally gated), the DeltaNet conv step and the gated delta step against the
+    tensor-op code they replace: within 1e-6 of the scale (measured 2-3e-7)."""
+    mod = kernels()
+    if mod is None:
+        return
+    torch.manual_seed(0)
+    x, w, gate = torch.randn(3, 5, 48), torch.randn(48), torch.randn(3, 5, 48)
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    assert (mod.rms_norm(x, w, 1e-6) - ref).abs().max() <= 1e-6 * ref.abs().max()
+    ref_gated = ref * F.silu(gate)
+    assert (mod.rms_norm(x, w, 1e-6, gate) - ref_gated).abs().max() <= 1e-6 * ref_gated.abs().max()
+    B, Hk, Hv, dk, dv, K = 2, 4, 8, 24, 32, 4
+    C = 2 * Hk * dk + Hv * dv
+    window, xt, cw = torch.randn(B, C, K - 1), torch.randn(B, C), torch.randn(C, K) * 0.5
+    y, nxt = mod.conv_step(window, xt, cw)
+    full = torch.cat([window, xt[..., None]], -1)
+    ref = F.silu((full * cw).sum(-1))
+    assert (y - ref).abs().max() <= 1e-6 * ref.abs().max() and torch.equal(nxt, full[..., 1:])
+    g, beta = -torch.rand(B, Hv), torch.rand(B, Hv)
+    state = torch.randn(B, Hv, dk, dv)
+    expected_state = state.clone()
+    o = mod.delta_step(y, g, beta, state, Hk, dk ** -0.5, 1e-6)
+    q, k, v = torch.split(y, [Hk * dk, Hk * dk, Hv * dv], -1)
+    q = q.reshape(B, Hk, dk).repeat_interleave(Hv // Hk, 1)
+    k = k.reshape(B, Hk, dk).repeat_interleave(Hv // Hk, 1)
+    ref = recurrent_gated_delta_step(l2_normalize(q) * dk ** -0.5, l2_normalize(k), v.reshape(B, Hv, dv), g, beta,
+                                     expected_state)
+    assert (o - ref).abs().max() <= 1e-6 * ref.abs().max()
+    assert (state - expected_state).abs().max() <= 1e-6 * expected_state.abs().max()
 
 
 def test_bad_inputs_are_refused_with_a_message():

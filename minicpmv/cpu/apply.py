@@ -21,10 +21,12 @@ from .plan import BF16, FP16_PACKED, INT4_GROUP, KernelPlan
 
 
 def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes: tuple[str, ...]) -> None:
-    if plan.fused_norm:
-        for module in model.modules():
-            if isinstance(module, (RMSNorm, ZeroCenteredRMSNorm, GatedRMSNorm)):
-                module.fused = True
+    kernels = native.quant_kernels(plan.cpu) if plan.native_kernels else None
+    for module in model.modules():
+        if plan.fused_norm and isinstance(module, (RMSNorm, ZeroCenteredRMSNorm, GatedRMSNorm)):
+            module.fused = True
+        if getattr(module, "native_ops", False):  # norms, the DeltaNet decode token
+            module.native = kernels
     if plan.vision_bf16:
         for name, module in model.named_modules():
             if (type(module) is MixedLinear and not name.startswith(prefixes)
@@ -35,7 +37,6 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
         return
     if plan.text16 == BF16:
         swap_linears(model, prefixes, Bf16Linear.of, accept=lambda lin: lin.weight.dtype == torch.bfloat16)
-        kernels = native.quant_kernels(plan.cpu) if plan.native_kernels else None
         for name, m in model.named_modules():
             if kernels is not None and type(m) is Bf16Linear and name.startswith(prefixes) and m.in_features % 16 == 0:
                 m.native = kernels  # decode rows: the extension's bf16 GEMV

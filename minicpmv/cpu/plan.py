@@ -84,7 +84,8 @@ class KernelPlan:
             prefill = "fp32 GEMM on the bf16 weights widened per call"
             decode = "bf16 GEMV (<= 4 rows), fp32 beyond"
             head = decode
-        norms = "F.rms_norm, one call each" if self.fused_norm else "five tensor ops each"
+        norms = ("one call each (the extension's loop)" if self.native_kernels else
+                 "F.rms_norm, one call each" if self.fused_norm else "five tensor ops each")
         rows = [("vision GEMMs", vision), ("prefill GEMMs", prefill), ("decode GEMVs", decode), ("lm_head", head)]
         if weights is not None:
             rows.append(("MoE experts", f"{weights}, quantized while loading, kernels as above; the router 16-bit"))

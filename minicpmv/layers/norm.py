@@ -5,7 +5,9 @@ reference does, so bf16 runs round at the same places.
 path with torch's one-call F.rms_norm instead of five tensor ops: a decode step runs ~100 norms
 on one row each, where dispatch, not arithmetic, is the cost. Same fp32 math, another summation
 order (differences of a few ulp). On the AVX2 box of docs/performance.md F.rms_norm measured
-slower than the five ops, so the plan turns it on only from AVX-512 up."""
+slower than the five ops, so the plan turns it on only from AVX-512 up. `native` (set by the plan
+where cpu/native.py's extension is built) takes precedence on fp32 inputs: one call, no dispatch of
+the composite's five ops (F.rms_norm measured ~50-60 us per decode row on the AMX Xeon)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,7 @@ class RMSNorm(nn.Module):
     """Classic RMSNorm: y = w * x / rms(x) (Llama, Qwen3)."""
 
     fused = False
+    native_ops, native = True, None  # cpu/apply.py sets native (cpu/native.py's module)
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -24,6 +27,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None and x.dtype == self.weight.dtype == torch.float32:
+            return self.native.rms_norm(x.contiguous(), self.weight, self.eps)
         if self.fused and x.dtype == self.weight.dtype == torch.float32:
             return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         dtype = x.dtype
@@ -36,6 +41,7 @@ class ZeroCenteredRMSNorm(nn.Module):
     """Qwen3.5's RMSNorm: the stored weight is an offset from 1, y = x / rms(x) * (1 + w)."""
 
     fused = False
+    native_ops, native = True, None  # cpu/apply.py sets native (cpu/native.py's module)
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -45,6 +51,8 @@ class ZeroCenteredRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fp32 = x.dtype == torch.float32  # the CPU path: skip the no-op casts (each is a dispatched op)
+        if fp32 and self.native is not None:
+            return self.native.rms_norm(x.contiguous(), self.scale(self.weight), self.eps)
         if fp32 and self.fused:
             return F.rms_norm(x, x.shape[-1:], self.scale(self.weight), self.eps)
         y = x if fp32 else x.float()
@@ -56,6 +64,7 @@ class GatedRMSNorm(nn.Module):
     """Per-head norm of the gated DeltaNet output, gated by silu(z). Plain weight (init 1)."""
 
     fused = False
+    native_ops, native = True, None  # cpu/apply.py sets native (cpu/native.py's module)
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -64,6 +73,8 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         if x.dtype == gate.dtype == self.weight.dtype == torch.float32:  # the CPU path: no casts
+            if self.native is not None:
+                return self.native.rms_norm(x.contiguous(), self.weight, self.eps, gate.contiguous())
             if self.fused:
                 return F.rms_norm(x, x.shape[-1:], self.weight, self.eps).mul_(F.silu(gate))
             return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)) * F.silu(gate)

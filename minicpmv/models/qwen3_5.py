@@ -68,6 +68,9 @@ class Qwen35TextConfig:
 class GatedDeltaNet(nn.Module):
     # the four input projections read the same x (see layers/fp16_packed.py)
     packed_fusions = {"in_proj": ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")}
+    # the decode token's conv and recurrence through cpu/native.py's extension, where the CPU plan
+    # built it (cpu/apply.py sets `native` on modules that declare `native_ops`)
+    native_ops, native = True, None
 
     def __init__(self, cfg: Qwen35TextConfig):
         super().__init__()
@@ -114,6 +117,9 @@ class GatedDeltaNet(nn.Module):
         conv windows and recurrent states of the batch's sequences advanced by T tokens."""
         B, T, _ = qkv.shape
         conv_state = batch.conv_state(layer_idx)  # [B, C, K-1]
+        if (T == 1 and self.native is not None and qkv.dtype == conv_state.dtype == torch.float32
+                and self.v_dim % 16 == 0):  # the extension's rows are 16 floats wide
+            return self._native_decode(qkv, beta, g, conv_state, batch, layer_idx)
         qkv = qkv.transpose(1, 2)  # [B, C, T]
 
         # short causal conv, continuing from the cached window of previous inputs
@@ -162,6 +168,28 @@ class GatedDeltaNet(nn.Module):
             state.copy_(final)
             outs.append(o)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _native_decode(self, qkv, beta, g, conv_state, batch, layer_idx):
+        """The decode token through cpu/native.py's extension: conv + silu in one call, then the l2
+        norms and the recurrence per run of slots in one call each (states updated in place)."""
+        y, window = self.native.conv_step(conv_state.contiguous(), qkv.reshape(qkv.shape[0], -1).contiguous(),
+                                          self.conv1d.weight.reshape(self.conv_dim, -1).contiguous())
+        batch.store_conv(layer_idx, window)
+        beta, g = beta[:, 0].float().contiguous(), g[:, 0].float().contiguous()
+        outs = []
+        for r, state in batch.recurrent_views(layer_idx):
+            if state.is_contiguous():
+                outs.append(self.native.delta_step(y[r].contiguous(), g[r].contiguous(), beta[r].contiguous(), state,
+                                                   self.num_k_heads, self.k_dim ** -0.5, 1e-6))
+            else:  # a strided view of the pool: the tensor-op step
+                q, k, v = torch.split(y[r], [self.key_size, self.key_size, self.value_size], dim=-1)
+                q, k = q.reshape(-1, self.num_k_heads, self.k_dim), k.reshape(-1, self.num_k_heads, self.k_dim)
+                if self.num_v_heads != self.num_k_heads:
+                    rep = self.num_v_heads // self.num_k_heads
+                    q, k = q.repeat_interleave(rep, dim=1), k.repeat_interleave(rep, dim=1)
+                outs.append(recurrent_gated_delta_step(l2_normalize(q) * self.k_dim ** -0.5, l2_normalize(k),
+                                                       v.reshape(-1, self.num_v_heads, self.v_dim), g[r], beta[r], state))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(1)  # [B, 1, H, dv]
 
 
 def _prefill_rule(q, k, v, g, beta, state):

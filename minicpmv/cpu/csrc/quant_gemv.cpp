@@ -255,7 +255,178 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, i
   return y;
 }
 
+// exp on 16 floats (Cephes' single-precision polynomial, ~1 ulp over the clamped range).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One token of Gated DeltaNet's short causal conv: per channel c of row b, the window is the
+// K-1 cached inputs then x; y = silu(sum_j window_j w[c, j]); the new window drops the oldest.
+std::vector<torch::Tensor> conv_step(torch::Tensor window, torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(window.scalar_type() == torch::kFloat && window.is_contiguous() && window.dim() == 3,
+              "window: contiguous [B, C, K-1] fp32");
+  const int64_t B = window.size(0), C = window.size(1), K = window.size(2) + 1;
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.numel() == B * C, "x: contiguous [B, C] fp32");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat && w.is_contiguous() && w.numel() == C * K, "w: contiguous [C, K] fp32");
+  auto y = torch::empty({B, C}, x.options());
+  auto next = torch::empty_like(window);
+  const float *cs = window.data_ptr<float>(), *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float *yp = y.data_ptr<float>(), *np = next.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t c = 0; c < C; ++c) {
+      const float* win = cs + (b * C + c) * (K - 1);
+      const float* wc = wp + c * K;
+      float* nw = np + (b * C + c) * (K - 1);
+      float acc = 0.f;
+      for (int64_t j = 0; j < K - 1; ++j) acc += win[j] * wc[j];
+      const float xv = xp[b * C + c];
+      acc += xv * wc[K - 1];
+      yp[b * C + c] = acc;
+      for (int64_t j = 0; j + 1 < K - 1; ++j) nw[j] = win[j + 1];
+      nw[K - 2] = xv;
+    }
+    int64_t c = 0;
+    float* yb = yp + b * C;
+    for (; c + 16 <= C; c += 16) {  // silu
+      const __m512 v = _mm512_loadu_ps(yb + c);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), v));
+      _mm512_storeu_ps(yb + c, _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+    }
+    for (; c < C; ++c) yb[c] = yb[c] / (1.0f + std::exp(-yb[c]));
+  }
+  return {y, next};
+}
+
+// One token of the gated delta rule for n sequences, each state [Hv, dk, dv] updated in place:
+// y [n, C] holds the conv outputs (q [Hk, dk], k [Hk, dk], v [Hv, dv]); q and k are l2-normalised
+// (eps inside the root), q scaled; value head h reads key head h / (Hv / Hk).
+//   S <- exp(g) S;  delta = beta (v - S^T k);  S <- S + k delta^T;  o = S^T q
+// in two passes over each head's state (read; then update and output).
+torch::Tensor delta_step(torch::Tensor y, torch::Tensor g, torch::Tensor beta, torch::Tensor state,
+                         int64_t Hk, double scale, double eps) {
+  TORCH_CHECK(state.scalar_type() == torch::kFloat && state.is_contiguous() && state.dim() == 4,
+              "state: contiguous [n, Hv, dk, dv] fp32");
+  const int64_t n = state.size(0), Hv = state.size(1), dk = state.size(2), dv = state.size(3);
+  TORCH_CHECK(Hk > 0 && Hv % Hk == 0, "value heads must be a multiple of key heads");
+  TORCH_CHECK(dv % 16 == 0 && dv <= 1024, "dv must be a multiple of 16, at most 1024");
+  const int64_t C = 2 * Hk * dk + Hv * dv;
+  TORCH_CHECK(y.scalar_type() == torch::kFloat && y.is_contiguous() && y.numel() == n * C, "y: contiguous [n, C] fp32");
+  TORCH_CHECK(g.scalar_type() == torch::kFloat && g.is_contiguous() && g.numel() == n * Hv, "g: contiguous [n, Hv] fp32");
+  TORCH_CHECK(beta.scalar_type() == torch::kFloat && beta.is_contiguous() && beta.numel() == n * Hv,
+              "beta: contiguous [n, Hv] fp32");
+  auto o = torch::empty({n, Hv, dv}, y.options());
+  const float *yp = y.data_ptr<float>(), *gp = g.data_ptr<float>(), *bp = beta.data_ptr<float>();
+  float *sp = state.data_ptr<float>(), *op = o.data_ptr<float>();
+  const int64_t rep = Hv / Hk;
+  const float e = static_cast<float>(eps), sc = static_cast<float>(scale);
+  at::parallel_for(0, n * Hv, 1, [&](int64_t i0, int64_t i1) {
+    float kv[1024];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / Hv, h = i % Hv, kh = h / rep;
+      const float* q = yp + b * C + kh * dk;
+      const float* k = yp + b * C + Hk * dk + kh * dk;
+      const float* v = yp + b * C + 2 * Hk * dk + h * dv;
+      float qq = 0.f, kk = 0.f;
+      for (int64_t d = 0; d < dk; ++d) {
+        qq += q[d] * q[d];
+        kk += k[d] * k[d];
+      }
+      const float rq = sc / std::sqrt(qq + e), rk = 1.0f / std::sqrt(kk + e);
+      const float decay = std::exp(gp[i]), bt = bp[i];
+      float* S = sp + i * dk * dv;
+      for (int64_t j = 0; j < dv; j += 16) _mm512_storeu_ps(kv + j, _mm512_setzero_ps());
+      for (int64_t d = 0; d < dk; ++d) {  // S^T k, before the decay
+        const __m512 kd = _mm512_set1_ps(k[d] * rk);
+        for (int64_t j = 0; j < dv; j += 16)
+          _mm512_storeu_ps(kv + j, _mm512_fmadd_ps(kd, _mm512_loadu_ps(S + d * dv + j), _mm512_loadu_ps(kv + j)));
+      }
+      const __m512 dec = _mm512_set1_ps(decay), btv = _mm512_set1_ps(bt);
+      for (int64_t j = 0; j < dv; j += 16)  // delta = beta (v - decay S^T k)
+        _mm512_storeu_ps(kv + j, _mm512_mul_ps(btv, _mm512_fnmadd_ps(dec, _mm512_loadu_ps(kv + j), _mm512_loadu_ps(v + j))));
+      float* out = op + i * dv;
+      for (int64_t j = 0; j < dv; j += 16) _mm512_storeu_ps(out + j, _mm512_setzero_ps());
+      for (int64_t d = 0; d < dk; ++d) {
+        const __m512 kd = _mm512_set1_ps(k[d] * rk), qd = _mm512_set1_ps(q[d] * rq);
+        float* row = S + d * dv;
+        for (int64_t j = 0; j < dv; j += 16) {
+          const __m512 s = _mm512_fmadd_ps(kd, _mm512_loadu_ps(kv + j), _mm512_mul_ps(dec, _mm512_loadu_ps(row + j)));
+          _mm512_storeu_ps(row + j, s);
+          _mm512_storeu_ps(out + j, _mm512_fmadd_ps(qd, s, _mm512_loadu_ps(out + j)));
+        }
+      }
+    }
+  });
+  return o;
+}
+
+// y = x / sqrt(mean(x^2) + eps) * w over the last dimension (fp32), times silu(gate) when given: the
+// norms of a decode step are ~100 calls on one row each, where torch's composite F.rms_norm costs
+// ~50-60 us of dispatch per call on the AMX Xeon and this loop a few.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, c10::optional<torch::Tensor> gate) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be contiguous fp32");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat && w.is_contiguous() && w.dim() == 1, "w must be [D] fp32");
+  const int64_t D = w.numel();
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == D, "x's last dimension is ", x.size(-1), ", the weight's ", D);
+  const float* g = nullptr;
+  if (gate.has_value()) {
+    TORCH_CHECK(gate->scalar_type() == torch::kFloat && gate->is_contiguous() && gate->sizes() == x.sizes(),
+                "gate must be contiguous fp32 shaped like x");
+    g = gate->data_ptr<float>();
+  }
+  auto y = torch::empty_like(x);
+  const int64_t rows = D ? x.numel() / D : 0;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  auto body = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * D;
+      float* yr = yp + r * D;
+      __m512 acc = _mm512_setzero_ps();
+      int64_t d = 0;
+      for (; d + 16 <= D; d += 16) {
+        const __m512 v = _mm512_loadu_ps(xr + d);
+        acc = _mm512_fmadd_ps(v, v, acc);
+      }
+      float ss = _mm512_reduce_add_ps(acc);
+      for (; d < D; ++d) ss += xr[d] * xr[d];
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + e);
+      for (d = 0; d < D; ++d) {
+        float v = xr[d] * inv * wp[d];
+        if (g) {
+          const float gd = g[r * D + d];
+          v *= gd / (1.0f + std::exp(-gd));
+        }
+        yr[d] = v;
+      }
+    }
+  };
+  if (rows * D < (1 << 16)) {
+    body(0, rows);  // one decode row: threads cost more than they save
+  } else {
+    at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(D, 1)), body);
+  }
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("conv_step", &conv_step, "one token of the depthwise causal conv + silu -> (y, next window)");
+  m.def("delta_step", &delta_step, "one token of the gated delta rule, states updated in place -> o [n, Hv, dv]");
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim in fp32, optionally times silu(gate)",
+        py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("gate") = py::none());
   m.def("int8_mm", &int8_mm, "x [M, K] fp32 @ (q [N, K] int8 * scale [N] bf16)^T -> [M, N] fp32");
   m.def("bf16_mm", &bf16_mm, "x [M, K] fp32 @ w [N, K] bf16 ^T -> [M, N] fp32 (exact products, fp32 sums)");
   m.def("int4_mm", &int4_mm, "x [M, K] fp32 @ int4pack(packed, scale_zero, group)^T -> [M, n_pad] fp32");
