@@ -77,7 +77,7 @@ class KernelPlan:
             head = decode
         elif self.text16 == BF16:
             prefill = "bf16 GEMM, fp32 accumulation"
-            decode = (f"bf16 GEMV: {native.describe()} up to 8 rows" if self.native_kernels else
+            decode = (f"bf16 GEMV: {native.describe()} up to {native.ROWS} rows" if self.native_kernels else
                       "bf16 GEMV, fp32 accumulation")
             head = decode
         else:
@@ -86,7 +86,9 @@ class KernelPlan:
             head = decode
         norms = ("one call each (the extension's loop)" if self.native_kernels else
                  "F.rms_norm, one call each" if self.fused_norm else "five tensor ops each")
-        rows = [("vision GEMMs", vision), ("prefill GEMMs", prefill), ("decode GEMVs", decode), ("lm_head", head)]
+        rows = [("vision GEMMs", vision), ("prefill GEMMs", prefill), ("decode GEMVs", decode), ("lm_head", head),
+                ("DeltaNet token", "conv + silu, then l2 norms + the gated delta rule: two extension calls per layer"
+                 if self.native_kernels else "tensor ops")]
         if weights is not None:
             rows.append(("MoE experts", f"{weights}, quantized while loading, kernels as above; the router 16-bit"))
         return rows + [("RMSNorms", norms)]

@@ -178,17 +178,11 @@ class GatedDeltaNet(nn.Module):
         beta, g = beta[:, 0].float().contiguous(), g[:, 0].float().contiguous()
         outs = []
         for r, state in batch.recurrent_views(layer_idx):
-            if state.is_contiguous():
-                outs.append(self.native.delta_step(y[r].contiguous(), g[r].contiguous(), beta[r].contiguous(), state,
-                                                   self.num_k_heads, self.k_dim ** -0.5, 1e-6))
-            else:  # a strided view of the pool: the tensor-op step
-                q, k, v = torch.split(y[r], [self.key_size, self.key_size, self.value_size], dim=-1)
-                q, k = q.reshape(-1, self.num_k_heads, self.k_dim), k.reshape(-1, self.num_k_heads, self.k_dim)
-                if self.num_v_heads != self.num_k_heads:
-                    rep = self.num_v_heads // self.num_k_heads
-                    q, k = q.repeat_interleave(rep, dim=1), k.repeat_interleave(rep, dim=1)
-                outs.append(recurrent_gated_delta_step(l2_normalize(q) * self.k_dim ** -0.5, l2_normalize(k),
-                                                       v.reshape(-1, self.num_v_heads, self.v_dim), g[r], beta[r], state))
+            work = state if state.is_contiguous() else state.contiguous()  # the kernel walks whole states
+            outs.append(self.native.delta_step(y[r].contiguous(), g[r].contiguous(), beta[r].contiguous(), work,
+                                               self.num_k_heads, self.k_dim ** -0.5, 1e-6))
+            if work is not state:
+                state.copy_(work)
         return (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(1)  # [B, 1, H, dv]
 
 
