@@ -6,6 +6,7 @@ machines) they are built once and must give the fp32 product with the dequantize
   * int8: fp32 activations, fp32 accumulation: within 1e-5 of max|y| (measured 2-5e-7);
   * int4: activations rounded to int16 per group (max|x| / 32767), exact int32 sums, fp32 group
     sums: within 2e-4 of max|y| (measured 3-6e-5);
+  * the int4 widening for prompts (W^T from the packed blocks): bit for bit the tensor-op one;
   * the decode helpers (RMSNorm, DeltaNet's conv step and gated delta step): within 1e-6 of the
     tensor ops they replace;
 and a model loaded with weights="int8"/"int4" must route its few-row products through them:
@@ -75,6 +76,17 @@ def test_kernels_give_the_fp32_product_with_the_dequantized_matrix(n, k):
                        mod.int4_mm(x, lin.qweight, lin.scale_zero, lin.group)[:, :n])
             err = (got - ref).abs().max() / ref.abs().max()
             assert err <= (tol if mod is not None else 2e-2), (lin.format, m, float(err))
+    if mod is not None:  # prompts: the int4 matrix widened to W^T, bit for bit the tensor-op widening
+        blocks = l4.qweight.shape[0] // 64
+        for bf16 in (False, True):
+            dt = torch.bfloat16 if bf16 else torch.float32
+            wt = mod.int4_widen_t(l4.qweight, l4.scale_zero, l4.group, 0, blocks, bf16)
+            assert wt.dtype == dt and torch.equal(wt[:, :n], l4.dequantize(0, n, dt).t())
+        many = torch.randn(40, k, generator=g)
+        l4.native, l4.kernel_rows, l4.gemm_dtype = mod, 0, torch.bfloat16
+        fast = l4(many)
+        l4.native = None
+        assert torch.equal(fast, l4(many))
     if mod is not None:  # bf16 weights: exact products, fp32 sums
         wb = w.bfloat16()
         x = torch.randn(3, k, generator=g)

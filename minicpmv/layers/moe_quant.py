@@ -121,6 +121,9 @@ class QuantExperts(GroupedExperts):
                 y = torch._weight_int8pack_mm(xb, q, s)
             return y.to(x.dtype)
         dt = self.gemm_dtype
+        if self.fmt == "int4" and self.native is not None and dt in (torch.bfloat16, torch.float32):
+            wt = self.native.int4_widen_t(q, s, self.groups[name], 0, q.shape[0] // 64, dt == torch.bfloat16)
+            return (x.to(dt) @ wt)[:, :n].to(x.dtype)  # W^T widened straight from the packed blocks
         w = (int4_dequantize(q, s, self.groups[name], 0, n, dt) if self.fmt == "int4"
              else int8_dequantize(q, s, dt))
         return F.linear(x.to(dt), w).to(x.dtype)

@@ -75,12 +75,16 @@ class QuantLinear(nn.Module):
         xs = x.to(dt)
         step = max(INT4_ROW_BLOCK, (BLOCK_BYTES // (4 * self.in_features)) // INT4_ROW_BLOCK * INT4_ROW_BLOCK)
         if step >= self.out_features:
-            return F.linear(xs, self.dequantize(0, self.out_features, dt)).float()
+            return self._block_product(xs, 0, self.out_features, dt).float()
         out = x.new_empty(x.shape[0], self.out_features)
         for start in range(0, self.out_features, step):
             stop = min(start + step, self.out_features)
-            out[:, start:stop] = F.linear(xs, self.dequantize(start, stop, dt))
+            out[:, start:stop] = self._block_product(xs, start, stop, dt)
         return out
+
+    def _block_product(self, xs: torch.Tensor, start: int, stop: int, dt: torch.dtype) -> torch.Tensor:
+        """xs @ W[start:stop]^T through a widened copy of those rows (`start` a multiple of 64)."""
+        return F.linear(xs, self.dequantize(start, stop, dt))
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of W in fp32: the input embedding when it is tied to this matrix."""
@@ -145,6 +149,16 @@ class Int4Linear(QuantLinear):
 
     def _native(self, x):
         return self.native.int4_mm(x, self.qweight, self.scale_zero, self.group)
+
+    def _block_product(self, xs, start, stop, dt):
+        if self.native is None or dt not in (torch.bfloat16, torch.float32):
+            return super()._block_product(xs, start, stop, dt)
+        # the extension widens W^T straight from the packed blocks (~0.1 ns per weight against
+        # ~3 for the tensor-op unpacking), and x @ W^T needs no transposed copy
+        b0, b1 = start // INT4_ROW_BLOCK, -(-stop // INT4_ROW_BLOCK)
+        wt = self.native.int4_widen_t(self.qweight, self.scale_zero, self.group, b0, b1, dt == torch.bfloat16)
+        y = xs @ wt
+        return y if y.shape[-1] == stop - start else y[:, :stop - start]
 
     def codes(self, start: int, stop: int) -> torch.Tensor:
         return int4_codes(self.qweight, self.in_features, start, stop)

@@ -255,6 +255,68 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, i
   return y;
 }
 
+// fp32 -> bf16 bits, round to nearest even (no AVX512-BF16 needed); NaN is not expected here.
+inline __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+// The int4 matrix's blocks b0..b1 (64 rows each) widened to W^T [K, 64 (b1 - b0)] in bf16 or fp32:
+// what a prompt's GEMM multiplies (x @ W^T needs no transposed copy). In the packed layout each
+// input k holds 64 consecutive rows, so every k becomes one contiguous run of the output row.
+torch::Tensor int4_widen_t(torch::Tensor packed, torch::Tensor sz, int64_t group, int64_t b0, int64_t b1,
+                           bool bf16) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kByte && packed.is_contiguous(),
+              "packed: contiguous [n_pad, K / 2] uint8");
+  const int64_t n_pad = packed.size(0), K = packed.size(1) * 2;
+  TORCH_CHECK(n_pad % 64 == 0 && 0 <= b0 && b0 < b1 && b1 * 64 <= n_pad, "block range out of the matrix");
+  TORCH_CHECK(group > 0 && K % group == 0, "group must divide K");
+  const int64_t G = K / group, cols = (b1 - b0) * 64;
+  TORCH_CHECK(sz.scalar_type() == torch::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == G &&
+              sz.size(1) == n_pad && sz.size(2) == 2, "scale_zero: [K / group, n_pad, 2] bf16");
+  auto out = torch::empty({K, cols}, packed.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat));
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const uint32_t* szp = reinterpret_cast<const uint32_t*>(sz.data_ptr<at::BFloat16>());
+  uint16_t* ob = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
+  float* of = bf16 ? nullptr : out.data_ptr<float>();
+  at::parallel_for(b0, b1, 1, [&](int64_t c0, int64_t c1) {
+    const __m512i hi16 = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 eight = _mm512_set1_ps(8.0f);
+    for (int64_t b = c0; b < c1; ++b) {
+      const uint8_t* w = wp + b * 64 * (K / 2);
+      const int64_t col = (b - b0) * 64;
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 s[4], base[4];
+        for (int i = 0; i < 4; ++i) {
+          const __m512i d = _mm512_loadu_si512(szp + g * n_pad + b * 64 + 16 * i);
+          s[i] = _mm512_castsi512_ps(_mm512_slli_epi32(d, 16));
+          base[i] = _mm512_fnmadd_ps(eight, s[i], _mm512_castsi512_ps(_mm512_and_si512(d, hi16)));
+        }
+        for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+          const uint8_t* p = w + k * 32;
+          const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+          const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+          const __m512 v[4] = {_mm512_permutexvar_ps(a, lut), _mm512_permutexvar_ps(c, lut),
+                               _mm512_permutexvar_ps(_mm512_srli_epi32(a, 4), lut),
+                               _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), lut)};
+          for (int i = 0; i < 4; ++i) {
+            const __m512 x = _mm512_fmadd_ps(v[i], s[i], base[i]);  // (q - 8) s + z
+            if (bf16) {
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(ob + k * cols + col + 16 * i), to_bf16(x));
+            } else {
+              _mm512_storeu_ps(of + k * cols + col + 16 * i, x);
+            }
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // exp on 16 floats (Cephes' single-precision polynomial, ~1 ulp over the clamped range).
 inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
@@ -425,6 +487,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, c10::option
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_step", &conv_step, "one token of the depthwise causal conv + silu -> (y, next window)");
   m.def("delta_step", &delta_step, "one token of the gated delta rule, states updated in place -> o [n, Hv, dv]");
+  m.def("int4_widen_t", &int4_widen_t, "int4 blocks b0..b1 -> W^T [K, 64 (b1 - b0)] in bf16 (or fp32)",
+        py::arg("packed"), py::arg("scale_zero"), py::arg("group"), py::arg("b0"), py::arg("b1"), py::arg("bf16"));
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim in fp32, optionally times silu(gate)",
         py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("gate") = py::none());
   m.def("int8_mm", &int8_mm, "x [M, K] fp32 @ (q [N, K] int8 * scale [N] bf16)^T -> [M, N] fp32");
