@@ -88,6 +88,8 @@ def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str
         m.gemm_dtype, m.kernel_rows = plan.gemm_dtype, plan.kernel_rows(fmt)
         if kernels is not None and width % 16 == 0:  # the extension's int8 loop takes 16 inputs at a time
             m.native, m.native_rows = kernels, native.ROWS
+            if fmt == "int4":  # its widening is ~25x torch's, so beyond its own rows widen + GEMM wins
+                m.kernel_rows = native.ROWS
 
     def build(weight: torch.Tensor, bias, fmt: str = weights) -> QuantLinear:
         group = int4_group(weight.shape[1], INT4_GROUP) if fmt == "int4" else None

@@ -63,9 +63,13 @@ class KernelPlan:
             torch_kernel = "_weight_int8pack_mm" if weights == "int8" else "_weight_int4pack_mm_for_cpu"
             kernel_rows = self.kernel_rows(weights)
             prefill = f"{weights} kernels up to {kernel_rows} rows, else widened per block + {gemm} GEMM"
+            if self.native_kernels and weights == "int4":  # its widening is fast: few rows stay on the kernel
+                prefill = f"the extension up to {native.ROWS} rows, else W^T widened by it + {gemm} GEMM"
             decode = ("int8 weight-only per-channel: " if weights == "int8" else
                       f"int4 weight-only g{INT4_GROUP} asymmetric: ")
-            if self.native_kernels:
+            if self.native_kernels and weights == "int4":
+                decode += f"{native.describe()} up to {native.ROWS} rows"
+            elif self.native_kernels:
                 decode += (f"{native.describe()} up to {native.ROWS} rows, then torch's {torch_kernel} "
                            f"(bf16 activations)")
             else:
