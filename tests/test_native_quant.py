@@ -94,6 +94,12 @@ def test_kernels_give_the_fp32_product_with_the_dequantized_matrix(n, k):
         assert (mod.bf16_mm(x, wb) - ref).abs().max() <= 1e-6 * ref.abs().max()
     zero = torch.zeros(1, k)
     if mod is not None:
+        bad = torch.randn(2, k, generator=g)
+        bad[1, 3] = float("nan")
+        out = mod.int4_mm(bad, l4.qweight, l4.scale_zero, l4.group)[:, :n]
+        assert out[0].isfinite().all() and out[1].isnan().any()  # a NaN input stays visible
+        tiny = torch.full((1, k), 1e-41)  # a group this small must not overflow the rounding
+        assert mod.int4_mm(tiny, l4.qweight, l4.scale_zero, l4.group).isfinite().all()
         assert torch.equal(mod.int4_mm(zero, l4.qweight, l4.scale_zero, l4.group)[:, :n], torch.zeros(1, n))
 
 
