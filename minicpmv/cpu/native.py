@@ -78,7 +78,13 @@ def quant_kernels(cpu: CpuInfo, progress: bool = True):
         return None
     if _status.startswith("torch's kernels (build failed"):
         return None  # one attempt per process
-    from torch.utils.cpp_extension import load
+    quiet = logging.getLogger("torch.utils.cpp_extension")  # its import warns about CUDA on CPU-only hosts
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        quiet.setLevel(level)
 
     from .calibrate import cache_dir
 
