@@ -95,7 +95,9 @@ class KernelPlan:
                  if self.native_kernels else "tensor ops")]
         if weights is not None:
             rows.append(("MoE experts", f"{weights}, quantized while loading, kernels as above; the router 16-bit"))
-        return rows + [("RMSNorms", norms)]
+        why = native.unusable(self.cpu)
+        extension = native.describe() if self.native_kernels else f"off ({why or 'not chosen for this plan'})"
+        return rows + [("RMSNorms", norms), ("C++ extension", extension)]
 
 
 def rule_plan(cpu: CpuInfo) -> KernelPlan:
