@@ -135,6 +135,37 @@ def test_decode_helpers_match_the_tensor_ops():
     assert (state - expected_state).abs().max() <= 1e-6 * expected_state.abs().max()
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_moe_experts_run_them_on_their_stored_bytes(fmt):
+    """QuantExperts: few tokens per expert through the extension's products, many (int4) through its
+    widening: the same outputs as the exact fp32 products with the dequantized experts."""
+    mod = kernels()
+    if mod is None:
+        return
+    from minicpmv.layers.moe import Experts, route
+    from minicpmv.layers.moe_quant import QuantExperts
+
+    torch.manual_seed(1)
+    E, D, I = 4, 64, 32
+    ex = Experts(E, D, I)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(0, 0.05)
+        ex.down_proj.normal_(0, 0.05)
+    q = QuantExperts(E, D, I, fmt)
+    q.load_stream("gate_up_proj", ex.gate_up_proj.detach().bfloat16())
+    q.load_stream("down_proj", ex.down_proj.detach().bfloat16())
+    q.gemm_dtype, q.kernel_rows = torch.float32, 0  # beyond the extension's rows: widen + fp32 GEMM
+    for n in (1, 5, 40):
+        x = torch.randn(n, D)
+        weights, chosen = route(torch.randn(n, E), 2)
+        with torch.no_grad():
+            q.native, q.native_rows = None, 0
+            exact = q(x, chosen, weights)  # the tensor-op widening, fp32 products
+            q.native, q.native_rows = mod, native.ROWS
+            fast = q(x, chosen, weights)
+        assert (fast - exact).abs().max() <= 2e-4 * exact.abs().max(), (fmt, n)
+
+
 def test_bad_inputs_are_refused_with_a_message():
     mod = kernels()
     if mod is None:

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -53,8 +54,9 @@ def unusable(cpu: CpuInfo) -> str | None:
     return None
 
 
+@lru_cache(maxsize=1)
 def _host_flags() -> frozenset:
-    """The flags of the CPU this process runs on (a plan may be made for a described CPU)."""
+    """The flags of the CPU this process runs on (a plan may be made for a described CPU); read once."""
     from .isa import _read_cpuinfo
 
     return _read_cpuinfo()[1]

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .moe import GroupedExperts
-from .weight_formats import (KERNEL_ROWS, int4_buffers, int4_dequantize, int4_group, int4_quantize, int8_dequantize,
-                             int8_quantize)
+from .weight_formats import (KERNEL_ROWS, int4_buffers, int4_dequantize, int4_group, int4_quantize,
+                             int4_widened_product, int8_dequantize, int8_quantize)
 
 PIECE = re.compile(r"^(\d+)\.(gate_proj|up_proj|down_proj)$")
 
@@ -122,8 +122,7 @@ class QuantExperts(GroupedExperts):
             return y.to(x.dtype)
         dt = self.gemm_dtype
         if self.fmt == "int4" and self.native is not None and dt in (torch.bfloat16, torch.float32):
-            wt = self.native.int4_widen_t(q, s, self.groups[name], 0, q.shape[0] // 64, dt == torch.bfloat16)
-            return (x.to(dt) @ wt)[:, :n].to(x.dtype)  # W^T widened straight from the packed blocks
+            return int4_widened_product(self.native, x.to(dt), q, s, self.groups[name], 0, n).to(x.dtype)
         w = (int4_dequantize(q, s, self.groups[name], 0, n, dt) if self.fmt == "int4"
              else int8_dequantize(q, s, dt))
         return F.linear(x.to(dt), w).to(x.dtype)

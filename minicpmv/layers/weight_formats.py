@@ -153,12 +153,7 @@ class Int4Linear(QuantLinear):
     def _block_product(self, xs, start, stop, dt):
         if self.native is None or dt not in (torch.bfloat16, torch.float32):
             return super()._block_product(xs, start, stop, dt)
-        # the extension widens W^T straight from the packed blocks (~0.1 ns per weight against
-        # ~3 for the tensor-op unpacking), and x @ W^T needs no transposed copy
-        b0, b1 = start // INT4_ROW_BLOCK, -(-stop // INT4_ROW_BLOCK)
-        wt = self.native.int4_widen_t(self.qweight, self.scale_zero, self.group, b0, b1, dt == torch.bfloat16)
-        y = xs @ wt
-        return y if y.shape[-1] == stop - start else y[:, :stop - start]
+        return int4_widened_product(self.native, xs, self.qweight, self.scale_zero, self.group, start, stop)
 
     def codes(self, start: int, stop: int) -> torch.Tensor:
         return int4_codes(self.qweight, self.in_features, start, stop)
@@ -183,6 +178,17 @@ def int4_group(k: int, preferred: int = 64) -> int | None:
     """The int4 group size for rows of k inputs: `preferred` if it divides k, else 32, else None
     (no int4 layout fits)."""
     return next((g for g in (preferred, 32) if k % g == 0), None)
+
+
+def int4_widened_product(native, xs: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
+                         start: int, stop: int) -> torch.Tensor:
+    """xs @ W[start:stop]^T for the int4 matrix stored in (packed, sz), `start` a multiple of 64:
+    cpu/native.py's extension widens W^T in xs's dtype (bf16 or fp32) straight from the packed
+    blocks (~0.1 ns per weight against ~3 for the tensor-op unpacking), and x @ W^T needs no
+    transposed copy."""
+    b0, b1 = start // INT4_ROW_BLOCK, -(-stop // INT4_ROW_BLOCK)
+    y = xs @ native.int4_widen_t(packed, sz, group, b0, b1, xs.dtype == torch.bfloat16)
+    return y if y.shape[-1] == stop - start else y[:, :stop - start]
 
 
 def int8_quantize(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
