@@ -2,7 +2,6 @@
 meta device, stream the weights in, and wrap everything in the chat-ready `MiniCPMV`."""
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .cpu import heap
 from .cpu.apply import apply_plan, quantize_experts_while_loading, quantize_per_token
 from .cpu.plan import check_weights, choose
 from .hub import DEFAULT_MODEL, resolve_model_path
@@ -48,16 +48,6 @@ def pick_dtype(dtype, device: torch.device, num_params: int, stored: torch.dtype
     return _DTYPES[dtype]
 
 
-def release_freed_memory() -> None:
-    """Hand the heap pages freed while loading (replaced bf16 copies, staging buffers) back to
-    the OS: glibc keeps freed chunks mapped, which shows up as ~0.3 GB of resident memory on the
-    real 4.6 model. A no-op where glibc is not the allocator."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _quantize_as_loaded(model, weights: str, plan):
     """What the loader calls every GB read: quantize the linears loaded so far and give the freed
     16-bit copies back, so a 16-bit copy of the whole model never exists. Call on the meta model:
@@ -71,7 +61,7 @@ def _quantize_as_loaded(model, weights: str, plan):
 
     def compact():
         quantize_per_token(model, model.per_token_prefixes, weights, plan, embeddings=untied)
-        release_freed_memory()
+        heap.release()
     return compact
 
 
@@ -132,9 +122,11 @@ def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_pe
         plan = choose(isa)
         apply_plan(model, plan, weights, model.per_token_prefixes)
         model.kernel_plan, model.weight_format = plan, weights
-        release_freed_memory()
+        heap.release()
         log.info("CPU %s (%s): %s", plan.cpu.model, plan.cpu.level,
                  "; ".join(f"{k}: {v}" for k, v in plan.rows(weights)))
+    if device.type == "cpu":
+        log.info("heap: %s", heap.keep_warm())  # after the load, so its staging copies were unmapped
     return model.eval(), config
 
 

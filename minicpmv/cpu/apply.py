@@ -16,7 +16,7 @@ from ..layers.moe_quant import QuantExperts
 from ..layers.norm import GatedRMSNorm, RMSNorm, ZeroCenteredRMSNorm
 from ..layers.weight_formats import (Bf16Linear, Int4Linear, Int8Linear, QuantEmbedding, QuantLinear,
                                      TiedQuantEmbedding, int4_group, int4_layout_ok, swap_linears)
-from . import native
+from . import denormals, native
 from .plan import BF16, FP16_PACKED, INT4_GROUP, KernelPlan
 
 
@@ -27,6 +27,8 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
             module.fused = True
         if getattr(module, "native_ops", False):  # norms, the DeltaNet decode token
             module.native = kernels
+        if plan.flush_denormals and hasattr(module, "denormal_flush"):  # prompt chunks of DeltaNet
+            module.denormal_flush = denormals.flushed
     if plan.vision_bf16:
         for name, module in model.named_modules():
             if (type(module) is MixedLinear and not name.startswith(prefixes)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layers import fp16_packed
-from . import native
+from . import denormals, native
 from .isa import CpuInfo, detect
 
 # storage/kernel of the 16-bit per-token matrices
@@ -50,6 +50,8 @@ class KernelPlan:
     int4_rows: int = 16
     # few-row bf16/int8/int4 products through cpu/native.py's AVX-512 kernels (when they build)
     native_kernels: bool = False
+    # prompt DeltaNet chunks with denormals flushed to zero (cpu/denormals.py), where the CPU can
+    flush_denormals: bool = False
 
     def kernel_rows(self, fmt: str) -> int:
         return self.int4_rows if fmt == "int4" else self.int8_rows
@@ -97,7 +99,8 @@ class KernelPlan:
             rows.append(("MoE experts", f"{weights}, quantized while loading, kernels as above; the router 16-bit"))
         why = native.unusable(self.cpu)
         extension = native.describe() if self.native_kernels else f"off ({why or 'not chosen for this plan'})"
-        return rows + [("RMSNorms", norms), ("C++ extension", extension)]
+        rows += [("RMSNorms", norms), ("C++ extension", extension)]
+        return rows + [("denormals", denormals.describe() if self.flush_denormals else "kept (IEEE)")]
 
 
 def rule_plan(cpu: CpuInfo) -> KernelPlan:
@@ -107,6 +110,7 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
     # beats dequantize + bf16 GEMM up to ~100-150 rows, int8's up to ~22-26); elsewhere unmeasured: 16
     rows = {"int8_rows": 24, "int4_rows": 96} if cpu.at_least("avx512") else {}
     rows["native_kernels"] = native.unusable(cpu) is None
+    rows["flush_denormals"] = denormals.supported()
     if cpu.at_least("amx") or (cpu.fast_bf16 and not fbgemm):
         return KernelPlan(cpu, vision_bf16=True, text16=BF16, gemm_dtype=torch.bfloat16, fused_norm=fused_norm, **rows)
     if cpu.fast_bf16:
@@ -116,7 +120,7 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
         return KernelPlan(cpu, vision_bf16=False, text16=FP16_PACKED, gemm_dtype=torch.float32, fused_norm=fused_norm,
                           **rows)
     return KernelPlan(cpu, vision_bf16=False, text16=WIDENED, gemm_dtype=torch.float32,
-                      native_kernels=rows["native_kernels"])
+                      native_kernels=rows["native_kernels"], flush_denormals=rows["flush_denormals"])
 
 
 def choose(isa: str | None = None, calibrate: bool | None = None) -> KernelPlan:

@@ -14,6 +14,9 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
+EXP_FLOOR = -87.0  # exp(-87) = 1.6e-38, the last normal fp32 range; below it the result is 0 or denormal
+
+
 def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk_size: int = 64):
     """q, k [B, H, T, dk]; v [B, H, T, dv]; g, beta [B, H, T]; state [B, H, dk, dv] (fp32).
     q and k are already l2-normalised and q scaled. Returns (o [B, H, T, dv], new state)."""
@@ -29,9 +32,12 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk_size: int = 64):
     beta = beta.reshape(B, H, n, chunk_size, 1)
     k_beta, v_beta = k * beta, v * beta
 
-    # decay[i, j] = exp(G_i - G_j) for j <= i, else 0
+    # decay[i, j] = exp(G_i - G_j) for j <= i, else 0. Arguments below EXP_FLOOR give 0 rather than
+    # a denormal (or 0 through exp(-inf)): x86's vectorised exp leaves its fast path for any lane
+    # under ~-87 (measured 0.07 ms on [16, 8, 64, 64] in range, 6.8 ms at -200 and 2.2 ms at -inf)
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    decay = (g.unsqueeze(-1) - g.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()
+    diff = g.unsqueeze(-1) - g.unsqueeze(-2)
+    decay = diff.clamp_min(EXP_FLOOR).exp_().masked_fill_(~causal | (diff < EXP_FLOOR), 0.0)
     # (I + L) with L the strictly lower part of (k_beta k^T) * decay; the solve uses the unit diagonal
     system = (k_beta @ k.transpose(-1, -2)) * decay
     u = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)

@@ -21,11 +21,11 @@ answered 429 at once instead of piling up. Within that, the engine admits by fre
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import queue
 import threading
 
+from ..cpu import heap
 from ..engine.sequence import Sequence
 from ..errors import InputError
 from .errors import ApiError
@@ -169,7 +169,7 @@ class Worker:
             self._snapshot = self.engine.metrics()
             if not self.engine.has_work():
                 if was_busy:
-                    _release_freed_memory()
+                    heap.release()  # what the busiest step kept mapped (cpu/heap.py)
                 was_busy = False
                 continue
             was_busy = True
@@ -262,12 +262,3 @@ def _api_error(error: BaseException | None) -> ApiError:
         return ApiError(400, f"generation failed: {error}")
     return ApiError(500, f"generation failed: {type(error).__name__}: {error}" if error else "generation failed",
                     code="internal_error")
-
-
-def _release_freed_memory() -> None:
-    """Give freed heap pages back to the OS once the engine goes idle, so the RSS falls back
-    after a burst instead of staying at its peak (glibc keeps freed arenas otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

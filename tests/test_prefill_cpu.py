@@ -1,0 +1,145 @@
+"""The CPU prompt path's runtime settings: denormals flushed on every intra-op thread inside
+DeltaNet's prompt chunks (cpu/denormals.py), the decay's exp floor and the tap-by-tap causal conv
+(same results), and the heap kept warm between a forward's large tensors (cpu/heap.py)."""
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minicpmv.cpu import denormals
+from minicpmv.layers.gated_delta import EXP_FLOOR, chunk_gated_delta_rule, l2_normalize
+from minicpmv.loading import load_model
+from minicpmv.models.qwen3_5 import GatedDeltaNet, Qwen35TextConfig
+from tiny46 import build_tiny_46
+
+X86 = platform.machine() in ("x86_64", "AMD64")
+
+
+def test_flushed_reaches_every_intra_op_thread():
+    """A denormal times 1 is 0 under FTZ/DAZ. The tensor is large enough for torch to split the
+    multiply across its threads, so a thread left unflushed leaves its half nonzero."""
+    assert denormals.supported() == X86
+    if not X86:  # no FTZ switch there: flushed() must still run the block
+        with denormals.flushed():
+            assert torch.ones(1).item() == 1.0
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tiny = torch.full((1 << 20,), 1e-39)
+        assert (tiny * 1.0 == tiny).all()  # IEEE outside
+        with denormals.flushed():
+            assert (tiny * 1.0 == 0).all(), "some intra-op thread kept denormals"
+        assert (tiny * 1.0 == tiny).all(), "the flush outlived its block"
+        assert "all of torch's threads" in denormals.describe()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _recurrent_fp64(q, k, v, g, beta, state):
+    """The per-token rule in float64: the reference for the chunked form."""
+    q, k, v, g, beta, s = (x.double() for x in (q, k, v, g, beta, state))
+    out = []
+    for t in range(q.shape[2]):
+        s = s * g[:, :, t].exp()[..., None, None]
+        delta = (v[:, :, t] - (k[:, :, t, :, None] * s).sum(-2)) * beta[:, :, t, None]
+        s = s + k[:, :, t, :, None] * delta[..., None, :]
+        out.append((q[:, :, t, :, None] * s).sum(-2))
+    return torch.stack(out, 2), s
+
+
+@pytest.mark.parametrize("decay", [0.5, 3.0, 30.0])
+def test_fast_forgetting_heads_give_the_recurrence_flushed_or_not(decay):
+    """Log-decays whose 64-token sums fall far below the exp floor (the case that produced
+    denormals): the chunked rule matches the fp64 recurrence, and flushing changes nothing."""
+    torch.manual_seed(0)
+    B, H, T, d = 1, 4, 150, 32
+    q = l2_normalize(torch.randn(B, H, T, d)) * d ** -0.5
+    k = l2_normalize(torch.randn(B, H, T, d))
+    v, beta = torch.randn(B, H, T, d), torch.rand(B, H, T)
+    g = -torch.rand(B, H, T) * decay
+    assert (g.reshape(B, H, -1)[..., :64].sum(-1) < EXP_FLOOR).any() == (decay >= 3.0)
+    state = torch.randn(B, H, d, d) * 0.1
+    o, s = chunk_gated_delta_rule(q, k, v, g, beta, state)
+    ref_o, ref_s = _recurrent_fp64(q, k, v, g, beta, state)
+    assert (o - ref_o).abs().max() < 1e-5 and (s - ref_s).abs().max() < 1e-5
+    with denormals.flushed():
+        o2, s2 = chunk_gated_delta_rule(q, k, v, g, beta, state)
+    assert torch.equal(o, o2) and torch.equal(s, s2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 3, 40])
+def test_causal_conv_is_the_conv1d_of_the_window(dtype, T):
+    cfg = Qwen35TextConfig.from_dict({"vocab_size": 64, "hidden_size": 64, "intermediate_size": 64,
+                                      "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                      "head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 2,
+                                      "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+                                      "linear_conv_kernel_dim": 4}, tie_word_embeddings=True)
+    layer = GatedDeltaNet(cfg)
+    torch.nn.init.normal_(layer.conv1d.weight, std=0.5)
+    layer.to(dtype)
+    qkv = torch.randn(2, T, layer.conv_dim)
+    conv_state = torch.randn(2, layer.conv_dim, layer.kernel - 1)
+    out, window = layer._causal_conv(qkv, conv_state, torch.float32)
+    expect_window = torch.cat([conv_state, qkv.transpose(1, 2)], dim=-1)
+    assert torch.equal(window, expect_window)
+    w = layer.conv1d.weight.float()
+    ref = F.silu(F.conv1d(expect_window.double(), w.double(), groups=layer.conv_dim)).transpose(1, 2)
+    assert out.shape == (2, T, layer.conv_dim) and out.is_contiguous()
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_a_16_bit_plan_flushes_in_prompt_chunks_and_float32_does_not(tmp_path):
+    folder = build_tiny_46(tmp_path / "bf16", seed=2, dtype=torch.bfloat16)
+    fast, _ = load_model(folder, "auto", "cpu", progress=False)
+    exact, _ = load_model(folder, "float32", "cpu", progress=False)
+    fast_layers = [m for m in fast.modules() if isinstance(m, GatedDeltaNet)]
+    exact_layers = [m for m in exact.modules() if isinstance(m, GatedDeltaNet)]
+    assert fast_layers and exact_layers
+    assert all(m.denormal_flush is (denormals.flushed if X86 else None) for m in fast_layers)
+    assert all(m.denormal_flush is None for m in exact_layers)
+    assert dict(fast.kernel_plan.rows())["denormals"] == (denormals.describe() if X86 else "kept (IEEE)")
+
+
+HEAP_PROBE = textwrap.dedent("""
+    import resource, sys, threading, torch
+    from minicpmv.cpu import heap
+    print(heap.keep_warm())
+    faults = []
+    x = torch.randn(512, 8192)
+    def churn():  # a prompt's pattern: chains of ops on 16 MB activations, each result freed after use
+        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(20):
+            y = x.exp()
+            z = torch.cat([y, x], dim=1)
+            w = (z * 2).sum(-1)
+            del y, z, w
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+    churn()
+    worker = threading.Thread(target=churn)  # the server's engine thread
+    worker.start(); worker.join()
+    print(faults[0], faults[1])
+""")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's heap")
+def test_the_warm_heap_stops_paying_page_faults_per_tensor():
+    """Chains of ops on 16 MB activations: with glibc's defaults every result is a fresh mapping
+    (its pages faulted in one by one, ~340k faults here); kept warm, freed results are mostly
+    reused (~45k), in the main thread and in another."""
+    def run(env):
+        out = subprocess.run([sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, **env}, check=True).stdout.split("\n")
+        return out[0], [int(x) for x in out[1].split()]
+
+    said, warm = run({})
+    assert said.startswith("kept warm")
+    said_default, cold = run({"MINICPMV_HEAP": "default"})
+    assert "MINICPMV_HEAP=default" in said_default
+    assert max(warm) * 3 < min(cold), (warm, cold)
