@@ -4,6 +4,7 @@ are rounded to bf16 at each matrix product, so this is not the exact fp32 path; 
 tolerances against the fp32 load of the same checkpoint (measured 2026-12-01, torch 2.14.1):
   vision embeddings (4.6 image, 4.5 golden sliced image): max |error| <= 3% of their max |value|
   prefill logits with an image: max |error| <= 3% of the max |logit|
+  (vision attention runs in bf16 too, and the MLPs keep their hidden activations bf16)
   text matrices in bf16 too (the AMX plan): top-1 agreement >= 0.93 (4.6) / 0.95 (4.5) over 256
   greedy steps (measured 0.953 / 0.969); vision measured 0.7% / 0.3%, prefill logits 1.6% / 0.65%
 The plan is forced here so every CPU runs these paths (on one without bf16 units they are slow,
@@ -51,6 +52,9 @@ def rel(a, b):
 def test_modules_and_one_copy_of_the_tied_matrix(tiny46, monkeypatch):
     model = load(tiny46, monkeypatch)
     assert type(model.vision_tower.encoder.layers[0].mlp.fc1) is Bf16Linear
+    for attn in (model.vision_tower.encoder.layers[0].self_attn, model.vision_tower.vit_merger.self_attn):
+        # q/k/v one bf16 matrix, attention itself in bf16
+        assert type(attn.qkv_proj) is Bf16Linear and attn.q_proj is None and attn.sdpa_dtype == torch.bfloat16
     layer = model.language_model.layers[0]
     assert type(layer.mlp.gate_up_proj) is Bf16Linear and layer.mlp.gate_proj is None
     assert type(layer.linear_attn.in_proj) is Bf16Linear

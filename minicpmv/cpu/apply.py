@@ -29,11 +29,12 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
             module.native = kernels
         if plan.flush_denormals and hasattr(module, "denormal_flush"):  # prompt chunks of DeltaNet
             module.denormal_flush = denormals.flushed
-    if plan.vision_bf16:
+    if plan.vision_bf16:  # vision matrices (everything not per-token) to bf16 GEMMs, q/k/v fused
+        swap_linears(model, ("",), Bf16Linear.of, skip=prefixes,
+                     accept=lambda lin: type(lin) is MixedLinear and lin.weight.dtype == torch.bfloat16)
         for name, module in model.named_modules():
-            if (type(module) is MixedLinear and not name.startswith(prefixes)
-                    and module.weight.dtype == torch.bfloat16):
-                module.__class__ = Bf16Linear
+            if hasattr(module, "sdpa_dtype") and not name.startswith(prefixes):
+                module.sdpa_dtype = torch.bfloat16
     if weights is not None:
         quantize_per_token(model, prefixes, weights, plan)
         return

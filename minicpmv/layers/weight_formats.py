@@ -306,6 +306,12 @@ class Bf16Linear(nn.Linear):
 
     native = None  # cpu/native.py's module (bf16_mm: fp32 activations, exact products), set by the CPU plan
 
+    def bf16_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T + b as one bf16 GEMM (bias added in its fp32 accumulator), bf16 out: for a
+        consumer that reads bf16 anyway (layers/mlp.py's gelu_mlp)."""
+        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+        return F.linear(x.to(torch.bfloat16), self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows <= GEMV_ROWS and self.native is not None:
@@ -363,8 +369,9 @@ class QuantEmbedding(TiedQuantEmbedding):
 
 def swap_linears(model: nn.Module, prefixes: tuple[str, ...],
                  make: Callable[[torch.Tensor, torch.Tensor | None], nn.Module | None],
-                 accept: Callable[[nn.Linear], bool] = lambda lin: True) -> int:
-    """Replace every accepted nn.Linear whose qualified name starts with one of `prefixes` by
+                 accept: Callable[[nn.Linear], bool] = lambda lin: True, skip: tuple[str, ...] = ()) -> int:
+    """Replace every accepted nn.Linear whose qualified name starts with one of `prefixes` (and
+    none of `skip`) by
     `make(weight, bias)` (None: leave it). Projections a module fuses (`packed_fusions = {fused:
     (member, ...)}`, members reading the same input) become one matrix under `fused`, the members
     set to None; the module's forward uses the fused product when present (members still on the
@@ -374,7 +381,7 @@ def swap_linears(model: nn.Module, prefixes: tuple[str, ...],
     deferred = set()
     owners = [name for name, m in model.named_modules() if getattr(m, "packed_fusions", None)]
     for name in owners:
-        if not (name + ".").startswith(prefixes):
+        if not (name + ".").startswith(prefixes) or (name + ".").startswith(skip):
             continue
         owner = model.get_submodule(name)
         for fused, members in owner.packed_fusions.items():
@@ -398,7 +405,8 @@ def swap_linears(model: nn.Module, prefixes: tuple[str, ...],
             setattr(owner, fused, new)
             done += len(members)
     names = [name for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and name.startswith(prefixes) and name not in deferred]
+             if isinstance(m, nn.Linear) and name.startswith(prefixes) and not name.startswith(skip)
+             and name not in deferred]
     for name in names:
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent)

@@ -8,9 +8,9 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..layers.mlp import gelu_mlp
 from ..state import ForwardBatch
 from .scatter import scatter_vision
 from .qwen3_5 import Qwen35TextConfig, Qwen35TextModel
@@ -94,7 +94,7 @@ class VitWindowMerger(nn.Module):
         parts = torch.split(x, [h * w for h, w in sizes])
         windows = torch.cat([group_windows(p, h, w, k) for p, (h, w) in zip(parts, sizes)])  # [W, 4, D]
         windows = windows + self.self_attn(self.layer_norm1(windows))
-        fused = self.linear_2(F.gelu(self.linear_1(self.pre_norm(windows.flatten(1))), approximate="tanh"))
+        fused = gelu_mlp(self.linear_1, self.linear_2, self.pre_norm(windows.flatten(1)), approximate="tanh")
         return fused + windows.mean(dim=1)
 
 
@@ -106,7 +106,7 @@ class DownsampleMLP(nn.Module):
         self.linear_2 = nn.Linear(4 * hidden, out)
 
     def forward(self, x):
-        return self.linear_2(F.gelu(self.linear_1(self.pre_norm(x))))
+        return gelu_mlp(self.linear_1, self.linear_2, self.pre_norm(x))
 
 
 class Merger(nn.Module):

@@ -161,7 +161,7 @@ class GatedDeltaNet(nn.Module):
         out = window[:, :T] * w[0]
         for j in range(1, K):
             out.addcmul_(window[:, j:j + T], w[j])
-        return F.silu(out).to(dtype), window.transpose(1, 2)
+        return F.silu(out, inplace=True).to(dtype), window.transpose(1, 2)
 
     def _prefill(self, q, k, v, g, beta, window, batch: ForwardBatch, layer_idx: int) -> torch.Tensor:
         """A prompt chunk of each sequence through the chunked rule, its state advanced in the pool."""
