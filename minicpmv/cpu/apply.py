@@ -25,7 +25,7 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
     for module in model.modules():
         if plan.fused_norm and isinstance(module, (RMSNorm, ZeroCenteredRMSNorm, GatedRMSNorm)):
             module.fused = True
-        if getattr(module, "native_ops", False):  # norms, the DeltaNet decode token
+        if getattr(module, "native_ops", False):  # norms, the DeltaNet decode token, MLP activations
             module.native = kernels
         if plan.flush_denormals and hasattr(module, "denormal_flush"):  # prompt chunks of DeltaNet
             module.denormal_flush = denormals.flushed

@@ -78,6 +78,8 @@ def group_windows(x: torch.Tensor, h: int, w: int, k: int) -> torch.Tensor:
 class VitWindowMerger(nn.Module):
     """Attention inside each 2x2 window, then the 4 tokens fused into 1 by an MLP (+ their mean)."""
 
+    native_ops, native = True, None  # cpu/apply.py sets native (cpu/native.py's module)
+
     def __init__(self, cfg: VisionConfig46):
         super().__init__()
         D, K = cfg.hidden_size, cfg.window_kernel ** 2
@@ -94,7 +96,8 @@ class VitWindowMerger(nn.Module):
         parts = torch.split(x, [h * w for h, w in sizes])
         windows = torch.cat([group_windows(p, h, w, k) for p, (h, w) in zip(parts, sizes)])  # [W, 4, D]
         windows = windows + self.self_attn(self.layer_norm1(windows))
-        fused = gelu_mlp(self.linear_1, self.linear_2, self.pre_norm(windows.flatten(1)), approximate="tanh")
+        fused = gelu_mlp(self.linear_1, self.linear_2, self.pre_norm(windows.flatten(1)), approximate="tanh",
+                         native=self.native)
         return fused + windows.mean(dim=1)
 
 

@@ -96,13 +96,15 @@ class SiglipAttention(nn.Module):
 
 
 class SiglipMLP(nn.Module):
+    native_ops, native = True, None  # cpu/apply.py sets native (cpu/native.py's module)
+
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
         self.fc1 = nn.Linear(hidden, intermediate)
         self.fc2 = nn.Linear(intermediate, hidden)
 
     def forward(self, x):
-        return gelu_mlp(self.fc1, self.fc2, x, approximate="tanh")
+        return gelu_mlp(self.fc1, self.fc2, x, approximate="tanh", native=self.native)
 
 
 class SiglipEncoderLayer(nn.Module):

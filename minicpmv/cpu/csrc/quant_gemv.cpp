@@ -488,6 +488,68 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, c10::option
   return y;
 }
 
+// ---- activations of a prompt's bf16 hidden tensors (fp32 math, one rounding to bf16) ----
+
+static inline __m512 load_bf16x16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// round to nearest even, as torch's float -> bfloat16 conversion (NaN stays a quiet NaN)
+static inline void store_bf16x16(uint16_t* p, __m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
+
+// x / (1 + e^-z) for 16 lanes (exp16 above): silu (z = x) and the tanh GELU (x sigmoid(2u), u its
+// tanh argument)
+static inline __m512 times_sigmoid(__m512 x, __m512 z) {
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), z))));
+}
+
+// One pass over a [rows, width] bf16 tensor, 16 lanes at a time (width % 16 == 0).
+template <typename F>
+static void rowwise_bf16(int64_t rows, int64_t width, F f) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(width, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = 0; c < width; c += 16) f(r, c);
+  });
+}
+
+// gate_up [.., 2I] bf16 (gate then up) -> silu(gate) * up [.., I] bf16, rounded once
+torch::Tensor silu_mul_bf16(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.scalar_type() == torch::kBFloat16 && gate_up.is_contiguous(), "gate_up must be contiguous bf16");
+  const int64_t I = gate_up.size(-1) / 2;
+  TORCH_CHECK(gate_up.size(-1) == 2 * I && I % 16 == 0, "gate_up's last dimension must be 2 x a multiple of 16");
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = I;
+  auto out = torch::empty(sizes, gate_up.options());
+  const uint16_t* in = reinterpret_cast<const uint16_t*>(gate_up.data_ptr<at::BFloat16>());
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  rowwise_bf16(gate_up.numel() / (2 * I), I, [&](int64_t r, int64_t c) {
+    const __m512 g = load_bf16x16(in + r * 2 * I + c), u = load_bf16x16(in + r * 2 * I + I + c);
+    store_bf16x16(o + r * I + c, _mm512_mul_ps(times_sigmoid(g, g), u));
+  });
+  return out;
+}
+
+// tanh-approximated GELU of a bf16 tensor (last dimension % 16 == 0), in place
+torch::Tensor gelu_tanh_bf16_(torch::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16");
+  const int64_t W = x.size(-1);
+  TORCH_CHECK(W % 16 == 0, "x's last dimension must be a multiple of 16");
+  uint16_t* p = reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>());
+  const __m512 k2 = _mm512_set1_ps(2.0f * 0.7978845608028654f), c = _mm512_set1_ps(0.044715f);
+  rowwise_bf16(W ? x.numel() / W : 0, W, [&](int64_t r, int64_t col) {
+    const __m512 v = load_bf16x16(p + r * W + col);
+    const __m512 z = _mm512_mul_ps(k2, _mm512_fmadd_ps(_mm512_mul_ps(c, v), _mm512_mul_ps(v, v), v));
+    store_bf16x16(p + r * W + col, times_sigmoid(v, z));
+  });
+  return x;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_step", &conv_step, "one token of the depthwise causal conv + silu -> (y, next window)");
   m.def("delta_step", &delta_step, "one token of the gated delta rule, states updated in place -> o [n, Hv, dv]");
@@ -497,5 +559,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("gate") = py::none());
   m.def("int8_mm", &int8_mm, "x [M, K] fp32 @ (q [N, K] int8 * scale [N] bf16)^T -> [M, N] fp32");
   m.def("bf16_mm", &bf16_mm, "x [M, K] fp32 @ w [N, K] bf16 ^T -> [M, N] fp32 (exact products, fp32 sums)");
+  m.def("silu_mul_bf16", &silu_mul_bf16, "gate_up [.., 2I] bf16 -> silu(gate) * up [.., I] bf16 (fp32 math)");
+  m.def("gelu_tanh_bf16_", &gelu_tanh_bf16_, "tanh GELU of a bf16 tensor in place (fp32 math)");
   m.def("int4_mm", &int4_mm, "x [M, K] fp32 @ int4pack(packed, scale_zero, group)^T -> [M, n_pad] fp32");
 }
