@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minicpmv.cpu import denormals
+from minicpmv.cpu import denormals, native
+from minicpmv.cpu.isa import detect
 from minicpmv.layers.gated_delta import EXP_FLOOR, chunk_gated_delta_rule, l2_normalize
 from minicpmv.loading import load_model
-from minicpmv.models.qwen3_5 import GatedDeltaNet, Qwen35TextConfig
+from minicpmv.models.qwen3_5 import GatedDeltaNet, Qwen35TextConfig, _window_columns
 from tiny46 import build_tiny_46
 
 X86 = platform.machine() in ("x86_64", "AMD64")
@@ -75,7 +76,10 @@ def test_fast_forgetting_heads_give_the_recurrence_flushed_or_not(decay):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 3, 40])
-def test_causal_conv_is_the_conv1d_of_the_window(dtype, T):
+@pytest.mark.parametrize("extension", [False, True])
+def test_causal_conv_is_the_conv1d_of_the_window(dtype, T, extension):
+    """Tensor ops (any CPU) or the extension's one pass (fp32 or bf16 rows of a wider projection,
+    as a CPU plan hands them over): silu(conv1d) of the cached inputs followed by the new ones."""
     cfg = Qwen35TextConfig.from_dict({"vocab_size": 64, "hidden_size": 64, "intermediate_size": 64,
                                       "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
                                       "head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 2,
@@ -84,14 +88,22 @@ def test_causal_conv_is_the_conv1d_of_the_window(dtype, T):
     layer = GatedDeltaNet(cfg)
     torch.nn.init.normal_(layer.conv1d.weight, std=0.5)
     layer.to(dtype)
-    qkv = torch.randn(2, T, layer.conv_dim)
+    if extension:
+        layer.native = native.quant_kernels(detect())
+        if layer.native is None:  # no AVX-512 here: nothing of the extension's to check
+            assert native.unusable(detect()) is not None
+            return
+    wide = torch.randn(2, T, layer.conv_dim + 24).to(dtype)  # rows of a fused projection
+    qkv = wide[..., :layer.conv_dim]
     conv_state = torch.randn(2, layer.conv_dim, layer.kernel - 1)
-    out, window = layer._causal_conv(qkv, conv_state, torch.float32)
-    expect_window = torch.cat([conv_state, qkv.transpose(1, 2)], dim=-1)
-    assert torch.equal(window, expect_window)
+    out = layer._causal_conv(qkv, conv_state, torch.float32)
+    window = torch.cat([conv_state, qkv.transpose(1, 2).float()], dim=-1)
+    K = layer.kernel
+    assert torch.equal(_window_columns(conv_state, qkv, T, T + K - 1), window[..., -(K - 1):])
+    assert torch.equal(_window_columns(conv_state, qkv, 1, K), window[..., 1:K])
     w = layer.conv1d.weight.float()
-    ref = F.silu(F.conv1d(expect_window.double(), w.double(), groups=layer.conv_dim)).transpose(1, 2)
-    assert out.shape == (2, T, layer.conv_dim) and out.is_contiguous()
+    ref = F.silu(F.conv1d(window.double(), w.double(), groups=layer.conv_dim)).transpose(1, 2)
+    assert out.shape == (2, T, layer.conv_dim) and out.is_contiguous() and out.dtype == torch.float32
     assert (out.double() - ref).abs().max() < 1e-5
 
 

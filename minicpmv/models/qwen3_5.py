@@ -14,6 +14,7 @@ from ..layers.attention import cached_attention
 from ..layers.derived import Derived
 from ..layers.gated_delta import l2_normalize, prefill_gated_delta_rule, recurrent_gated_delta_step
 from ..layers.mlp import GatedMLP
+from ..layers.weight_formats import GEMV_ROWS, Bf16Linear
 from ..layers.norm import GatedRMSNorm, ZeroCenteredRMSNorm
 from ..layers.rotary import apply_rope, mrope_cos_sin, rope_inv_freq
 
@@ -103,8 +104,13 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, layer_idx: int) -> torch.Tensor:
         B, T, _ = x.shape
         if self.in_proj is not None:
-            qkv, z, b, a = self.in_proj(x).split([self.conv_dim, self.value_size, self.num_v_heads,
-                                                  self.num_v_heads], dim=-1)
+            # a prompt on a CPU plan's bf16 GEMM with the extension: the projection stays bf16 (its
+            # widest part, qkv, only feeds the extension's conv, which reads bf16 rows)
+            narrow = (self.native is not None and type(self.in_proj) is Bf16Linear and B * T > GEMV_ROWS
+                      and self.conv_dim % 16 == 0)
+            proj = self.in_proj.bf16_product(x) if narrow else self.in_proj(x)
+            qkv, z, b, a = proj.split([self.conv_dim, self.value_size, self.num_v_heads, self.num_v_heads], dim=-1)
+            z, b = z.to(x.dtype), b.to(x.dtype)
         else:
             qkv, z, b, a = self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
         z = z.reshape(B, T, self.num_v_heads, self.v_dim)
@@ -123,8 +129,11 @@ class GatedDeltaNet(nn.Module):
         if (T == 1 and self.native is not None and qkv.dtype == conv_state.dtype == torch.float32
                 and self.v_dim % 16 == 0):  # the extension's rows are 16 floats wide
             return self._native_decode(qkv, beta, g, conv_state, batch, layer_idx)
-        qkv, window = self._causal_conv(qkv, conv_state, dtype)
-        new_conv = window[..., -(self.kernel - 1):]
+        new_conv = _window_columns(conv_state, qkv, T, T + self.kernel - 1)  # the last K-1 inputs
+        # the window at a reuse boundary, taken before store_conv overwrites the cached inputs
+        keep_conv = (None if batch.keep is None else
+                     _window_columns(conv_state, qkv, batch.keep[0], batch.keep[0] + self.kernel - 1).clone())
+        qkv = self._causal_conv(qkv, conv_state, dtype)
 
         q, k, v = torch.split(qkv, [self.key_size, self.key_size, self.value_size], dim=-1)
         q = q.reshape(B, T, self.num_k_heads, self.k_dim)
@@ -145,26 +154,30 @@ class GatedDeltaNet(nn.Module):
                     for r, state in batch.recurrent_views(layer_idx)]
             return (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(1)  # [B, 1, H, dv]
         with self.denormal_flush() if self.denormal_flush is not None else nullcontext():
-            return self._prefill(q, k, v, g, beta, window, batch, layer_idx)
+            return self._prefill(q, k, v, g, beta, keep_conv, batch, layer_idx)
 
-    def _causal_conv(self, qkv: torch.Tensor, conv_state: torch.Tensor, dtype: torch.dtype):
-        """The short causal conv (+ silu), continuing from the cached window of previous inputs, in
-        fp32 as K multiply-adds over the [B, T, C] rows the projection wrote: no transposes, q/k/v
-        come out contiguous for the norms, and the sum runs tap by tap as the oracle's fp32 conv
-        does (bit for bit on the AMX Xeon; 16-bit weights are widened and rounded once, at the
-        end, like the reference's 16-bit conv). A 512-token prompt of the real-size 4.6: ~2.6 ms a
-        layer against 6.7 for a bf16 conv call, and its norms 0.3 ms against 3 on the transposed
-        layout. Returns (silu(conv) [B, T, C], the window as [B, C, K-1+T])."""
+    def _causal_conv(self, qkv: torch.Tensor, conv_state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The short causal conv (+ silu) of qkv [B, T, C], continuing from the cached inputs
+        conv_state [B, C, K-1]; fp32 math on the [B, T, C] rows the projection wrote (no
+        transposes; q/k/v come out contiguous for the norms). With the extension: one pass that
+        reads bf16 or fp32 rows (a 512-token prompt of the real-size 4.6: ~9 ms a layer of tensor
+        ops -> ~2). Otherwise K multiply-adds, tap by tap as the oracle's fp32 conv sums (bit for bit
+        on the AMX Xeon; 16-bit weights are widened and rounded once, at the end, like the
+        reference's 16-bit conv): ~2.6 ms a layer against 6.7 for a bf16 conv call."""
         T, K = qkv.shape[1], self.kernel
-        window = torch.cat([conv_state.transpose(1, 2).float(), qkv.float()], dim=1)  # [B, K-1+T, C]
         w = self.conv1d.weight[:, 0].float().t()  # [K, C]
+        if self.native is not None and T > 1 and self.conv_dim % 16 == 0 and qkv.stride(-1) == 1:
+            past = conv_state.transpose(1, 2).float().contiguous()  # [B, K-1, C]
+            return self.native.conv_prompt(qkv, past, w.contiguous()).to(dtype)
+        window = torch.cat([conv_state.transpose(1, 2).float(), qkv.float()], dim=1)  # [B, K-1+T, C]
         out = window[:, :T] * w[0]
         for j in range(1, K):
             out.addcmul_(window[:, j:j + T], w[j])
-        return F.silu(out, inplace=True).to(dtype), window.transpose(1, 2)
+        return F.silu(out, inplace=True).to(dtype)
 
-    def _prefill(self, q, k, v, g, beta, window, batch: ForwardBatch, layer_idx: int) -> torch.Tensor:
-        """A prompt chunk of each sequence through the chunked rule, its state advanced in the pool."""
+    def _prefill(self, q, k, v, g, beta, keep_conv, batch: ForwardBatch, layer_idx: int) -> torch.Tensor:
+        """A prompt chunk of each sequence through the chunked rule, its state advanced in the pool
+        (keep_conv: the conv window at the reuse boundary, when the batch keeps one)."""
         views = batch.recurrent_views(layer_idx)  # [(rows, state [n, H, dk, dv] fp32 in the pool)]
         if batch.keep is not None:
             # one sequence passing a reuse boundary at offset j: run the recurrence up to j, keep the
@@ -172,7 +185,7 @@ class GatedDeltaNet(nn.Module):
             j = batch.keep[0]
             [(_, state)] = views
             first, mid = _prefill_rule(q[:, :j], k[:, :j], v[:, :j], g[:, :j], beta[:, :j], state)
-            batch.keep_linear(layer_idx, window[0, :, j:j + self.kernel - 1], mid[0])
+            batch.keep_linear(layer_idx, keep_conv[0], mid[0])
             rest, final = _prefill_rule(q[:, j:], k[:, j:], v[:, j:], g[:, j:], beta[:, j:], mid)
             state.copy_(final)
             return torch.cat([first, rest], dim=1)
@@ -198,6 +211,19 @@ class GatedDeltaNet(nn.Module):
             if work is not state:
                 state.copy_(work)
         return (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(1)  # [B, 1, H, dv]
+
+
+def _window_columns(conv_state: torch.Tensor, qkv: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
+    """Columns [i0, i1) of the conv's input window (the K-1 cached inputs conv_state [B, C, K-1],
+    then the T new ones qkv [B, T, C]) as fp32 [B, C, i1 - i0]: the next cached window, or the
+    window at a reuse boundary."""
+    past = conv_state.shape[-1]
+    parts = []
+    if i0 < past:
+        parts.append(conv_state[..., i0:min(i1, past)].float())
+    if i1 > past:
+        parts.append(qkv[:, max(i0 - past, 0):i1 - past].transpose(1, 2).float())
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def _prefill_rule(q, k, v, g, beta, state):

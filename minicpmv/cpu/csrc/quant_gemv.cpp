@@ -9,6 +9,7 @@
 //   sum_k w x = s * sum_k q x + (z - 8 s) * sum_k x.
 //   sum_k q x runs on VNNI in int32 with x rounded to int16 per group (max|x| / 32767), sum_k x
 //   in fp32: the fp32 product with the dequantized matrix within ~1e-4 of its scale.
+#include <type_traits>
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -550,6 +551,56 @@ torch::Tensor gelu_tanh_bf16_(torch::Tensor x) {
   return x;
 }
 
+// A prompt's depthwise causal conv + silu in one pass: x [B, T, C] (fp32 or bf16 rows, any row
+// stride, unit channel stride), past [B, K-1, C] fp32 (the cached inputs, oldest first), w [C, K]
+// fp32 -> y [B, T, C] fp32 = silu(sum_j in[t + j] w[:, j]), in = past then x.
+template <typename In>
+static void conv_prompt_rows(const In* x, int64_t sb, int64_t sr, const float* past, const float* wt, float* y,
+                             int64_t B, int64_t T, int64_t C, int64_t K) {
+  at::parallel_for(0, B * T, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(C * K, 1)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / T, t = i % T;
+      float* out = y + i * C;
+      for (int64_t c = 0; c < C; c += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < K; ++j) {
+          const int64_t src = t + j - (K - 1);  // < 0: a cached input
+          __m512 v;
+          if (src < 0) {
+            v = _mm512_loadu_ps(past + (b * (K - 1) + (K - 1 + src)) * C + c);
+          } else if constexpr (std::is_same_v<In, float>) {
+            v = _mm512_loadu_ps(x + b * sb + src * sr + c);
+          } else {
+            v = load_bf16x16(reinterpret_cast<const uint16_t*>(x + b * sb + src * sr + c));
+          }
+          acc = _mm512_fmadd_ps(v, _mm512_loadu_ps(wt + j * C + c), acc);
+        }
+        _mm512_storeu_ps(out + c, times_sigmoid(acc, acc));
+      }
+    }
+  });
+}
+
+torch::Tensor conv_prompt(torch::Tensor x, torch::Tensor past, torch::Tensor w_t) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "x: [B, T, C] with unit channel stride");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16, "x must be fp32 or bf16");
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), K = w_t.size(0);
+  TORCH_CHECK(C % 16 == 0, "the channels must be a multiple of 16");
+  TORCH_CHECK(w_t.scalar_type() == torch::kFloat && w_t.is_contiguous() && w_t.dim() == 2 && w_t.size(1) == C,
+              "w_t: contiguous [K, C] fp32");
+  TORCH_CHECK(past.scalar_type() == torch::kFloat && past.is_contiguous() && past.dim() == 3 && past.size(0) == B &&
+              past.size(1) == K - 1 && past.size(2) == C, "past: contiguous [B, K-1, C] fp32");
+  auto y = torch::empty({B, T, C}, x.options().dtype(torch::kFloat));
+  if (x.scalar_type() == torch::kFloat) {
+    conv_prompt_rows(x.data_ptr<float>(), x.stride(0), x.stride(1), past.data_ptr<float>(), w_t.data_ptr<float>(),
+                     y.data_ptr<float>(), B, T, C, K);
+  } else {
+    conv_prompt_rows(x.data_ptr<at::BFloat16>(), x.stride(0), x.stride(1), past.data_ptr<float>(),
+                     w_t.data_ptr<float>(), y.data_ptr<float>(), B, T, C, K);
+  }
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_step", &conv_step, "one token of the depthwise causal conv + silu -> (y, next window)");
   m.def("delta_step", &delta_step, "one token of the gated delta rule, states updated in place -> o [n, Hv, dv]");
@@ -561,5 +612,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_mm", &bf16_mm, "x [M, K] fp32 @ w [N, K] bf16 ^T -> [M, N] fp32 (exact products, fp32 sums)");
   m.def("silu_mul_bf16", &silu_mul_bf16, "gate_up [.., 2I] bf16 -> silu(gate) * up [.., I] bf16 (fp32 math)");
   m.def("gelu_tanh_bf16_", &gelu_tanh_bf16_, "tanh GELU of a bf16 tensor in place (fp32 math)");
+  m.def("conv_prompt", &conv_prompt, "a prompt's causal conv + silu: x [B, T, C], past [B, K-1, C], w_t [K, C] -> fp32");
   m.def("int4_mm", &int4_mm, "x [M, K] fp32 @ int4pack(packed, scale_zero, group)^T -> [M, n_pad] fp32");
 }
