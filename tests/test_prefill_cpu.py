@@ -120,8 +120,9 @@ def test_a_16_bit_plan_flushes_in_prompt_chunks_and_float32_does_not(tmp_path):
 
 
 HEAP_PROBE = textwrap.dedent("""
-    import resource, sys, threading, torch
+    import ctypes, resource, sys, threading, torch
     from minicpmv.cpu import heap
+    ctypes.CDLL("libc.so.6").prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KB pages, faults countable
     print(heap.keep_warm())
     faults = []
     x = torch.randn(512, 8192)
