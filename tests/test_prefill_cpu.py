@@ -103,8 +103,13 @@ def test_causal_conv_is_the_conv1d_of_the_window(dtype, T, extension):
     assert torch.equal(_window_columns(conv_state, qkv, 1, K), window[..., 1:K])
     w = layer.conv1d.weight.float()
     ref = F.silu(F.conv1d(window.double(), w.double(), groups=layer.conv_dim)).transpose(1, 2)
-    assert out.shape == (2, T, layer.conv_dim) and out.is_contiguous() and out.dtype == torch.float32
-    assert (out.double() - ref).abs().max() < 1e-5
+    assert out.shape == (2, T, layer.conv_dim) and out.dtype == torch.float32
+    if dtype == torch.bfloat16 and not (extension and T > 1):
+        # not the extension's prompt pass: the reference's own bf16 ops (conv output and silu each
+        # rounded to bf16)
+        assert (out.double() - ref).abs().max() <= 2 ** -7 * ref.abs().max()
+    else:  # fp32 math on [B, T, C] rows
+        assert out.is_contiguous() and (out.double() - ref).abs().max() < 1e-5
 
 
 def test_a_16_bit_plan_flushes_in_prompt_chunks_and_float32_does_not(tmp_path):

@@ -161,14 +161,20 @@ class GatedDeltaNet(nn.Module):
         conv_state [B, C, K-1]; fp32 math on the [B, T, C] rows the projection wrote (no
         transposes; q/k/v come out contiguous for the norms). With the extension: one pass that
         reads bf16 or fp32 rows (a 512-token prompt of the real-size 4.6: ~9 ms a layer of tensor
-        ops -> ~2). Otherwise K multiply-adds, tap by tap as the oracle's fp32 conv sums (bit for bit
-        on the AMX Xeon; 16-bit weights are widened and rounded once, at the end, like the
-        reference's 16-bit conv): ~2.6 ms a layer against 6.7 for a bf16 conv call."""
+        ops -> ~2). fp32 weights otherwise: K multiply-adds, tap by tap as the oracle's fp32 conv
+        sums (bit for bit on the AMX Xeon), ~2.6 ms a layer against 6.7 for a bf16 conv call."""
         T, K = qkv.shape[1], self.kernel
-        w = self.conv1d.weight[:, 0].float().t()  # [K, C]
         if self.native is not None and T > 1 and self.conv_dim % 16 == 0 and qkv.stride(-1) == 1:
             past = conv_state.transpose(1, 2).float().contiguous()  # [B, K-1, C]
-            return self.native.conv_prompt(qkv, past, w.contiguous()).to(dtype)
+            w = self.conv1d.weight[:, 0].float().t().contiguous()  # [K, C]
+            return self.native.conv_prompt(qkv, past, w).to(dtype)
+        if self.conv1d.weight.dtype != torch.float32:
+            # 16-bit weights without a CPU plan (a bf16 model, a GPU): the reference's own ops, its
+            # conv output and silu each rounded to the weights' dtype
+            window = torch.cat([conv_state.to(qkv.dtype), qkv.transpose(1, 2)], dim=-1)
+            w = self.conv1d.weight
+            return F.silu(F.conv1d(window.to(w.dtype), w, groups=self.conv_dim)).to(dtype).transpose(1, 2)
+        w = self.conv1d.weight[:, 0].t()  # [K, C]
         if T == 1:  # a decode token: one multiply-add over each channel's window, ~10x a conv call
             window = torch.cat([conv_state.float(), qkv.transpose(1, 2).float()], dim=-1)  # [B, C, K]
             return F.silu((window * w.t()).sum(-1, keepdim=True)).transpose(1, 2).to(dtype)
