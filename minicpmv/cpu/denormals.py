@@ -57,9 +57,10 @@ def supported() -> bool:
 
 
 def _set(value: bool) -> None:
-    torch.set_flush_denormal(value)
     call = _team_call()
-    if call is not None and torch.get_num_threads() > 1:
+    if call is None or torch.get_num_threads() == 1:
+        torch.set_flush_denormal(value)
+    else:  # the team's threads, the calling thread (its thread 0) included
         call(_ON if value else _OFF, None, torch.get_num_threads(), 0)
 
 

@@ -259,12 +259,18 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, i
   return y;
 }
 
-// fp32 -> bf16 bits, round to nearest even (no AVX512-BF16 needed); NaN is not expected here.
+// fp32 -> bf16 bits, round to nearest even as torch's conversion (no AVX512-BF16 needed); a NaN
+// stays a quiet NaN.
 inline __m256i to_bf16(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+inline void store_bf16x16(uint16_t* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(v));
 }
 
 // The int4 matrix's blocks b0..b1 (64 rows each) widened to W^T [K, 64 (b1 - b0)] in bf16 or fp32:
@@ -309,7 +315,7 @@ torch::Tensor int4_widen_t(torch::Tensor packed, torch::Tensor sz, int64_t group
           for (int i = 0; i < 4; ++i) {
             const __m512 x = _mm512_fmadd_ps(v[i], s[i], base[i]);  // (q - 8) s + z
             if (bf16) {
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(ob + k * cols + col + 16 * i), to_bf16(x));
+              store_bf16x16(ob + k * cols + col + 16 * i, x);
             } else {
               _mm512_storeu_ps(of + k * cols + col + 16 * i, x);
             }
@@ -491,19 +497,6 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, c10::option
 
 // ---- activations of a prompt's bf16 hidden tensors (fp32 math, one rounding to bf16) ----
 
-static inline __m512 load_bf16x16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
-// round to nearest even, as torch's float -> bfloat16 conversion (NaN stays a quiet NaN)
-static inline void store_bf16x16(uint16_t* p, __m512 v) {
-  const __m512i b = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
-  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-}
-
 // x / (1 + e^-z) for 16 lanes (exp16 above): silu (z = x) and the tanh GELU (x sigmoid(2u), u its
 // tanh argument)
 static inline __m512 times_sigmoid(__m512 x, __m512 z) {
@@ -530,7 +523,7 @@ torch::Tensor silu_mul_bf16(torch::Tensor gate_up) {
   const uint16_t* in = reinterpret_cast<const uint16_t*>(gate_up.data_ptr<at::BFloat16>());
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   rowwise_bf16(gate_up.numel() / (2 * I), I, [&](int64_t r, int64_t c) {
-    const __m512 g = load_bf16x16(in + r * 2 * I + c), u = load_bf16x16(in + r * 2 * I + I + c);
+    const __m512 g = widen16(in + r * 2 * I + c), u = widen16(in + r * 2 * I + I + c);
     store_bf16x16(o + r * I + c, _mm512_mul_ps(times_sigmoid(g, g), u));
   });
   return out;
@@ -544,7 +537,7 @@ torch::Tensor gelu_tanh_bf16_(torch::Tensor x) {
   uint16_t* p = reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>());
   const __m512 k2 = _mm512_set1_ps(2.0f * 0.7978845608028654f), c = _mm512_set1_ps(0.044715f);
   rowwise_bf16(W ? x.numel() / W : 0, W, [&](int64_t r, int64_t col) {
-    const __m512 v = load_bf16x16(p + r * W + col);
+    const __m512 v = widen16(p + r * W + col);
     const __m512 z = _mm512_mul_ps(k2, _mm512_fmadd_ps(_mm512_mul_ps(c, v), _mm512_mul_ps(v, v), v));
     store_bf16x16(p + r * W + col, times_sigmoid(v, z));
   });
@@ -571,7 +564,7 @@ static void conv_prompt_rows(const In* x, int64_t sb, int64_t sr, const float* p
           } else if constexpr (std::is_same_v<In, float>) {
             v = _mm512_loadu_ps(x + b * sb + src * sr + c);
           } else {
-            v = load_bf16x16(reinterpret_cast<const uint16_t*>(x + b * sb + src * sr + c));
+            v = widen16(reinterpret_cast<const uint16_t*>(x + b * sb + src * sr + c));
           }
           acc = _mm512_fmadd_ps(v, _mm512_loadu_ps(wt + j * C + c), acc);
         }
