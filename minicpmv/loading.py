@@ -113,18 +113,20 @@ def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_pe
     load_weights(model, folder, model.checkpoint_key, dtype_for, device, progress=progress, regroup=regroup,
                  compact=compact)
     model.tie_weights()
-    if quant is not None:
-        # float32 asked for: the GPTQ layers compute exactly as transformers + gptqmodel do in fp32
-        # (fp16-rounded dequantized weights, fp32 math); otherwise the fast int4 kernels
-        quant.finish(model, "fp16_weight" if dtype == torch.float32 else "auto", isa=isa)
     if packs:
-        # the kernels this CPU runs fastest, per op class (cpu/plan.py); one copy of each matrix
+        # the kernels this CPU runs fastest, per op class (cpu/plan.py); one copy of each matrix; GPTQ
+        # int4 layers move to the plan's int4 format where the extension runs
         plan = choose(isa)
         apply_plan(model, plan, weights, model.per_token_prefixes)
         model.kernel_plan, model.weight_format = plan, weights
         heap.release()
         log.info("CPU %s (%s): %s", plan.cpu.model, plan.cpu.level,
-                 "; ".join(f"{k}: {v}" for k, v in plan.rows(weights)))
+                 "; ".join(f"{k}: {v}" for k, v in plan.rows(weights, gptq=quant is not None)))
+    if quant is not None:
+        # float32 asked for: the GPTQ layers compute exactly as transformers + gptqmodel do in fp32
+        # (fp16-rounded dequantized weights, fp32 math); otherwise the fast int4 kernels (those the
+        # plan did not already move)
+        quant.finish(model, "fp16_weight" if dtype == torch.float32 else "auto", isa=isa)
     if device.type == "cpu":
         log.info("heap: %s", heap.keep_warm())  # after the load, so its staging copies were unmapped
     return model.eval(), config

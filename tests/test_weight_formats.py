@@ -166,9 +166,12 @@ def test_batched_decode_gives_the_tokens_of_decoding_alone(tiny46, fmt):
 
 def test_on_a_gptq_checkpoint_the_dense_per_token_matrices_take_the_format(tiny46_dir, tmp_path):
     """A GPTQ checkpoint keeps the lm_head (and DeltaNet's a/b projections) dense: weights="int8"
-    quantizes those at load, the GPTQ layers stay as they are. First-step logits within 8% of the
-    GPTQ model's own (measured 5.1%)."""
+    quantizes those at load, the GPTQ layers keep their codes (in the plan's int4 format where the
+    extension runs, tests/test_gptq_int4.py). First-step logits within 8% of the GPTQ model's own
+    (measured 5.1%)."""
+    from minicpmv.cpu.plan import choose
     from minicpmv.quant.gptq_format import GPTQSpec
+    from minicpmv.quant.gptq_int4 import GPTQInt4Linear
     from minicpmv.quant.gptq_linear import GPTQLinear
     from minicpmv.quant.quantize_cli import quantize_folder
     from test_parity46 import our_prefill_logits
@@ -178,7 +181,8 @@ def test_on_a_gptq_checkpoint_the_dense_per_token_matrices_take_the_format(tiny4
     model, _ = load_model(tmp_path, "auto", "cpu", progress=False, weights="int8")
     layer = model.language_model.layers[0]
     assert isinstance(model.lm_head, Int8Linear) and isinstance(model.language_model.embed_tokens, TiedQuantEmbedding)
-    assert isinstance(layer.mlp.down_proj, GPTQLinear) and isinstance(layer.linear_attn.in_proj_a, Int8Linear)
+    gptq = GPTQInt4Linear if choose().native_kernels else GPTQLinear
+    assert isinstance(layer.mlp.down_proj, gptq) and isinstance(layer.linear_attn.in_proj_a, Int8Linear)
     ids = list(range(100, 130))
     with torch.inference_mode():
         a, b = our_prefill_logits(base, ids, []), our_prefill_logits(model, ids, [])

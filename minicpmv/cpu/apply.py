@@ -35,6 +35,7 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
         for name, module in model.named_modules():
             if hasattr(module, "sdpa_dtype") and not name.startswith(prefixes):
                 module.sdpa_dtype = torch.bfloat16
+    gptq_to_int4(model, plan)
     if weights is not None:
         quantize_per_token(model, prefixes, weights, plan)
         return
@@ -48,6 +49,28 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
                          accept=lambda lin: type(lin) is not Bf16Linear and fp16_packed.packable(lin))
     elif plan.text16 == FP16_PACKED and fp16_packed.available():
         fp16_packed.pack_fp16(model, prefixes)
+
+
+def tune_format(m, fmt: str, width: int, plan: KernelPlan, kernels) -> None:
+    """Set a quantized layer's kernels from the plan: the GEMM dtype of prompts, up to how many rows
+    torch's kernel runs, and the extension (`kernels`, if built) for the fewest rows."""
+    m.gemm_dtype, m.kernel_rows = plan.gemm_dtype, plan.kernel_rows(fmt)
+    if kernels is not None and width % 16 == 0:  # the extension's int8 loop takes 16 inputs at a time
+        m.native, m.native_rows = kernels, native.ROWS
+        if fmt == "int4":  # its widening is ~25x torch's, so beyond its own rows widen + GEMM wins
+            m.kernel_rows = native.ROWS
+
+
+def gptq_to_int4(model: nn.Module, plan: KernelPlan) -> int:
+    """Where the extension runs (its int4 kernel and widening), GPTQ int4 layers not yet prepared
+    move into the int4 format (quant/gptq_int4.py) and its kernels; returns how many moved. Elsewhere
+    they keep GPTQLinear's kernels (torch's int4 kernel in gptqmodel's arithmetic)."""
+    if not plan.native_kernels:
+        return 0
+    from ..quant.gptq_int4 import move_to_int4
+
+    kernels = native.quant_kernels(plan.cpu)
+    return move_to_int4(model, lambda m: tune_format(m, "int4", m.in_features, plan, kernels))
 
 
 def _half_linear(lin: nn.Linear) -> bool:
@@ -88,11 +111,7 @@ def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str
     kernels = native.quant_kernels(plan.cpu) if plan.native_kernels else None
 
     def tune(m, fmt: str, width: int) -> None:
-        m.gemm_dtype, m.kernel_rows = plan.gemm_dtype, plan.kernel_rows(fmt)
-        if kernels is not None and width % 16 == 0:  # the extension's int8 loop takes 16 inputs at a time
-            m.native, m.native_rows = kernels, native.ROWS
-            if fmt == "int4":  # its widening is ~25x torch's, so beyond its own rows widen + GEMM wins
-                m.kernel_rows = native.ROWS
+        tune_format(m, fmt, width, plan, kernels)
 
     def build(weight: torch.Tensor, bias, fmt: str = weights) -> QuantLinear:
         group = int4_group(weight.shape[1], INT4_GROUP) if fmt == "int4" else None

@@ -56,8 +56,9 @@ class KernelPlan:
     def kernel_rows(self, fmt: str) -> int:
         return self.int4_rows if fmt == "int4" else self.int8_rows
 
-    def rows(self, weights: str | None = None) -> list[tuple[str, str]]:
-        """(op class, kernel) lines describing what a model loaded with `weights` runs."""
+    def rows(self, weights: str | None = None, gptq: bool = False) -> list[tuple[str, str]]:
+        """(op class, kernel) lines describing what a model loaded with `weights` (from a GPTQ
+        checkpoint when `gptq`) runs."""
         vision = ("bf16 GEMM, fp32 accumulation (bf16 weights)" if self.vision_bf16 else
                   "fp32 GEMM on the bf16 weights widened per call")
         gemm = "bf16" if self.gemm_dtype == torch.bfloat16 else "fp32"
@@ -95,6 +96,10 @@ class KernelPlan:
         rows = [("vision GEMMs", vision), ("prefill GEMMs", prefill), ("decode GEMVs", decode), ("lm_head", head),
                 ("DeltaNet token", "conv + silu, then l2 norms + the gated delta rule: two extension calls per layer"
                  if self.native_kernels else "tensor ops")]
+        if gptq:
+            rows.append(("GPTQ int4 layers", f"{native.describe()} up to {native.ROWS} rows, else W^T widened by it "
+                         f"+ {gemm} GEMM (codes kept, scales and offsets bf16)" if self.native_kernels else
+                         "torch's _weight_int4pack_mm_for_cpu in gptqmodel's arithmetic for this CPU"))
         if weights is not None:
             rows.append(("MoE experts", f"{weights}, quantized while loading, kernels as above; the router 16-bit"))
         why = native.unusable(self.cpu)

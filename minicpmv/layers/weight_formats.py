@@ -132,14 +132,18 @@ class Int4Linear(QuantLinear):
 
     format = "int4"
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = 64):
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, group: int = 64,
+                 shape: tuple[int, int] | None = None):
+        """Round `weight` [N, K]; or, with weight=None and shape=(N, K), empty storage for the
+        caller to fill (`int4_store`), as a GPTQ checkpoint's codes are."""
         super().__init__()
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = weight.shape if weight is not None else shape
         if group not in (32, 64, 128, 256) or self.in_features % group:
             raise ValueError(f"int4 group size {group} must be 32/64/128/256 and divide {self.in_features}")
         self.group = group
         packed, sz = int4_buffers(self.out_features, self.in_features, group)
-        int4_quantize(weight, group, packed, sz)
+        if weight is not None:
+            int4_quantize(weight, group, packed, sz)
         self.register_buffer("qweight", packed)
         self.register_buffer("scale_zero", sz)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
@@ -219,17 +223,29 @@ def int4_buffers(n: int, k: int, group: int) -> tuple[torch.Tensor, torch.Tensor
 def int4_quantize(weight: torch.Tensor, group: int, packed: torch.Tensor, sz: torch.Tensor) -> None:
     """Round weight [N, K] (any float dtype) into `int4_buffers(N, K, group)`, in place, a block
     of rows at a time (fp32 staging of at most BLOCK_BYTES); the padding rows are zero."""
-    n_pad, K = packed.shape[0], weight.shape[1]
+    K = weight.shape[1]
     G = K // group
-    step = max(INT4_ROW_BLOCK, BLOCK_BYTES // (4 * K) // INT4_ROW_BLOCK * INT4_ROW_BLOCK)
-    for i in range(0, n_pad, step):
-        rows = min(step, n_pad - i)
+
+    def grid(i, rows):
         w = torch.zeros(rows, K)
         real = max(0, min(rows, weight.shape[0] - i))
         w[:real] = weight[i:i + real].float()
         q, s, z = int4_grid(w.view(rows, G, group))
-        q = q.to(torch.int32).view(rows, K)
-        packed[i:i + rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1).view(rows, K // 2)
+        return q.view(rows, K), s, z
+    int4_store(grid, packed, sz)
+
+
+def int4_store(grid: Callable[[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+               packed: torch.Tensor, sz: torch.Tensor) -> None:
+    """Fill `int4_buffers` a block of rows at a time from `grid(first_row, rows)` -> (codes
+    [rows, K] in 0..15, scales [rows, G], offsets [rows, G]), rows counted in the padded matrix
+    (the padding rows' codes, scales and offsets must be zero)."""
+    n_pad, K = packed.shape[0], packed.shape[1] * 2
+    step = max(INT4_ROW_BLOCK, BLOCK_BYTES // (4 * K) // INT4_ROW_BLOCK * INT4_ROW_BLOCK)
+    for i in range(0, n_pad, step):
+        rows = min(step, n_pad - i)
+        q, s, z = grid(i, rows)
+        packed[i:i + rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1).view(rows, K // 2)
         sz[:, i:i + rows, 0] = s.t()
         sz[:, i:i + rows, 1] = z.t()
 

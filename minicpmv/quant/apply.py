@@ -162,8 +162,12 @@ class QuantizedLoad:
         return lambda name: name in quant_buffers or inner(name)
 
     def finish(self, model: nn.Module, backend: str = "auto", isa: str | None = None) -> None:
+        """Prepare the kernels of every GPTQLinear still in place (a CPU plan may have moved some
+        into its own int4 format already)."""
         for name in self.modules:
-            model.get_submodule(name).prepare(backend, isa=isa)
+            layer = model.get_submodule(name)
+            if isinstance(layer, GPTQLinear):
+                layer.prepare(backend, isa=isa)
 
 
 def plan_quantized_load(model: nn.Module, config: dict, folder: Path) -> QuantizedLoad | None:
