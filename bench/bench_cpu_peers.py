@@ -8,7 +8,8 @@ Per precision group the contenders run at the same time and are sampled alternat
 C B A, ...); each sample waits for a quiet machine and records `others` (CPU used by other
 processes while it ran). Figures: 448x448 image time to first token, batch-1 decode tok/s,
 pp512 prefill tok/s (a ~512-token prompt, one output token), 8 concurrent streams' aggregate
-decode tok/s, peak RSS of each server's process tree; medians of the samples, the paired ratios
+decode tok/s, peak RSS of each server's process tree; on request 1344x1344 image and 30-frame
+448x448 video time to first token (llama.cpp's server takes no video); medians of the samples, the paired ratios
 ours / best peer (median, min-max), and the issue-12 targets each meets or misses.
 
 Groups: 16-bit (ours auto, llama.cpp BF16, vLLM-CPU bf16), 8-bit (ours weights=int8, Q8_0),
@@ -27,7 +28,7 @@ One-time setup (bench/peers_setup.py), cached outside the repository in $MINICPM
 The run (~30-60 min at the real size on 2 cores):
     python bench/bench_cpu_peers.py --runs 3
     python bench/bench_cpu_peers.py --groups 4bit --gptq ~/ckpt/MiniCPM-V-4.6-gptq-int4
-    python bench/bench_cpu_peers.py --metrics image_ttft image1344_ttft --llama-bench
+    python bench/bench_cpu_peers.py --metrics image_ttft image1344_ttft video30_ttft --llama-bench
 (--llama-bench adds llama.cpp's own in-process llama-bench figures; its JSON field names
 n_prompt / n_gen / avg_ts are those of b11434's `-o json`, checked against the build.)
 Smoke run of our side only (tiny random checkpoint, small sizes; the figures mean nothing):
@@ -200,6 +201,29 @@ def image_data_url(seed: int, side: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def video_data_url(seed: int, frames: int = 30, side: int = 448) -> str:
+    """A `frames`-second mp4 at 1 frame/s (every engine samples each of its frames at its default
+    1 fps / up-to-32-frame rule), each frame a fresh random 28x28 mosaic scaled up (compresses, and
+    no engine may reuse an encoding)."""
+    import av
+
+    rng = np.random.RandomState(seed)
+    buf = io.BytesIO()
+    container = av.open(buf, "w", format="mp4")
+    stream = container.add_stream("mpeg4", rate=1)
+    stream.width = stream.height = side
+    stream.pix_fmt = "yuv420p"
+    for _ in range(frames):
+        tile = rng.randint(0, 255, (28, 28, 3)).astype("uint8")
+        frame = np.kron(tile, np.ones((side // 28, side // 28, 1), np.uint8))
+        for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return "data:video/mp4;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def text_prompt(tokenizer, n_tokens: int, seed: int) -> str:
     """Random words that tokenize to about n_tokens (fresh per sample: no prefix cache hits)."""
     rng = np.random.RandomState(seed)
@@ -252,6 +276,11 @@ def sample(client, c: Contender, metric: str, args, tokenizer, seed: int) -> dic
                    {"type": "text", "text": "Describe the image."}]
         r = stream(client, c, content, 1)
         value = r["ttft_s"]
+    elif metric == "video30_ttft":
+        content = [{"type": "video_url", "video_url": {"url": video_data_url(seed)}},
+                   {"type": "text", "text": "Describe the video."}]
+        r = stream(client, c, content, 1)
+        value = r["ttft_s"]
     elif metric == "decode1":
         r = stream(client, c, text_prompt(tokenizer, 32, seed), args.decode_tokens)
         value = (r["tokens"] - 1) / max(r["span_s"], 1e-9)
@@ -287,8 +316,14 @@ def sample(client, c: Contender, metric: str, args, tokenizer, seed: int) -> dic
 
 METRICS = {"image_ttft": ("448x448 image TTFT (s)", False), "decode1": ("decode batch 1 (tok/s)", True),
            "pp512": ("prefill pp512 (tok/s)", True), "agg8": ("8 streams aggregate (tok/s)", True),
-           "image1344_ttft": ("1344x1344 image TTFT (s)", False)}
-DEFAULT_METRICS = ["image_ttft", "decode1", "pp512", "agg8"]  # image1344_ttft on request (slow)
+           "image1344_ttft": ("1344x1344 image TTFT (s)", False),
+           "video30_ttft": ("30-frame 448x448 video TTFT (s)", False)}
+DEFAULT_METRICS = ["image_ttft", "decode1", "pp512", "agg8"]  # image1344_ttft, video30_ttft on request (slow)
+VIDEO = {"video30_ttft"}  # llama.cpp's server takes no video: those rows skip it
+
+
+def takes(c: "Contender", metric: str) -> bool:
+    return not (metric in VIDEO and c.engine == "llama.cpp")
 
 
 # ---------------------------------------------------------------- the run
@@ -315,14 +350,16 @@ def run_group(name: str, group: list[Contender], args, tokenizer, client, logdir
         for c in group:
             print(f"  {c.name} ready in {c.wait_ready(client):.0f} s", flush=True)
             for m in args.metrics:  # warm-up: first-call allocations, kernel choices, compiles
-                sample(client, c, m, args, tokenizer, seed=10_000)
+                if takes(c, m):
+                    sample(client, c, m, args, tokenizer, seed=10_000)
         seed = 0
         for r in range(args.runs):
             order = group if r % 2 == 0 else group[::-1]
             for m in args.metrics:
                 for c in order:
                     seed += 1
-                    res[c.name][m].append(sample(client, c, m, args, tokenizer, seed))
+                    if takes(c, m):
+                        res[c.name][m].append(sample(client, c, m, args, tokenizer, seed))
             print(f"  round {r + 1}/{args.runs} done", flush=True)
         for c in group:
             res[c.name]["peak_rss_gb"] = c.peak_rss / 1e9
@@ -341,9 +378,12 @@ def report(name: str, group: list[Contender], res: dict, bw_gbs: float, body_par
     for m, (label, higher) in METRICS.items():
         if m not in res[ours]:
             continue
-        meds = {n: median([s["value"] for s in res[n][m]]) for n in names}
-        print(f"{label:32s}" + "".join(f"{meds[n]:20.3f}" for n in names))
-        for p in peers:
+        meds = {n: median([s["value"] for s in res[n][m]]) if res[n][m] else None for n in names}
+        print(f"{label:32s}" + "".join(f"{'-':>20s}" if meds[n] is None else f"{meds[n]:20.3f}" for n in names))
+        if m in VIDEO or m.startswith("image"):  # the prompt each engine built from the same media
+            print(f"{'  prompt tokens':32s}" + "".join(
+                f"{res[n][m][0].get('prompt_tokens') if res[n][m] else '-'!s:>20s}" for n in names))
+        for p in (p for p in peers if meds[p] is not None):
             ratios = [(a["value"] / b["value"]) if higher else (b["value"] / a["value"])
                       for a, b in zip(res[ours][m], res[p][m])]
             print(f"{'':32s}{ours} better than {p} by {median(ratios):.2f}x (paired {min(ratios):.2f}-"
