@@ -193,6 +193,50 @@ def test_moe_experts_run_them_on_their_stored_bytes(fmt):
         assert (fast - exact).abs().max() <= 2e-4 * exact.abs().max(), (fmt, n)
 
 
+AMX = USABLE and HERE.at_least("amx")
+
+
+def test_amx_rows_give_the_product_of_the_bf16_rounded_activations():
+    """5-16 rows of a bf16 product on AMX tiles (the plan's `amx_rows` where the CPU has AMX): the
+    fp32 product of the bf16-rounded activations with the weights within 1e-5 of max|y| (fp32 sums
+    in tile order), weight rows past the last 64 on the FMA kernel, each row's result the same
+    whatever the other rows, and the plan routes 5-16 rows of a Bf16Linear there."""
+    assert (rule_plan(HERE).amx_rows > 0) == AMX
+    if not AMX:
+        return
+    mod = kernels()
+    assert mod.amx_rows_ok()
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(200, 96, generator=g) * 0.1).bfloat16()  # 3 tiles of 64 rows + 8 rows on the FMA kernel
+    x = torch.randn(16, 96, generator=g)
+    ref = x.bfloat16().float() @ w.float().t()
+    for m in (1, 5, 8, 16):
+        y = mod.bf16_amx_mm(x[:m].contiguous(), w)
+        assert (y - ref[:m]).abs().max() <= 1e-5 * ref[:m].abs().max(), m
+        if m > 1:
+            assert torch.equal(y[0], mod.bf16_amx_mm(x[:1].contiguous(), w)[0])  # batch-invariant rows
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        mod.bf16_amx_mm(torch.randn(2, 48), torch.randn(8, 48).bfloat16())
+    with pytest.raises(RuntimeError, match="rows 1..16"):
+        mod.bf16_amx_mm(torch.randn(17, 96), w)
+    lin = Bf16Linear.of(w, None)
+    lin.native, lin.amx_rows = mod, 5
+    seen = []
+    real = mod.bf16_amx_mm
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(mod, name)
+
+        def bf16_amx_mm(self, a, b):
+            seen.append(a.shape[0])
+            return real(a, b)
+    lin.native = Spy()
+    for m in (1, 4, 5, 16, 17):
+        lin(torch.randn(m, 96))
+    assert seen == [5, 16]
+
+
 def test_bad_inputs_are_refused_with_a_message():
     mod = kernels()
     if mod is None:

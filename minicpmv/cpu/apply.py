@@ -44,6 +44,8 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
         for name, m in model.named_modules():
             if kernels is not None and type(m) is Bf16Linear and name.startswith(prefixes) and m.in_features % 16 == 0:
                 m.native = kernels  # decode rows: the extension's bf16 GEMV
+                if plan.amx_rows and m.in_features % 32 == 0 and kernels.amx_rows_ok():
+                    m.amx_rows = plan.amx_rows  # batched decode rows: its AMX tiles
         if fp16_packed.available():  # what is left: an fp16 checkpoint's matrices (no bf16 copy to run)
             swap_linears(model, prefixes, fp16_packed.PackedFP16Linear,
                          accept=lambda lin: type(lin) is not Bf16Linear and fp16_packed.packable(lin))

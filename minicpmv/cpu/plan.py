@@ -52,6 +52,8 @@ class KernelPlan:
     native_kernels: bool = False
     # prompt DeltaNet chunks with denormals flushed to zero (cpu/denormals.py), where the CPU can
     flush_denormals: bool = False
+    # bf16 products of this many rows up to 16 (batched decode) on the extension's AMX tiles; 0: off
+    amx_rows: int = 0
 
     def kernel_rows(self, fmt: str) -> int:
         return self.int4_rows if fmt == "int4" else self.int8_rows
@@ -86,6 +88,8 @@ class KernelPlan:
             prefill = "bf16 GEMM, fp32 accumulation"
             decode = (f"bf16 GEMV: {native.describe()} up to {native.ROWS} rows" if self.native_kernels else
                       "bf16 GEMV, fp32 accumulation")
+            if self.native_kernels and self.amx_rows:
+                decode += f"; {self.amx_rows}-16 rows on its AMX tiles (bf16 activations)"
             head = decode
         else:
             prefill = "fp32 GEMM on the bf16 weights widened per call"
@@ -116,6 +120,9 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
     rows = {"int8_rows": 24, "int4_rows": 96} if cpu.at_least("avx512") else {}
     rows["native_kernels"] = native.unusable(cpu) is None
     rows["flush_denormals"] = denormals.supported()
+    # AMX tiles for 5-16 rows: 1.1-1.3x the FMA kernel at 8 rows, 1.2x oneDNN at 12-16, slower at
+    # 2-4 (AMX Xeon, 2 threads, matrices streamed from memory; docs/performance.md)
+    rows["amx_rows"] = 5 if rows["native_kernels"] and cpu.at_least("amx") else 0
     if cpu.at_least("amx") or (cpu.fast_bf16 and not fbgemm):
         return KernelPlan(cpu, vision_bf16=True, text16=BF16, gemm_dtype=torch.bfloat16, fused_norm=fused_norm, **rows)
     if cpu.fast_bf16:
@@ -125,7 +132,8 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
         return KernelPlan(cpu, vision_bf16=False, text16=FP16_PACKED, gemm_dtype=torch.float32, fused_norm=fused_norm,
                           **rows)
     return KernelPlan(cpu, vision_bf16=False, text16=WIDENED, gemm_dtype=torch.float32,
-                      native_kernels=rows["native_kernels"], flush_denormals=rows["flush_denormals"])
+                      native_kernels=rows["native_kernels"], flush_denormals=rows["flush_denormals"],
+                      amx_rows=rows["amx_rows"])
 
 
 def choose(isa: str | None = None, calibrate: bool | None = None) -> KernelPlan:

@@ -321,15 +321,23 @@ class Bf16Linear(nn.Linear):
         return lin
 
     native = None  # cpu/native.py's module (bf16_mm: fp32 activations, exact products), set by the CPU plan
+    # from this many rows up to AMX_ROWS, the extension's AMX tile product (bf16 activations); 0: off.
+    # Set by the CPU plan where the CPU has AMX, the OS grants it and in_features % 32 == 0.
+    amx_rows = 0
 
     def bf16_product(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b as one bf16 GEMM (bias added in its fp32 accumulator), bf16 out: for a
-        consumer that reads bf16 anyway (layers/mlp.py's gelu_mlp)."""
+        consumer that reads bf16 anyway (the prompt paths of the MLPs, the vision attention's
+        fused q/k/v, DeltaNet's input projection)."""
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
         return F.linear(x.to(torch.bfloat16), self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
+        if self.amx_rows and self.amx_rows <= rows <= AMX_ROWS:
+            y = self.native.bf16_amx_mm(x.reshape(rows, -1).float().contiguous(), self.weight)
+            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+            return y if self.bias is None else y + self.bias
         if rows <= GEMV_ROWS and self.native is not None:
             y = self.native.bf16_mm(x.reshape(rows, -1).float().contiguous(), self.weight)
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
@@ -346,6 +354,9 @@ class Bf16Linear(nn.Linear):
 # for a few. On the AMX Xeon, 2 threads, cold matrices: one row 6.5-7.8 G params/s against 5.1-5.8
 # for F.linear (oneDNN), same result bit for bit; 4-8 rows 6.3-7.0 against 5.4-6.5.
 GEMV_ROWS = 8
+# The most rows the extension's AMX tile product takes (one tile holds 16 activation rows); the
+# plan's `amx_rows` is the fewest (below it the FMA kernel streams faster: docs/performance.md).
+AMX_ROWS = 16
 
 
 def _weight_major(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,9 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -96,7 +99,67 @@ void rows_mm(const T* q, const uint16_t* scale, const float* x, float* y, int64_
   });
 }
 
-// Activations for the int4 kernel: per row and per group of the matrix, x ~ xq * dx with xq int16
+// bf16 rows on AMX for a few activation rows (batched decode): one tile product multiplies 16
+// weight rows by 32 inputs of every activation row. The weight tile is read straight from the
+// row-major matrix (16 rows, 64 bytes each, the row stride apart); the activations, rounded to
+// bf16 once, are laid out as the B operand wants them ([K / 2][M][2]). y^T blocks of 64 weight rows
+// accumulate in four fp32 tiles over k in order, so a row's result does not depend on how many
+// activation rows share the call. K % 32 == 0; weight rows past the last whole 64 take the FMA
+// kernel above.
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_permitted() {  // Linux hands out the tile state per process on request
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+__attribute__((target("amx-tile,amx-bf16"))) void amx_blocks(const uint16_t* w, const uint16_t* xp, float* y,
+                                                             int64_t K, int64_t N, int64_t M, int64_t b0,
+                                                             int64_t b1) {
+  TileConfig cfg;
+  for (int t = 0; t < 4; ++t) cfg.rows[t] = 16, cfg.colsb[t] = static_cast<uint16_t>(M * 4);  // y^T blocks
+  cfg.rows[4] = 16, cfg.colsb[4] = static_cast<uint16_t>(M * 4);                               // activations
+  cfg.rows[5] = cfg.rows[6] = 16, cfg.colsb[5] = cfg.colsb[6] = 64;                            // weights
+  _tile_loadconfig(&cfg);
+  alignas(64) float out[16 * 16];
+  const int64_t ws = K * 2;  // bytes between weight rows
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint16_t* wb = w + b * 64 * K;
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    // the band of 64 rows is one contiguous run of 128 K bytes: while this band is multiplied, the
+    // next one is prefetched in address order, 4 KB per k step (the 64 row streams of the tile
+    // loads defeat the hardware prefetcher)
+    const char* next = reinterpret_cast<const char*>(wb + 64 * K);
+    const bool more = b + 1 < b1;
+    for (int64_t k = 0; k < K; k += 32) {
+      if (more)
+        for (int l = 0; l < 4096; l += 64) _mm_prefetch(next + k * 128 + l, _MM_HINT_T0);
+      _tile_loadd(4, xp + k * M, M * 4);
+      _tile_loadd(5, wb + k, ws);
+      _tile_dpbf16ps(0, 5, 4);
+      _tile_loadd(6, wb + 16 * K + k, ws);
+      _tile_dpbf16ps(1, 6, 4);
+      _tile_loadd(5, wb + 32 * K + k, ws);
+      _tile_dpbf16ps(2, 5, 4);
+      _tile_loadd(6, wb + 48 * K + k, ws);
+      _tile_dpbf16ps(3, 6, 4);
+    }
+    float* yb = y + b * 64;
+#define MINICPMV_STORE_BLOCK(t)                                                        \
+    _tile_stored(t, out, M * 4);                                                       \
+    for (int i = 0; i < 16; ++i)                                                       \
+      for (int64_t m = 0; m < M; ++m) yb[m * N + 16 * t + i] = out[i * M + m];
+    MINICPMV_STORE_BLOCK(0) MINICPMV_STORE_BLOCK(1) MINICPMV_STORE_BLOCK(2) MINICPMV_STORE_BLOCK(3)
+#undef MINICPMV_STORE_BLOCK
+  }
+  _tile_release();
+}
+
+// Activations for the int4 kernel:// Activations for the int4 kernel: per row and per group of the matrix, x ~ xq * dx with xq int16
 // (round to nearest on max|x| / 32767: a relative error of ~1e-5 of the group's largest input),
 // stored as the pairs vpdpwssd reads (inputs k, k+2 and k+1, k+3 of every 4), plus the exact sum of x.
 struct Int4Activations {
@@ -229,6 +292,31 @@ torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor w) {
   auto y = torch::empty({M, N}, x.options());
   rows_mm(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), nullptr, x.data_ptr<float>(),
           y.data_ptr<float>(), K, N, M);
+  return y;
+}
+
+// x rounded to bf16 (as a bf16 GEMM rounds it), then AMX tile products with fp32 sums; M <= 16,
+// K % 32 == 0 (amx_rows_ok)
+bool amx_rows_ok() { return amx_permitted(); }
+
+torch::Tensor bf16_amx_mm(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "w: contiguous [N, K] bf16");
+  const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
+  check_x(x, K);
+  TORCH_CHECK(K % 32 == 0 && M >= 1 && M <= 16, "K must be a multiple of 32 and rows 1..16");
+  TORCH_CHECK(amx_permitted(), "the OS refused the AMX tile state");
+  // [M, K] -> [K / 2][M][2]: each k pair of each activation row side by side
+  auto xp = x.to(torch::kBFloat16).view({M, K / 2, 2}).transpose(0, 1).contiguous();
+  auto y = torch::empty({M, N}, x.options());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const uint16_t* xpp = reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  const int64_t blocks = N / 64;
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) { amx_blocks(wp, xpp, yp, K, N, M, b0, b1); });
+  if (blocks * 64 < N) {
+    auto xf = x.to(torch::kBFloat16).to(torch::kFloat).contiguous();  // the same bf16-rounded activations
+    for (int64_t n = blocks * 64; n < N; ++n) rows_of<1>(wp, nullptr, xf.data_ptr<float>(), yp, K, N, M, n);
+  }
   return y;
 }
 
@@ -602,6 +690,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim in fp32, optionally times silu(gate)",
         py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("gate") = py::none());
   m.def("int8_mm", &int8_mm, "x [M, K] fp32 @ (q [N, K] int8 * scale [N] bf16)^T -> [M, N] fp32");
+  m.def("bf16_amx_mm", &bf16_amx_mm, "x [M <= 16, K] fp32 rounded to bf16 @ w [N, K] bf16 ^T -> [M, N] fp32 "
+        "(AMX tiles, fp32 sums)");
+  m.def("amx_rows_ok", &amx_rows_ok, "whether this process may use the AMX tiles (asks the OS once)");
   m.def("bf16_mm", &bf16_mm, "x [M, K] fp32 @ w [N, K] bf16 ^T -> [M, N] fp32 (exact products, fp32 sums)");
   m.def("silu_mul_bf16", &silu_mul_bf16, "gate_up [.., 2I] bf16 -> silu(gate) * up [.., I] bf16 (fp32 math)");
   m.def("gelu_tanh_bf16_", &gelu_tanh_bf16_, "tanh GELU of a bf16 tensor in place (fp32 math)");
