@@ -305,8 +305,14 @@ torch::Tensor bf16_amx_mm(torch::Tensor x, torch::Tensor w) {
   check_x(x, K);
   TORCH_CHECK(K % 32 == 0 && M >= 1 && M <= 16, "K must be a multiple of 32 and rows 1..16");
   TORCH_CHECK(amx_permitted(), "the OS refused the AMX tile state");
-  // [M, K] -> [K / 2][M][2]: each k pair of each activation row side by side
-  auto xp = x.to(torch::kBFloat16).view({M, K / 2, 2}).transpose(0, 1).contiguous();
+  // [M, K] -> [K / 2][M][2] bf16 (round to nearest even): each k pair of each activation row side by side
+  auto xp = torch::empty({K / 2, M, 2}, x.options().dtype(torch::kBFloat16));
+  {
+    const float* xs = x.data_ptr<float>();
+    at::BFloat16* xd = xp.data_ptr<at::BFloat16>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xd[((k >> 1) * M + m) * 2 + (k & 1)] = at::BFloat16(xs[m * K + k]);
+  }
   auto y = torch::empty({M, N}, x.options());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const uint16_t* xpp = reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>());
