@@ -105,6 +105,7 @@ class Contender:
     proc: subprocess.Popen | None = None
     port: int = 0
     peak_rss: int = 0
+    window_rss: int = 0  # peak since the current sample began (sample() resets it)
     log: Path | None = None
 
     @property
@@ -119,7 +120,8 @@ class Contender:
 
     def _watch_rss(self):
         while self.proc is not None and self.proc.poll() is None:
-            self.peak_rss = max(self.peak_rss, tree_rss_bytes(self.proc.pid))
+            rss = tree_rss_bytes(self.proc.pid)
+            self.peak_rss, self.window_rss = max(self.peak_rss, rss), max(self.window_rss, rss)
             time.sleep(0.25)
 
     def wait_ready(self, client) -> float:
@@ -269,6 +271,7 @@ def stream(client, c: Contender, content, max_tokens: int) -> dict:
 
 def sample(client, c: Contender, metric: str, args, tokenizer, seed: int) -> dict:
     wait_quiet(args.quiet_s, 0.15)
+    c.window_rss = 0
     b0, t0 = cpu_jiffies()
     if metric in ("image_ttft", "image1344_ttft"):
         side = 448 if metric == "image_ttft" else 1344
@@ -311,7 +314,9 @@ def sample(client, c: Contender, metric: str, args, tokenizer, seed: int) -> dic
     b1, t1 = cpu_jiffies()
     # the machine's busy share during the sample beyond the 2 threads the engine under test may use
     busy = (b1 - b0) / max(1, t1 - t0)
-    return {"value": value, "busy": round(busy, 3), **{k: v for k, v in r.items() if k != "value"}}
+    time.sleep(0.3)  # one more tick of the RSS watcher
+    return {"value": value, "busy": round(busy, 3), "rss_gb": round(c.window_rss / 1e9, 3),
+            **{k: v for k, v in r.items() if k != "value"}}
 
 
 METRICS = {"image_ttft": ("448x448 image TTFT (s)", False), "decode1": ("decode batch 1 (tok/s)", True),
@@ -349,6 +354,7 @@ def run_group(name: str, group: list[Contender], args, tokenizer, client, logdir
     try:
         for c in group:
             print(f"  {c.name} ready in {c.wait_ready(client):.0f} s", flush=True)
+            res[c.name]["load_rss_gb"] = c.peak_rss / 1e9  # the load's peak, before any request
             for m in args.metrics:  # warm-up: first-call allocations, kernel choices, compiles
                 if takes(c, m):
                     sample(client, c, m, args, tokenizer, seed=10_000)
@@ -389,6 +395,12 @@ def report(name: str, group: list[Contender], res: dict, bw_gbs: float, body_par
             print(f"{'':32s}{ours} better than {p} by {median(ratios):.2f}x (paired {min(ratios):.2f}-"
                   f"{max(ratios):.2f}{', within noise' if min(ratios) < 1 < max(ratios) else ''})")
     print(f"{'peak RSS, process tree (GB)':32s}" + "".join(f"{res[n]['peak_rss_gb']:20.2f}" for n in names))
+    if any(m in VIDEO for m in res[ours]):  # the video samples only some engines take raise only their peak
+
+        def without_video(n):
+            return max([res[n].get("load_rss_gb", 0)] + [s["rss_gb"] for m in res[n] if m in METRICS and m not in VIDEO
+                                                          for s in res[n][m]])
+        print(f"{'  load + non-video samples':32s}" + "".join(f"{without_video(n):20.2f}" for n in names))
     for c in group:
         if "decode1" in res[c.name]:
             limit = bw_gbs * 1e9 / (body_params * FORMAT_BYTES[c.fmt])
