@@ -159,7 +159,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_blocks(const uint16_t* w, 
   _tile_release();
 }
 
-// Activations for the int4 kernel:// Activations for the int4 kernel: per row and per group of the matrix, x ~ xq * dx with xq int16
+// Activations for the int4 kernel: per row and per group of the matrix, x ~ xq * dx with xq int16
 // (round to nearest on max|x| / 32767: a relative error of ~1e-5 of the group's largest input),
 // stored as the pairs vpdpwssd reads (inputs k, k+2 and k+1, k+3 of every 4), plus the exact sum of x.
 struct Int4Activations {
