@@ -86,7 +86,8 @@ class KernelPlan:
             head = decode
         elif self.text16 == BF16:
             prefill = "bf16 GEMM, fp32 accumulation"
-            decode = (f"bf16 GEMV: {native.describe()} up to {native.ROWS} rows" if self.native_kernels else
+            fma_rows = self.amx_rows - 1 if self.amx_rows else native.ROWS
+            decode = (f"bf16 GEMV: {native.describe()} up to {fma_rows} rows" if self.native_kernels else
                       "bf16 GEMV, fp32 accumulation")
             if self.native_kernels and self.amx_rows:
                 decode += f"; {self.amx_rows}-16 rows on its AMX tiles (bf16 activations)"
