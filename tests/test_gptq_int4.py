@@ -73,6 +73,15 @@ def test_every_kernel_path_matches_the_dequantized_gptq_weight(sym, desc_act, gr
     assert new(torch.randn(2, 3, layer.in_features)).shape == (2, 3, layer.out_features)
 
 
+def test_a_checkpoint_without_g_idx_takes_the_trivial_one():
+    """Older checkpoints omit g_idx (left on the meta device by the loader): the move fills in the
+    trivial one first, as GPTQLinear.prepare does, and gives the same layer."""
+    layer, old = gptq_layer(True, False, 128), gptq_layer(True, False, 128)
+    old.g_idx = torch.empty(old.in_features, dtype=torch.int32, device="meta")
+    a, b = int4_form(layer), int4_form(old)
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scale_zero, b.scale_zero) and b.perm is None
+
+
 def test_layers_the_format_cannot_hold_stay_gptq():
     spec = GPTQSpec(8, 32, True, False, "gptq")
     k, n = 64, 32
@@ -102,7 +111,7 @@ def test_a_16_bit_gptq_load_decodes_on_the_plans_int4_kernels(gptq46, monkeypatc
         return
     assert isinstance(layer, GPTQInt4Linear) and layer.native is not None
     assert not [m for m in model.modules() if isinstance(m, GPTQLinear)]
-    monkeypatch.setattr(cpu_apply, "gptq_to_int4", lambda model, plan: 0)
+    monkeypatch.setattr(cpu_apply, "gptq_to_int4", lambda model, plan, kernels: 0)
     kept, _ = load_model(gptq46, "bfloat16", "cpu", progress=False)
     assert isinstance(kept.language_model.layers[0].mlp.down_proj, GPTQLinear)
     ids = list(range(100, 130))

@@ -35,7 +35,7 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
         for name, module in model.named_modules():
             if hasattr(module, "sdpa_dtype") and not name.startswith(prefixes):
                 module.sdpa_dtype = torch.bfloat16
-    gptq_to_int4(model, plan)
+    gptq_to_int4(model, plan, kernels)
     if weights is not None:
         quantize_per_token(model, prefixes, weights, plan)
         return
@@ -63,15 +63,15 @@ def tune_format(m, fmt: str, width: int, plan: KernelPlan, kernels) -> None:
             m.kernel_rows = native.ROWS
 
 
-def gptq_to_int4(model: nn.Module, plan: KernelPlan) -> int:
-    """Where the extension runs (its int4 kernel and widening), GPTQ int4 layers not yet prepared
-    move into the int4 format (quant/gptq_int4.py) and its kernels; returns how many moved. Elsewhere
-    they keep GPTQLinear's kernels (torch's int4 kernel in gptqmodel's arithmetic)."""
-    if not plan.native_kernels:
+def gptq_to_int4(model: nn.Module, plan: KernelPlan, kernels) -> int:
+    """Where the extension runs (`kernels`, built: its int4 kernel and widening), GPTQ int4 layers
+    not yet prepared move into the int4 format (quant/gptq_int4.py) and its kernels; returns how
+    many moved. Elsewhere they keep GPTQLinear's kernels (torch's int4 kernel in gptqmodel's
+    arithmetic)."""
+    if kernels is None:
         return 0
     from ..quant.gptq_int4 import move_to_int4
 
-    kernels = native.quant_kernels(plan.cpu)
     return move_to_int4(model, lambda m: tune_format(m, "int4", m.in_features, plan, kernels))
 
 

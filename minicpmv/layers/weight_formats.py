@@ -334,12 +334,10 @@ class Bf16Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if self.amx_rows and self.amx_rows <= rows <= AMX_ROWS:
-            y = self.native.bf16_amx_mm(x.reshape(rows, -1).float().contiguous(), self.weight)
-            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
-            return y if self.bias is None else y + self.bias
-        if rows <= GEMV_ROWS and self.native is not None:
-            y = self.native.bf16_mm(x.reshape(rows, -1).float().contiguous(), self.weight)
+        amx = self.amx_rows and self.amx_rows <= rows <= AMX_ROWS
+        if amx or (rows <= GEMV_ROWS and self.native is not None):
+            product = self.native.bf16_amx_mm if amx else self.native.bf16_mm
+            y = product(x.reshape(rows, -1).float().contiguous(), self.weight)
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
             return y if self.bias is None else y + self.bias
         xb = x.to(torch.bfloat16)

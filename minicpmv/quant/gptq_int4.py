@@ -21,8 +21,6 @@ class GPTQInt4Linear(Int4Linear):
     """Int4Linear holding a GPTQ layer's codes (and its act-order permutation, if any: then the
     stored rows, `dequantize` and `codes` are in the grouped input order the forward multiplies)."""
 
-    format = "int4"
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
@@ -35,14 +33,12 @@ class GPTQInt4Linear(Int4Linear):
 def int4_form(layer: GPTQLinear) -> GPTQInt4Linear | None:
     """The layer in the int4 format, or None where that format cannot hold it (not 4 bits, groups
     that are not equal contiguous runs of a multiple of 32 inputs)."""
+    layer.finish_loading()
     plan = layer._int4_plan("cpu")
     if plan is None:
         return None
     perm, _, kg = plan
     N, K = layer.out_features, layer.in_features
-    if layer.g_idx.is_meta:
-        from .gptq_format import default_g_idx
-        layer.g_idx = default_g_idx(K, layer.spec.group_size)
     codes, zeros = layer.codes_and_zeros()  # [K, N], [G, N]
     g = layer.g_idx.long()
     if perm is not None:

@@ -162,14 +162,19 @@ class GPTQLinear(nn.Module):
                              f"multiple of 32 inputs")
         return backend
 
+    def finish_loading(self) -> None:
+        """After the checkpoint loaded: a g_idx older checkpoints omit becomes the trivial one; a
+        missing bias is an error."""
+        if self.g_idx.is_meta:
+            self.g_idx = default_g_idx(self.in_features, self.spec.group_size).to(self.qweight.device)
+        if self.bias is not None and self.bias.is_meta:
+            raise ValueError("the checkpoint lacks the bias of a GPTQ linear that has one")
+
     @torch.no_grad()
     def prepare(self, backend: str = "auto", isa: str | None = None) -> "GPTQLinear":
         """Build the runtime form from the loaded buffers (call once, after loading). `isa` lowers
         the CPU level the "cpu_int4" arithmetic is chosen for (see `cpu_int4_math`)."""
-        if self.g_idx.is_meta:  # older checkpoints may omit g_idx: then it is the trivial one
-            self.g_idx = default_g_idx(self.in_features, self.spec.group_size).to(self.qweight.device)
-        if self.bias is not None and self.bias.is_meta:
-            raise ValueError("the checkpoint lacks the bias of a GPTQ linear that has one")
+        self.finish_loading()
         backend = self.choose_backend(backend)
         self._rt = {}
         codes, zeros = self.codes_and_zeros()  # [K, N], [G, N]
