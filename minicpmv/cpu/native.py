@@ -28,7 +28,8 @@ from .isa import CpuInfo
 log = logging.getLogger("minicpmv.cpu")
 
 ENV = "MINICPMV_NATIVE"  # "0" keeps torch's kernels
-SOURCE = Path(__file__).with_name("csrc") / "quant_gemv.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "quant_gemv.cpp", CSRC / "decode_layers.cpp")  # + kernels.h, which both include
 NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi", "-mfma",
          "-fopenmp"]
@@ -90,7 +91,8 @@ def quant_kernels(cpu: CpuInfo, progress: bool = True):
 
     from .calibrate import cache_dir
 
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(sorted(cpu.flags)).encode()
+    source = b"".join(p.read_bytes() for p in (*SOURCES, CSRC / "kernels.h"))
+    key = hashlib.sha256(source + torch.__version__.encode() + " ".join(sorted(cpu.flags)).encode()
                          + " ".join(FLAGS).encode()).hexdigest()[:12]
     folder = cache_dir() / f"native-{key}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,7 @@ def quant_kernels(cpu: CpuInfo, progress: bool = True):
         print(f"minicpmv: building the AVX-512 decode kernels once (~30 s) into {folder}", file=sys.stderr)
     t0 = time.perf_counter()
     try:
-        _module = load(f"minicpmv_quant_gemv_{key}", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+        _module = load(f"minicpmv_quant_gemv_{key}", [str(p) for p in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                        build_directory=str(folder), verbose=False)
     except Exception as e:  # a broken toolchain must not stop a load: torch's kernels remain
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]

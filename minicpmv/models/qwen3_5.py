@@ -11,6 +11,7 @@ from torch import nn
 
 from ..state import AttentionSpec, ForwardBatch, LinearSpec
 from ..layers.attention import cached_attention
+from ..layers import fused_decode
 from ..layers.derived import Derived
 from ..layers.gated_delta import l2_normalize, prefill_gated_delta_rule, recurrent_gated_delta_step
 from ..layers.mlp import GatedMLP
@@ -303,6 +304,10 @@ class DecoderLayer(nn.Module):
         return self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
 
     def forward(self, x, batch: ForwardBatch, layer_idx: int, rope):
+        if x.shape[1] == 1 and getattr(self.mlp, "native", None) is not None:  # a decode batch on the CPU plan's extension
+            y = fused_decode.layer_step(self, x, batch, layer_idx, rope)
+            if y is not None:
+                return y
         h = self.input_layernorm(x)
         if self.layer_type == "linear_attention":
             h = self.linear_attn(h, batch, layer_idx)

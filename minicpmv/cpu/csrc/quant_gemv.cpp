@@ -10,7 +10,7 @@
 //   sum_k q x runs on VNNI in int32 with x rounded to int16 per group (max|x| / 32767), sum_k x
 //   in fp32: the fp32 product with the dequantized matrix within ~1e-4 of its scale.
 #include <type_traits>
-#include <torch/extension.h>
+#include "kernels.h"
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -421,21 +421,26 @@ torch::Tensor int4_widen_t(torch::Tensor packed, torch::Tensor sz, int64_t group
   return out;
 }
 
-// exp on 16 floats (Cephes' single-precision polynomial, ~1 ulp over the clamped range).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
+void conv_token(const float* window, float* next, const float* x, const float* w, float* y, int64_t C, int64_t K) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float* win = window + c * (K - 1);
+    const float* wc = w + c * K;
+    float* nw = next + c * (K - 1);
+    float acc = 0.f;
+    for (int64_t j = 0; j < K - 1; ++j) acc += win[j] * wc[j];
+    const float xv = x[c];
+    acc += xv * wc[K - 1];
+    y[c] = acc;
+    for (int64_t j = 0; j + 1 < K - 1; ++j) nw[j] = win[j + 1];  // ascending: safe in place
+    nw[K - 2] = xv;
+  }
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16) {  // silu
+    const __m512 v = _mm512_loadu_ps(y + c);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), v));
+    _mm512_storeu_ps(y + c, _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+  }
+  for (; c < C; ++c) y[c] = y[c] / (1.0f + std::exp(-y[c]));
 }
 
 // One token of Gated DeltaNet's short causal conv: per channel c of row b, the window is the
@@ -451,29 +456,39 @@ std::vector<torch::Tensor> conv_step(torch::Tensor window, torch::Tensor x, torc
   auto next = torch::empty_like(window);
   const float *cs = window.data_ptr<float>(), *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float *yp = y.data_ptr<float>(), *np = next.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t c = 0; c < C; ++c) {
-      const float* win = cs + (b * C + c) * (K - 1);
-      const float* wc = wp + c * K;
-      float* nw = np + (b * C + c) * (K - 1);
-      float acc = 0.f;
-      for (int64_t j = 0; j < K - 1; ++j) acc += win[j] * wc[j];
-      const float xv = xp[b * C + c];
-      acc += xv * wc[K - 1];
-      yp[b * C + c] = acc;
-      for (int64_t j = 0; j + 1 < K - 1; ++j) nw[j] = win[j + 1];
-      nw[K - 2] = xv;
-    }
-    int64_t c = 0;
-    float* yb = yp + b * C;
-    for (; c + 16 <= C; c += 16) {  // silu
-      const __m512 v = _mm512_loadu_ps(yb + c);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), v));
-      _mm512_storeu_ps(yb + c, _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
-    }
-    for (; c < C; ++c) yb[c] = yb[c] / (1.0f + std::exp(-yb[c]));
-  }
+  for (int64_t b = 0; b < B; ++b)
+    conv_token(cs + b * C * (K - 1), np + b * C * (K - 1), xp + b * C, wp, yp + b * C, C, K);
   return {y, next};
+}
+
+void delta_head(const float* q, const float* k, const float* v, float g, float beta, float scale, float eps,
+                float* S, float* out, int64_t dk, int64_t dv) {
+  float kv[1024];
+  float qq = 0.f, kk = 0.f;
+  for (int64_t d = 0; d < dk; ++d) {
+    qq += q[d] * q[d];
+    kk += k[d] * k[d];
+  }
+  const float rq = scale / std::sqrt(qq + eps), rk = 1.0f / std::sqrt(kk + eps);
+  for (int64_t j = 0; j < dv; j += 16) _mm512_storeu_ps(kv + j, _mm512_setzero_ps());
+  for (int64_t d = 0; d < dk; ++d) {  // S^T k, before the decay
+    const __m512 kd = _mm512_set1_ps(k[d] * rk);
+    for (int64_t j = 0; j < dv; j += 16)
+      _mm512_storeu_ps(kv + j, _mm512_fmadd_ps(kd, _mm512_loadu_ps(S + d * dv + j), _mm512_loadu_ps(kv + j)));
+  }
+  const __m512 dec = _mm512_set1_ps(std::exp(g)), btv = _mm512_set1_ps(beta);
+  for (int64_t j = 0; j < dv; j += 16)  // delta = beta (v - decay S^T k)
+    _mm512_storeu_ps(kv + j, _mm512_mul_ps(btv, _mm512_fnmadd_ps(dec, _mm512_loadu_ps(kv + j), _mm512_loadu_ps(v + j))));
+  for (int64_t j = 0; j < dv; j += 16) _mm512_storeu_ps(out + j, _mm512_setzero_ps());
+  for (int64_t d = 0; d < dk; ++d) {
+    const __m512 kd = _mm512_set1_ps(k[d] * rk), qd = _mm512_set1_ps(q[d] * rq);
+    float* row = S + d * dv;
+    for (int64_t j = 0; j < dv; j += 16) {
+      const __m512 s = _mm512_fmadd_ps(kd, _mm512_loadu_ps(kv + j), _mm512_mul_ps(dec, _mm512_loadu_ps(row + j)));
+      _mm512_storeu_ps(row + j, s);
+      _mm512_storeu_ps(out + j, _mm512_fmadd_ps(qd, s, _mm512_loadu_ps(out + j)));
+    }
+  }
 }
 
 // One token of the gated delta rule for n sequences, each state [Hv, dk, dv] updated in place:
@@ -499,43 +514,30 @@ torch::Tensor delta_step(torch::Tensor y, torch::Tensor g, torch::Tensor beta, t
   const int64_t rep = Hv / Hk;
   const float e = static_cast<float>(eps), sc = static_cast<float>(scale);
   at::parallel_for(0, n * Hv, 1, [&](int64_t i0, int64_t i1) {
-    float kv[1024];
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / Hv, h = i % Hv, kh = h / rep;
-      const float* q = yp + b * C + kh * dk;
-      const float* k = yp + b * C + Hk * dk + kh * dk;
-      const float* v = yp + b * C + 2 * Hk * dk + h * dv;
-      float qq = 0.f, kk = 0.f;
-      for (int64_t d = 0; d < dk; ++d) {
-        qq += q[d] * q[d];
-        kk += k[d] * k[d];
-      }
-      const float rq = sc / std::sqrt(qq + e), rk = 1.0f / std::sqrt(kk + e);
-      const float decay = std::exp(gp[i]), bt = bp[i];
-      float* S = sp + i * dk * dv;
-      for (int64_t j = 0; j < dv; j += 16) _mm512_storeu_ps(kv + j, _mm512_setzero_ps());
-      for (int64_t d = 0; d < dk; ++d) {  // S^T k, before the decay
-        const __m512 kd = _mm512_set1_ps(k[d] * rk);
-        for (int64_t j = 0; j < dv; j += 16)
-          _mm512_storeu_ps(kv + j, _mm512_fmadd_ps(kd, _mm512_loadu_ps(S + d * dv + j), _mm512_loadu_ps(kv + j)));
-      }
-      const __m512 dec = _mm512_set1_ps(decay), btv = _mm512_set1_ps(bt);
-      for (int64_t j = 0; j < dv; j += 16)  // delta = beta (v - decay S^T k)
-        _mm512_storeu_ps(kv + j, _mm512_mul_ps(btv, _mm512_fnmadd_ps(dec, _mm512_loadu_ps(kv + j), _mm512_loadu_ps(v + j))));
-      float* out = op + i * dv;
-      for (int64_t j = 0; j < dv; j += 16) _mm512_storeu_ps(out + j, _mm512_setzero_ps());
-      for (int64_t d = 0; d < dk; ++d) {
-        const __m512 kd = _mm512_set1_ps(k[d] * rk), qd = _mm512_set1_ps(q[d] * rq);
-        float* row = S + d * dv;
-        for (int64_t j = 0; j < dv; j += 16) {
-          const __m512 s = _mm512_fmadd_ps(kd, _mm512_loadu_ps(kv + j), _mm512_mul_ps(dec, _mm512_loadu_ps(row + j)));
-          _mm512_storeu_ps(row + j, s);
-          _mm512_storeu_ps(out + j, _mm512_fmadd_ps(qd, s, _mm512_loadu_ps(out + j)));
-        }
-      }
+      delta_head(yp + b * C + kh * dk, yp + b * C + Hk * dk + kh * dk, yp + b * C + 2 * Hk * dk + h * dv, gp[i], bp[i],
+                 sc, e, sp + i * dk * dv, op + i * dv, dk, dv);
     }
   });
   return o;
+}
+
+void rms_row(const float* xr, const float* wp, const float* g, float e, float* yr, int64_t D) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m512 v = _mm512_loadu_ps(xr + d);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  float ss = _mm512_reduce_add_ps(acc);
+  for (; d < D; ++d) ss += xr[d] * xr[d];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + e);
+  for (d = 0; d < D; ++d) {
+    float v = xr[d] * inv * wp[d];
+    if (g) v *= g[d] / (1.0f + std::exp(-g[d]));
+    yr[d] = v;
+  }
 }
 
 // y = x / sqrt(mean(x^2) + eps) * w over the last dimension (fp32), times silu(gate) when given: the
@@ -559,27 +561,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, c10::option
   float* yp = y.data_ptr<float>();
   const float e = static_cast<float>(eps);
   auto body = [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * D;
-      float* yr = yp + r * D;
-      __m512 acc = _mm512_setzero_ps();
-      int64_t d = 0;
-      for (; d + 16 <= D; d += 16) {
-        const __m512 v = _mm512_loadu_ps(xr + d);
-        acc = _mm512_fmadd_ps(v, v, acc);
-      }
-      float ss = _mm512_reduce_add_ps(acc);
-      for (; d < D; ++d) ss += xr[d] * xr[d];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + e);
-      for (d = 0; d < D; ++d) {
-        float v = xr[d] * inv * wp[d];
-        if (g) {
-          const float gd = g[r * D + d];
-          v *= gd / (1.0f + std::exp(-gd));
-        }
-        yr[d] = v;
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r) rms_row(xp + r * D, wp, g ? g + r * D : nullptr, e, yp + r * D, D);
   };
   if (rows * D < (1 << 16)) {
     body(0, rows);  // one decode row: threads cost more than they save
@@ -590,12 +572,6 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, c10::option
 }
 
 // ---- activations of a prompt's bf16 hidden tensors (fp32 math, one rounding to bf16) ----
-
-// x / (1 + e^-z) for 16 lanes (exp16 above): silu (z = x) and the tanh GELU (x sigmoid(2u), u its
-// tanh argument)
-static inline __m512 times_sigmoid(__m512 x, __m512 z) {
-  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), z))));
-}
 
 // One pass over a [rows, width] bf16 tensor, 16 lanes at a time (width % 16 == 0).
 template <typename F>
@@ -689,6 +665,7 @@ torch::Tensor conv_prompt(torch::Tensor x, torch::Tensor past, torch::Tensor w_t
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_decode_layers(m);
   m.def("conv_step", &conv_step, "one token of the depthwise causal conv + silu -> (y, next window)");
   m.def("delta_step", &delta_step, "one token of the gated delta rule, states updated in place -> o [n, Hv, dv]");
   m.def("int4_widen_t", &int4_widen_t, "int4 blocks b0..b1 -> W^T [K, 64 (b1 - b0)] in bf16 (or fp32)",

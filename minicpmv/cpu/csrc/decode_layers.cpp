@@ -1,0 +1,149 @@
+// A decode step's layers of the Qwen3.5 text tower (MiniCPM-V 4.6/4.7) in one call each, for
+// the few rows of a decode batch: the same kernels the layer's modules call one by one from
+// Python (the products of quant_gemv.cpp, its norm, conv and delta-rule helpers), without the
+// ~60 dispatched tensor ops and Python calls around them per layer (layers/fused_decode.py says
+// when a layer qualifies).
+#include "kernels.h"
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// One per-token matrix as its module stores it (layers/weight_formats.py), multiplied the way
+// that module multiplies a few fp32 rows.
+struct Lin {
+  enum Kind : int64_t { BF16 = 0, INT8 = 1, INT4 = 2 };
+  int64_t kind, group, out, amx_rows;
+  torch::Tensor a, b;                  // bf16: weight; int8: codes, scales; int4: packed, scale_zero
+  c10::optional<torch::Tensor> perm;  // a GPTQ act-order checkpoint's input permutation
+
+  Lin(int64_t kind, torch::Tensor a, c10::optional<torch::Tensor> b, int64_t group, int64_t out, int64_t amx_rows,
+      c10::optional<torch::Tensor> perm)
+      : kind(kind), group(group), out(out), amx_rows(amx_rows), a(std::move(a)), b(b ? *b : torch::Tensor()),
+        perm(std::move(perm)) {
+    TORCH_CHECK(kind >= BF16 && kind <= INT4, "unknown matrix kind ", kind);
+    TORCH_CHECK(kind == BF16 || this->b.defined(), "int8 / int4 matrices need their scales");
+  }
+
+  // x [M, K] fp32 contiguous -> [M, >= out] fp32 (int4: its padded width; read with the stride)
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    const torch::Tensor in = perm ? x.index_select(1, *perm) : x;
+    if (kind == INT8) return int8_mm(in, a, b);
+    if (kind == INT4) return int4_mm(in, a, b, group);
+    const int64_t M = in.size(0);
+    return amx_rows > 0 && M >= amx_rows && M <= 16 ? bf16_amx_mm(in, a) : bf16_mm(in, a);
+  }
+};
+
+void check_f32(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous(), what, " must be contiguous fp32");
+}
+
+// x += y[:, :D] (y's rows may be padded)
+void add_rows(torch::Tensor& x, const torch::Tensor& y) {
+  const int64_t B = x.size(0), D = x.size(1), ys = y.stride(0);
+  float* xp = x.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t d = 0; d < D; ++d) xp[r * D + d] += yp[r * ys + d];
+}
+
+// x + down(silu(gate) * up) with gate | up = gate_up(rms_norm(x)): the MLP half of a layer
+torch::Tensor mlp_block(torch::Tensor x, torch::Tensor norm_w, double eps, const Lin& gate_up, const Lin& down) {
+  check_f32(x, "x");
+  TORCH_CHECK(gate_up.out % 2 == 0 && down.out == x.size(1), "gate_up must be [2I, D] and down [D, I]");
+  const int64_t B = x.size(0), I = gate_up.out / 2;
+  const torch::Tensor gu = gate_up(rms_norm(x, norm_w, eps, c10::nullopt));
+  auto act = torch::empty({B, I}, x.options());
+  const float* g = gu.data_ptr<float>();
+  float* ap = act.data_ptr<float>();
+  for (int64_t r = 0; r < B; ++r) {
+    const float* gr = g + r * gu.stride(0);
+    float* o = ap + r * I;
+    int64_t i = 0;
+    for (; i + 16 <= I; i += 16) {
+      const __m512 v = _mm512_loadu_ps(gr + i);
+      _mm512_storeu_ps(o + i, _mm512_mul_ps(times_sigmoid(v, v), _mm512_loadu_ps(gr + I + i)));
+    }
+    for (; i < I; ++i) o[i] = gr[i] / (1.0f + std::exp(-gr[i])) * gr[I + i];
+  }
+  auto y = x.clone();
+  add_rows(y, down(act));
+  return y;
+}
+
+// A gated DeltaNet layer for one decode token of each of B sequences (x [B, D], the residual
+// stream), their conv windows and recurrent states advanced in place in the pool at `slots`, then
+// the layer's MLP. in_proj's rows are qkv [C] | z [Hv dv] | b [Hv] | a [Hv]; beta = sigmoid(b),
+// g = -exp(A_log) softplus(a + dt_bias); the output is norm(o) silu(z) through out_proj.
+torch::Tensor delta_layer(torch::Tensor x, torch::Tensor in_norm_w, torch::Tensor post_norm_w, double eps,
+                          const Lin& in_proj, const Lin& out_proj, const Lin& gate_up, const Lin& down,
+                          torch::Tensor conv_pool, torch::Tensor conv_w, torch::Tensor rec_pool,
+                          std::vector<int64_t> slots, torch::Tensor neg_a, torch::Tensor dt_bias,
+                          torch::Tensor o_norm_w, double o_eps, int64_t Hk, double q_scale, double l2_eps) {
+  for (auto* t : {&x, &in_norm_w, &post_norm_w, &conv_pool, &conv_w, &rec_pool, &neg_a, &dt_bias, &o_norm_w})
+    check_f32(*t, "every tensor of the layer");
+  const int64_t B = x.size(0), D = x.size(1);
+  TORCH_CHECK(static_cast<int64_t>(slots.size()) == B, "one slot per row");
+  const int64_t S = rec_pool.size(0), Hv = rec_pool.size(1), dk = rec_pool.size(2), dv = rec_pool.size(3);
+  const int64_t C = conv_pool.size(1), K = conv_pool.size(2) + 1, V = Hv * dv;
+  TORCH_CHECK(Hk > 0 && Hv % Hk == 0 && C == 2 * Hk * dk + V && dv % 16 == 0 && dv <= 1024,
+              "the state pool does not fit the layer");
+  TORCH_CHECK(conv_w.numel() == C * K && conv_pool.size(0) == S, "conv weight [C, K] and windows [S, C, K-1]");
+  TORCH_CHECK(in_proj.out == C + V + 2 * Hv && out_proj.out == D, "in_proj / out_proj widths");
+  for (int64_t s : slots) TORCH_CHECK(s >= 0 && s < S, "slot ", s, " outside the pool's ", S);
+
+  const torch::Tensor proj = in_proj(rms_norm(x, in_norm_w, eps, c10::nullopt));
+  const float* pp = proj.data_ptr<float>();
+  const int64_t ps = proj.stride(0);
+  auto y = torch::empty({B, C}, x.options());
+  auto gb = torch::empty({B, 2, Hv}, x.options());  // g, beta
+  float *yp = y.data_ptr<float>(), *gbp = gb.data_ptr<float>();
+  const float *na = neg_a.data_ptr<float>(), *dt = dt_bias.data_ptr<float>();
+  float* cp = conv_pool.data_ptr<float>();
+  for (int64_t r = 0; r < B; ++r) {
+    float* win = cp + slots[r] * C * (K - 1);
+    conv_token(win, win, pp + r * ps, conv_w.data_ptr<float>(), yp + r * C, C, K);
+    const float* bv = pp + r * ps + C + V;
+    for (int64_t h = 0; h < Hv; ++h) {
+      const float u = bv[Hv + h] + dt[h];
+      gbp[(r * 2) * Hv + h] = na[h] * (u > 20.f ? u : std::log1p(std::exp(u)));  // torch's softplus threshold
+      gbp[(r * 2 + 1) * Hv + h] = 1.0f / (1.0f + std::exp(-bv[h]));
+    }
+  }
+  auto o = torch::empty({B, V}, x.options());
+  float *op = o.data_ptr<float>(), *sp = rec_pool.data_ptr<float>();
+  const int64_t rep = Hv / Hk;
+  const float sc = static_cast<float>(q_scale), e2 = static_cast<float>(l2_eps), oe = static_cast<float>(o_eps);
+  const float* onw = o_norm_w.data_ptr<float>();
+  at::parallel_for(0, B * Hv, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / Hv, h = i % Hv, kh = h / rep;
+      const float* yr = yp + r * C;
+      float* out = op + r * V + h * dv;
+      delta_head(yr + kh * dk, yr + Hk * dk + kh * dk, yr + 2 * Hk * dk + h * dv, gbp[r * 2 * Hv + h],
+                 gbp[(r * 2 + 1) * Hv + h], sc, e2, sp + (slots[r] * Hv + h) * dk * dv, out, dk, dv);
+      rms_row(out, onw, pp + r * ps + C + h * dv, oe, out, dv);  // norm(o) silu(z), in place
+    }
+  });
+  auto h1 = x.clone();
+  add_rows(h1, out_proj(o));
+  return mlp_block(h1, post_norm_w, eps, gate_up, down);
+}
+
+}  // namespace
+
+void register_decode_layers(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<Lin>(m, "Lin", "a per-token matrix as the fused decode layers multiply it")
+      .def(py::init<int64_t, torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, int64_t,
+                    c10::optional<torch::Tensor>>(),
+           py::arg("kind"), py::arg("a"), py::arg("b"), py::arg("group"), py::arg("out"), py::arg("amx_rows"),
+           py::arg("perm"))
+      .def("__call__", &Lin::operator(), "x [M, K] fp32 -> [M, >= out] fp32");
+  m.def("mlp_block", &mlp_block, "x + down(silu(gate) * up) of rms_norm(x), few rows",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("delta_layer", &delta_layer, "a gated DeltaNet layer + MLP for one decode token per row, states in place",
+        py::call_guard<py::gil_scoped_release>());
+}

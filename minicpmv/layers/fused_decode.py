@@ -1,0 +1,102 @@
+"""A decode step's Qwen3.5 layers in one extension call each (cpu/csrc/decode_layers.cpp).
+
+A decode token costs each layer a few matrix products and ~60 small tensor ops and Python calls
+around them (norms, splits, casts, gates, the DeltaNet conv and recurrence, the state bookkeeping,
+residual adds), ~0.7 ms a layer on the AMX Xeon: a third of an int4 step of the real-size 4.6.
+Where the CPU plan built the extension, a decode batch (one token per sequence, few rows, no
+prompt chunk mixed in) runs a DeltaNet layer + its MLP as one call, and an attention layer's MLP
+as one, with the kernels the modules would call one by one: the same products on the same stored
+bytes, the same conv, delta-rule and norm loops, states advanced in place in the pool. Anything
+else (prompts, fp32 or GPU models, a matrix the extension does not multiply) keeps the modules'
+own forward. `layer_step` returns None when the layer does not qualify."""
+from __future__ import annotations
+
+import torch
+
+from .mlp import GatedMLP
+from .weight_formats import AMX_ROWS, GEMV_ROWS, Bf16Linear, Int4Linear, Int8Linear
+
+BF16, INT8, INT4 = 0, 1, 2  # decode_layers.cpp's Lin kinds
+
+
+def native_matrix(m, rows: int):
+    """The extension's handle on module m's matrix for `rows` activation rows (how m's own
+    forward would multiply them), or None where m would not use the extension for them."""
+    native = getattr(m, "native", None)
+    if native is None or getattr(m, "bias", None) is not None:
+        return None
+    t = type(m)
+    if t is Bf16Linear:
+        if not (rows <= GEMV_ROWS or (m.amx_rows and m.amx_rows <= rows <= AMX_ROWS)):
+            return None
+        key, args = (m.weight.data_ptr(), m.weight._version, m.amx_rows), (BF16, m.weight, None, 0, m.amx_rows, None)
+    elif t is Int8Linear or _int4(t):
+        if rows > m.native_rows:
+            return None
+        q = m.qweight
+        key = (q.data_ptr(), q._version)
+        if t is Int8Linear:
+            args = (INT8, q, m.scale, 0, 0, None)
+        else:
+            args = (INT4, q, m.scale_zero, m.group, 0, getattr(m, "perm", None))
+    else:
+        return None
+    cached = m.__dict__.get("_native_matrix")
+    if cached is None or cached[0] != key:
+        kind, a, b, group, amx, perm = args
+        cached = (key, native.Lin(kind, a, b, group, m.out_features, amx, perm))
+        m.__dict__["_native_matrix"] = cached
+    return cached[1]
+
+
+def _int4(t) -> bool:
+    from ..quant.gptq_int4 import GPTQInt4Linear  # quant/ builds on layers/: imported when first needed
+
+    return t is Int4Linear or t is GPTQInt4Linear
+
+
+def layer_step(layer, x: torch.Tensor, batch, layer_idx: int, rope):
+    """A Qwen3.5 decoder layer (models/qwen3_5.py) for a decode batch x [B, 1, D] fp32 through
+    the extension, or None where it does not qualify."""
+    from ..state.batch import ForwardBatch
+
+    mlp = layer.mlp
+    if (type(mlp) is not GatedMLP or mlp.native is None or x.shape[1] != 1 or x.dtype != torch.float32
+            or type(batch) is not ForwardBatch or batch.keep is not None or mlp.gate_up_proj is None):
+        return None
+    rows = x.shape[0]
+    gate_up, down = native_matrix(mlp.gate_up_proj, rows), native_matrix(mlp.down_proj, rows)
+    post = _norm_scale(layer.post_attention_layernorm)
+    if gate_up is None or down is None or post is None:
+        return None
+    if layer.layer_type == "full_attention":
+        h = layer.self_attn(layer.input_layernorm(x), batch, layer_idx, rope)
+        eps = layer.post_attention_layernorm.eps
+        return mlp.native.mlp_block((x + h)[:, 0].contiguous(), post, eps, gate_up, down)[:, None]
+    return _delta_layer(layer, x, batch, layer_idx, rows, post, gate_up, down)
+
+
+def _delta_layer(layer, x, batch, layer_idx, rows, post, gate_up, down):
+    mixer = layer.linear_attn
+    pre = _norm_scale(layer.input_layernorm)
+    if mixer.in_proj is None or mixer.native is None or pre is None:
+        return None
+    in_proj, out_proj = native_matrix(mixer.in_proj, rows), native_matrix(mixer.out_proj, rows)
+    conv, rec = batch.pool.conv[layer_idx], batch.pool.recurrent[layer_idx]
+    conv_w = mixer.conv1d.weight
+    if (in_proj is None or out_proj is None or conv.dtype != torch.float32 or rec.dtype != torch.float32
+            or conv_w.dtype != torch.float32 or mixer.norm.weight.dtype != torch.float32
+            or not conv.is_contiguous() or not rec.is_contiguous()):
+        return None
+    return mixer.native.delta_layer(
+        x[:, 0].contiguous(), pre, post, layer.input_layernorm.eps, in_proj, out_proj, gate_up, down,
+        conv, conv_w.reshape(mixer.conv_dim, -1).contiguous(), rec, batch.slots,
+        mixer.neg_A(mixer.A_log), mixer.dt_bias.float().contiguous(), mixer.norm.weight, mixer.norm.eps,
+        mixer.num_k_heads, mixer.k_dim ** -0.5, 1e-6)[:, None]
+
+
+def _norm_scale(norm):
+    """A Qwen3.5 zero-centred norm's fp32 scale (1 + w), where it runs on the extension."""
+    if norm.native is None:
+        return None
+    return norm.scale(norm.weight)

@@ -1,0 +1,148 @@
+"""A decode step's Qwen3.5 layers in one extension call each (layers/fused_decode.py,
+cpu/csrc/decode_layers.cpp), against the same model running its modules one by one:
+
+  * each matrix handle multiplies exactly as its module does (bit for bit: same kernel, same bytes),
+    bf16 (FMA rows and AMX tiles), int8, int4, and GPTQ int4 with an act-order permutation;
+  * whole model, 24 greedy steps of the tiny 4.6: the same tokens, logits within 1e-5 of the logit
+    scale for bf16 and int8 (measured 4-8e-7: sigmoid, softplus and silu in another order of
+    operations) and 5e-3 for int4 (measured 4-8e-4: the int4 kernel rounds its activations to int16
+    per group, so those ulps move a rounding step, which the tiny random model amplifies);
+  * a batch of sequences in non-consecutive pool slots decodes to the same tokens;
+  * whatever does not qualify (a prompt, a CPU without the extension) takes the modules' path.
+"""
+import pytest
+import torch
+
+from format_accuracy import forced_logits, greedy
+from minicpmv.cpu import native
+from minicpmv.cpu.isa import detect
+from minicpmv.engine.engine import Engine
+from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sequence import Sequence
+from minicpmv.layers import fused_decode
+from minicpmv.layers.weight_formats import Bf16Linear, Int4Linear, Int8Linear
+from minicpmv.loading import load_model
+from minicpmv.quant.gptq_int4 import int4_form
+from test_gptq_int4 import gptq_layer
+from tiny46 import build_tiny_46
+
+USABLE = native.unusable(detect()) is None
+PROMPT = [5, 17, 99, 3, 41, 8]
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    return build_tiny_46(tmp_path_factory.mktemp("fused-bf16"), seed=1, dtype=torch.bfloat16)
+
+
+class Spy:
+    """Counts the layers that ran fused (and with how many rows); `off` makes every layer decline."""
+
+    def __init__(self, monkeypatch):
+        self.rows, self.off, real = [], False, fused_decode.layer_step
+
+        def step(layer, x, *rest):
+            y = None if self.off else real(layer, x, *rest)
+            if y is not None:
+                self.rows.append(x.shape[0])
+            return y
+        monkeypatch.setattr(fused_decode, "layer_step", step)
+
+
+def test_each_matrix_handle_multiplies_as_its_module():
+    kernels = native.quant_kernels(detect())
+    if kernels is None:
+        assert not USABLE
+        return
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(160, 256, generator=g)
+    bf16 = Bf16Linear.of(w.bfloat16(), None)
+    bf16.native = kernels
+    amx = Bf16Linear.of(w.bfloat16(), None)
+    amx.native, amx.amx_rows = kernels, (5 if kernels.amx_rows_ok() else 0)
+    int8, int4 = Int8Linear(w, None), Int4Linear(w, None, group=64)
+    gptq = int4_form(gptq_layer(False, True, 64, n=192, k=512))
+    gptq.bias = None
+    assert gptq.perm is not None
+    for m in (int8, int4, gptq):
+        m.native, m.native_rows = kernels, native.ROWS
+    for m, rows in [(bf16, 1), (bf16, 3), (amx, 6), (int8, 1), (int8, 8), (int4, 2), (gptq, 1), (gptq, 5)]:
+        x = torch.randn(rows, m.in_features, generator=g)
+        handle = fused_decode.native_matrix(m, rows)
+        assert handle is not None, (type(m).__name__, rows)
+        assert torch.equal(handle(x)[:, :m.out_features], m(x)), (type(m).__name__, rows)
+    assert fused_decode.native_matrix(int4, native.ROWS + 1) is None  # more rows: the module's GEMM path
+    bf16.native = None
+    assert fused_decode.native_matrix(bf16, 1) is None
+
+
+@pytest.mark.parametrize("case,tol", [("bf16", 1e-5), ("int8", 1e-5), ("int4", 5e-3)])
+def test_fused_layers_decode_like_the_modules(case, tol, tiny46_dir, bf16_dir, monkeypatch):
+    if case == "bf16":
+        model, _ = load_model(bf16_dir, "auto", "cpu", progress=False)
+    else:
+        model, _ = load_model(tiny46_dir, "auto", "cpu", progress=False, weights=case)
+    spy = Spy(monkeypatch)
+    tokens = greedy(model, PROMPT, 24)
+    layers = len(model.language_model.layers)
+    if not USABLE:
+        assert not spy.rows
+        return
+    if case == "bf16" and not any(type(m) is Bf16Linear for m in model.modules()):
+        assert not spy.rows  # this CPU's plan keeps another 16-bit kernel
+        return
+    assert len(spy.rows) == 23 * layers  # every decode step (the prompt is not one), every layer
+    fused = forced_logits(model, PROMPT, tokens)
+    spy.off = True
+    modules = forced_logits(model, PROMPT, tokens)
+    assert greedy(model, PROMPT, 24) == tokens
+    err = ((fused - modules).abs().max() / modules.abs().max()).item()
+    print(f"{case}: fused vs modules, max logit error {err:.2e} of the logit scale")
+    assert err <= tol
+
+
+def decode_batch(model, spy_off: bool, spy) -> list[list[int]]:
+    """Three sequences; the second stops early, so the other two decode in slots 0 and 2."""
+    spy.off = spy_off
+    engine = Engine(model, max_context=512)
+    seqs = [engine.add(Sequence(PROMPT[i:] + [7 * i + 1], SamplingParams(max_new_tokens=n, do_sample=False), []))
+            for i, n in enumerate((14, 3, 14))]
+    while engine.has_work():
+        engine.step()
+    return [s.output_ids for s in seqs]
+
+
+@pytest.mark.parametrize("weights", [None, "int4"])
+def test_a_batch_in_scattered_slots_decodes_like_the_modules(weights, bf16_dir, monkeypatch):
+    model, _ = load_model(bf16_dir, "auto", "cpu", progress=False, **({"weights": weights} if weights else {}))
+    spy = Spy(monkeypatch)
+    fused = decode_batch(model, False, spy)
+    if USABLE and (weights or any(type(m) is Bf16Linear for m in model.modules())):
+        assert {2, 3} <= set(spy.rows)
+    assert decode_batch(model, True, spy) == fused
+
+
+def test_a_prompt_and_bad_state_take_no_fused_path(tiny46_dir):
+    model, _ = load_model(tiny46_dir, "auto", "cpu", progress=False, weights="int8")
+    layer = model.language_model.layers[0]
+    assert layer.layer_type == "linear_attention"
+    x = torch.randn(1, 2, layer.mlp.down_proj.out_features)
+    assert fused_decode.layer_step(layer, x, object(), 0, None) is None  # two tokens: a prompt chunk
+    kernels = layer.mlp.native
+    if kernels is None:
+        return
+    mixer = layer.linear_attn
+    lin = fused_decode.native_matrix(mixer.in_proj, 1)
+    conv = torch.zeros(2, mixer.conv_dim, mixer.kernel - 1)
+    rec = torch.zeros(2, mixer.num_v_heads, mixer.k_dim, mixer.v_dim)
+    D = x.shape[-1]
+    args = [torch.randn(1, D), torch.ones(D), torch.ones(D), 1e-6, lin, fused_decode.native_matrix(mixer.out_proj, 1),
+            fused_decode.native_matrix(layer.mlp.gate_up_proj, 1), fused_decode.native_matrix(layer.mlp.down_proj, 1),
+            conv, mixer.conv1d.weight.reshape(mixer.conv_dim, -1).contiguous(), rec, [5],
+            torch.zeros(mixer.num_v_heads), torch.zeros(mixer.num_v_heads), torch.ones(mixer.v_dim), 1e-6,
+            mixer.num_k_heads, 0.25, 1e-6]
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        kernels.delta_layer(*args)
+    args[11] = [0, 1]
+    with pytest.raises(RuntimeError, match="one slot per row"):
+        kernels.delta_layer(*args)
