@@ -76,6 +76,11 @@ def test_kernels_give_the_fp32_product_with_the_dequantized_matrix(n, k):
                        mod.int4_mm(x, lin.qweight, lin.scale_zero, lin.group)[:, :n])
             err = (got - ref).abs().max() / ref.abs().max()
             assert err <= (tol if mod is not None else 2e-2), (lin.format, m, float(err))
+    if mod is not None:  # each row's result whatever rows share the call (4-, 2- and 1-row passes)
+        x = torch.randn(7, k, generator=g)
+        whole = mod.int4_mm(x, l4.qweight, l4.scale_zero, l4.group)
+        for i in range(7):
+            assert torch.equal(whole[i:i + 1], mod.int4_mm(x[i:i + 1], l4.qweight, l4.scale_zero, l4.group))
     if mod is not None:  # prompts: the int4 matrix widened to W^T, bit for bit the tensor-op widening
         blocks = l4.qweight.shape[0] // 64
         for bf16 in (False, True):
