@@ -1,5 +1,6 @@
-"""A decode step's Qwen3.5 layers in one extension call each (layers/fused_decode.py,
-cpu/csrc/decode_layers.cpp), against the same model running its modules one by one:
+"""A decode step's Qwen3.5 layers (DeltaNet and gated attention, each with its MLP) in one extension
+call each (layers/fused_decode.py, cpu/csrc/decode_layers.cpp), against the same model running its
+modules one by one:
 
   * each matrix handle multiplies exactly as its module does (bit for bit: same kernel, same bytes),
     bf16 (FMA rows and AMX tiles), int8, int4, and GPTQ int4 with an act-order permutation;
@@ -7,7 +8,8 @@ cpu/csrc/decode_layers.cpp), against the same model running its modules one by o
     scale for bf16 and int8 (measured 4-8e-7: sigmoid, softplus and silu in another order of
     operations) and 5e-3 for int4 (measured 4-8e-4: the int4 kernel rounds its activations to int16
     per group, so those ulps move a rounding step, which the tiny random model amplifies);
-  * a batch of sequences in non-consecutive pool slots decodes to the same tokens;
+  * a batch of sequences in non-consecutive pool slots, and of different lengths (the attention
+    layers' rows per sequence), decodes to the same tokens;
   * whatever does not qualify (a prompt, a CPU without the extension) takes the modules' path.
 """
 import pytest
@@ -39,14 +41,21 @@ class Spy:
     """Counts the layers that ran fused (and with how many rows); `off` makes every layer decline."""
 
     def __init__(self, monkeypatch):
-        self.rows, self.off, real = [], False, fused_decode.layer_step
+        self.rows, self.attention, self.off = [], 0, False
+        real, real_attn = fused_decode.layer_step, fused_decode._attn_layer
 
         def step(layer, x, *rest):
             y = None if self.off else real(layer, x, *rest)
             if y is not None:
                 self.rows.append(x.shape[0])
             return y
+
+        def attn(*args):
+            y = real_attn(*args)
+            self.attention += y is not None
+            return y
         monkeypatch.setattr(fused_decode, "layer_step", step)
+        monkeypatch.setattr(fused_decode, "_attn_layer", attn)
 
 
 def test_each_matrix_handle_multiplies_as_its_module():
@@ -92,6 +101,8 @@ def test_fused_layers_decode_like_the_modules(case, tol, tiny46_dir, bf16_dir, m
         assert not spy.rows  # this CPU's plan keeps another 16-bit kernel
         return
     assert len(spy.rows) == 23 * layers  # every decode step (the prompt is not one), every layer
+    attention = sum(layer.layer_type == "full_attention" for layer in model.language_model.layers)
+    assert spy.attention == 23 * attention  # attention layers whole too, not only their MLPs
     fused = forced_logits(model, PROMPT, tokens)
     spy.off = True
     modules = forced_logits(model, PROMPT, tokens)
@@ -146,3 +157,21 @@ def test_a_prompt_and_bad_state_take_no_fused_path(tiny46_dir):
     args[11] = [0, 1]
     with pytest.raises(RuntimeError, match="one slot per row"):
         kernels.delta_layer(*args)
+    attn_layer = model.language_model.layers[1]
+    assert attn_layer.layer_type == "full_attention"
+    attn, mlp = attn_layer.self_attn, attn_layer.mlp
+    hd, Hkv = attn.head_dim, attn.num_kv_heads
+    keys, values = torch.zeros(4, Hkv, hd), torch.zeros(4, Hkv, hd)
+    R = 8
+    args = [torch.randn(1, D), torch.ones(D), torch.ones(D), 1e-6,
+            fused_decode.native_matrix(attn.qkv_proj, 1), fused_decode.native_matrix(attn.o_proj, 1),
+            fused_decode.native_matrix(mlp.gate_up_proj, 1), fused_decode.native_matrix(mlp.down_proj, 1),
+            torch.ones(hd), torch.ones(hd), 1e-6, torch.ones(1, R), torch.zeros(1, R), keys, values,
+            torch.tensor([4]), torch.tensor([[0, 1]]), [2], attn.num_heads, hd ** -0.5]
+    with pytest.raises(RuntimeError, match="outside the KV pool"):
+        kernels.attn_layer(*args)
+    args[15], args[16] = torch.tensor([1]), torch.tensor([[0, 9]])
+    with pytest.raises(RuntimeError, match="outside the KV pool"):
+        kernels.attn_layer(*args)
+    args[16] = torch.tensor([[0, 1]])
+    assert kernels.attn_layer(*args).isfinite().all()  # the same call with rows inside the pool

@@ -70,10 +70,30 @@ def layer_step(layer, x: torch.Tensor, batch, layer_idx: int, rope):
     if gate_up is None or down is None or post is None:
         return None
     if layer.layer_type == "full_attention":
-        h = layer.self_attn(layer.input_layernorm(x), batch, layer_idx, rope)
+        y = _attn_layer(layer, x, batch, layer_idx, rows, rope, post, gate_up, down)
+        if y is not None:
+            return y
+        h = layer.self_attn(layer.input_layernorm(x), batch, layer_idx, rope)  # its attention as modules
         eps = layer.post_attention_layernorm.eps
         return mlp.native.mlp_block((x + h)[:, 0].contiguous(), post, eps, gate_up, down)[:, None]
     return _delta_layer(layer, x, batch, layer_idx, rows, post, gate_up, down)
+
+
+def _attn_layer(layer, x, batch, layer_idx, rows, rope, post, gate_up, down):
+    attn = layer.self_attn
+    pre, qs, ks = _norm_scale(layer.input_layernorm), _norm_scale(attn.q_norm), _norm_scale(attn.k_norm)
+    if attn.qkv_proj is None or pre is None or qs is None or ks is None or attn.q_norm.eps != attn.k_norm.eps:
+        return None
+    qkv, o_proj = native_matrix(attn.qkv_proj, rows), native_matrix(attn.o_proj, rows)
+    keys, values = batch.pool.keys[layer_idx], batch.pool.values[layer_idx]
+    cos, sin = rope
+    if (qkv is None or o_proj is None or keys.dtype != torch.float32 or values.dtype != torch.float32
+            or not keys.is_contiguous() or not values.is_contiguous() or cos.dtype != torch.float32):
+        return None
+    return layer.mlp.native.attn_layer(
+        x[:, 0].contiguous(), pre, post, layer.input_layernorm.eps, qkv, o_proj, gate_up, down, qs, ks,
+        attn.q_norm.eps, cos[:, 0].contiguous(), sin[:, 0].contiguous(), keys, values, batch.write_rows,
+        batch.read_rows, [c + 1 for c in batch.context_lens], attn.num_heads, attn.head_dim ** -0.5)[:, None]
 
 
 def _delta_layer(layer, x, batch, layer_idx, rows, post, gate_up, down):

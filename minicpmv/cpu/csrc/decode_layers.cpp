@@ -5,7 +5,10 @@
 // when a layer qualifies).
 #include "kernels.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -132,6 +135,98 @@ torch::Tensor delta_layer(torch::Tensor x, torch::Tensor in_norm_w, torch::Tenso
   return mlp_block(h1, post_norm_w, eps, gate_up, down);
 }
 
+// Rotate-half RoPE on the first R values of a head (cos, sin [R]); the rest pass.
+void rope_row(float* x, const float* cos, const float* sin, int64_t R) {
+  const int64_t half = R / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  float s = _mm512_reduce_add_ps(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// A gated softmax-attention layer for one decode token of each of B sequences (x [B, D]), then its
+// MLP. qkv's rows per token: H query heads of 2 hd (query, then gate), Hkv key heads, Hkv value heads
+// of hd; q and k go through their zero-centred norms (scales given) and RoPE on the first R values
+// (cos, sin [B, R]); k and v are written to the pool at write_rows [B], then each query head attends
+// over its sequence's lengths[b] cached rows read_rows[b, :lengths[b]] (key head h / (H / Hkv)),
+// times sigmoid(gate), through o_proj.
+torch::Tensor attn_layer(torch::Tensor x, torch::Tensor in_norm_w, torch::Tensor post_norm_w, double eps,
+                         const Lin& qkv, const Lin& o_proj, const Lin& gate_up, const Lin& down,
+                         torch::Tensor q_norm_w, torch::Tensor k_norm_w, double qk_eps, torch::Tensor cos,
+                         torch::Tensor sin, torch::Tensor keys, torch::Tensor values, torch::Tensor write_rows,
+                         torch::Tensor read_rows, std::vector<int64_t> lengths, int64_t H, double scale) {
+  for (auto* t : {&x, &in_norm_w, &post_norm_w, &q_norm_w, &k_norm_w, &cos, &sin, &keys, &values})
+    check_f32(*t, "every tensor of the layer");
+  const int64_t B = x.size(0), D = x.size(1), Hkv = keys.size(1), hd = keys.size(2), R = cos.size(1);
+  const int64_t P = keys.size(0), L = read_rows.size(1);
+  TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && values.sizes() == keys.sizes(), "heads and the KV pool do not fit");
+  TORCH_CHECK(qkv.out == 2 * H * hd + 2 * Hkv * hd && o_proj.out == D, "qkv / o_proj widths");
+  TORCH_CHECK(R % 2 == 0 && R <= hd && cos.size(0) == B && sin.sizes() == cos.sizes(), "cos, sin: [B, R <= hd]");
+  TORCH_CHECK(q_norm_w.numel() == hd && k_norm_w.numel() == hd, "q / k norms over one head");
+  TORCH_CHECK(write_rows.scalar_type() == torch::kLong && write_rows.is_contiguous() && write_rows.numel() == B &&
+              read_rows.scalar_type() == torch::kLong && read_rows.is_contiguous() && read_rows.size(0) == B &&
+              static_cast<int64_t>(lengths.size()) == B, "one written row and one row list per sequence");
+  const int64_t *wr = write_rows.data_ptr<int64_t>(), *rr = read_rows.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lengths[b] >= 1 && lengths[b] <= L && wr[b] >= 0 && wr[b] < P, "rows outside the KV pool");
+    for (int64_t j = 0; j < lengths[b]; ++j) TORCH_CHECK(rr[b * L + j] >= 0 && rr[b * L + j] < P, "rows outside the KV pool");
+  }
+  const torch::Tensor p = qkv(rms_norm(x, in_norm_w, eps, c10::nullopt));
+  const float* pp = p.data_ptr<float>();
+  const int64_t ps = p.stride(0);
+  float *kp = keys.data_ptr<float>(), *vp = values.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  const float qe = static_cast<float>(qk_eps), sc = static_cast<float>(scale);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const float* src = pp + b * ps + 2 * H * hd;
+      float* k = kp + (wr[b] * Hkv + h) * hd;
+      rms_row(src + h * hd, k_norm_w.data_ptr<float>(), nullptr, qe, k, hd);
+      rope_row(k, cp + b * R, sp + b * R, R);
+      std::memcpy(vp + (wr[b] * Hkv + h) * hd, src + Hkv * hd + h * hd, hd * sizeof(float));
+    }
+  auto o = torch::empty({B, H * hd}, x.options());
+  float* op = o.data_ptr<float>();
+  const int64_t rep = H / Hkv;
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> q(hd), w(L);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, kh = h / rep, n = lengths[b];
+      const float* head = pp + b * ps + h * 2 * hd;  // query, then gate
+      rms_row(head, q_norm_w.data_ptr<float>(), nullptr, qe, q.data(), hd);
+      rope_row(q.data(), cp + b * R, sp + b * R, R);
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < n; ++j) {
+        w[j] = dot(q.data(), kp + (rr[b * L + j] * Hkv + kh) * hd, hd) * sc;
+        top = std::max(top, w[j]);
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j < n; ++j) total += (w[j] = std::exp(w[j] - top));
+      float* out = op + b * H * hd + h * hd;
+      std::fill(out, out + hd, 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* v = vp + (rr[b * L + j] * Hkv + kh) * hd;
+        const float wj = w[j] / total;
+        for (int64_t d = 0; d < hd; ++d) out[d] += wj * v[d];
+      }
+      for (int64_t d = 0; d < hd; ++d) out[d] *= 1.0f / (1.0f + std::exp(-head[hd + d]));  // sigmoid(gate)
+    }
+  });
+  auto h1 = x.clone();
+  add_rows(h1, o_proj(o));
+  return mlp_block(h1, post_norm_w, eps, gate_up, down);
+}
+
 }  // namespace
 
 void register_decode_layers(pybind11::module& m) {
@@ -143,6 +238,8 @@ void register_decode_layers(pybind11::module& m) {
            py::arg("perm"))
       .def("__call__", &Lin::operator(), "x [M, K] fp32 -> [M, >= out] fp32");
   m.def("mlp_block", &mlp_block, "x + down(silu(gate) * up) of rms_norm(x), few rows",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("attn_layer", &attn_layer, "a gated attention layer + MLP for one decode token per row, KV written in the pool",
         py::call_guard<py::gil_scoped_release>());
   m.def("delta_layer", &delta_layer, "a gated DeltaNet layer + MLP for one decode token per row, states in place",
         py::call_guard<py::gil_scoped_release>());
