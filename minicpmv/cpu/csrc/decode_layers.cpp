@@ -237,10 +237,7 @@ void register_decode_layers(pybind11::module& m) {
            py::arg("kind"), py::arg("a"), py::arg("b"), py::arg("group"), py::arg("out"), py::arg("amx_rows"),
            py::arg("perm"))
       .def("__call__", &Lin::operator(), "x [M, K] fp32 -> [M, >= out] fp32");
-  m.def("mlp_block", &mlp_block, "x + down(silu(gate) * up) of rms_norm(x), few rows",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("attn_layer", &attn_layer, "a gated attention layer + MLP for one decode token per row, KV written in the pool",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("delta_layer", &delta_layer, "a gated DeltaNet layer + MLP for one decode token per row, states in place",
-        py::call_guard<py::gil_scoped_release>());
+  m.def("mlp_block", &mlp_block, "x + down(silu(gate) * up) of rms_norm(x), few rows");
+  m.def("attn_layer", &attn_layer, "a gated attention layer + MLP for one decode token per row, KV written in the pool");
+  m.def("delta_layer", &delta_layer, "a gated DeltaNet layer + MLP for one decode token per row, states in place");
 }
