@@ -112,6 +112,24 @@ def test_fused_layers_decode_like_the_modules(case, tol, tiny46_dir, bf16_dir, m
     assert err <= tol
 
 
+def test_an_attention_layer_that_does_not_qualify_keeps_its_mlp_in_one_call(tiny46_dir, monkeypatch):
+    """Attention through its modules (as with a 16-bit KV pool), its MLP still one call: same tokens,
+    logits within 1e-5 (int8)."""
+    model, _ = load_model(tiny46_dir, "auto", "cpu", progress=False, weights="int8")
+    spy = Spy(monkeypatch)
+    monkeypatch.setattr(fused_decode, "_attn_layer", lambda *args: None)
+    tokens = greedy(model, PROMPT, 12)
+    if not USABLE:
+        assert not spy.rows
+        return
+    assert len(spy.rows) == 11 * len(model.language_model.layers)
+    half = forced_logits(model, PROMPT, tokens)
+    spy.off = True
+    modules = forced_logits(model, PROMPT, tokens)
+    assert greedy(model, PROMPT, 12) == tokens
+    assert ((half - modules).abs().max() / modules.abs().max()).item() <= 1e-5
+
+
 def decode_batch(model, spy_off: bool, spy) -> list[list[int]]:
     """Three sequences; the second stops early, so the other two decode in slots 0 and 2."""
     spy.off = spy_off

@@ -4,11 +4,13 @@ A decode token costs each layer a few matrix products and ~60 small tensor ops a
 around them (norms, splits, casts, gates, the DeltaNet conv and recurrence, the state bookkeeping,
 residual adds), ~0.7 ms a layer on the AMX Xeon: a third of an int4 step of the real-size 4.6.
 Where the CPU plan built the extension, a decode batch (one token per sequence, few rows, no
-prompt chunk mixed in) runs a DeltaNet layer + its MLP as one call, and an attention layer's MLP
-as one, with the kernels the modules would call one by one: the same products on the same stored
-bytes, the same conv, delta-rule and norm loops, states advanced in place in the pool. Anything
-else (prompts, fp32 or GPU models, a matrix the extension does not multiply) keeps the modules'
-own forward. `layer_step` returns None when the layer does not qualify."""
+prompt chunk mixed in) runs a DeltaNet layer + its MLP, or an attention layer + its MLP, as one
+call, with the kernels the modules would call one by one: the same products on the same stored
+bytes, the same conv, delta-rule and norm loops, states and keys/values advanced in place in the
+pool. An attention layer whose own part does not qualify (a 16-bit KV pool) still runs its MLP as
+one call. Anything else (prompts, fp32 or GPU models, a matrix the extension does not multiply,
+projections kept apart such as a GPTQ checkpoint's) keeps the modules' own forward. `layer_step`
+returns None when the layer does not qualify."""
 from __future__ import annotations
 
 import torch
@@ -99,8 +101,8 @@ def _attn_layer(layer, x, batch, layer_idx, rows, rope, post, gate_up, down):
 def _delta_layer(layer, x, batch, layer_idx, rows, post, gate_up, down):
     mixer = layer.linear_attn
     pre = _norm_scale(layer.input_layernorm)
-    if mixer.in_proj is None or mixer.native is None or pre is None:
-        return None
+    if mixer.in_proj is None or mixer.native is None or pre is None or mixer.v_dim % 16:
+        return None  # (the extension's delta rule walks value rows 16 floats at a time)
     in_proj, out_proj = native_matrix(mixer.in_proj, rows), native_matrix(mixer.out_proj, rows)
     conv, rec = batch.pool.conv[layer_idx], batch.pool.recurrent[layer_idx]
     conv_w = mixer.conv1d.weight

@@ -304,7 +304,7 @@ class DecoderLayer(nn.Module):
         return self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
 
     def forward(self, x, batch: ForwardBatch, layer_idx: int, rope):
-        if x.shape[1] == 1 and getattr(self.mlp, "native", None) is not None:  # a decode batch on the CPU plan's extension
+        if x.shape[1] == 1 and getattr(self.mlp, "native", None) is not None:  # decode on the CPU extension
             y = fused_decode.layer_step(self, x, batch, layer_idx, rope)
             if y is not None:
                 return y
