@@ -3,7 +3,9 @@ call each (layers/fused_decode.py, cpu/csrc/decode_layers.cpp), against the same
 modules one by one:
 
   * each matrix handle multiplies exactly as its module does (bit for bit: same kernel, same bytes),
-    bf16 (FMA rows and AMX tiles), int8, int4, and GPTQ int4 with an act-order permutation;
+    bf16 (FMA rows and AMX tiles), int8, int4, and GPTQ int4 with an act-order permutation; projections
+    a checkpoint keeps apart (GPTQ) side by side as the fused one;
+  * a GPTQ checkpoint's layers run fused too: same tokens, logits within 5e-3;
   * whole model, 24 greedy steps of the tiny 4.6: the same tokens, logits within 1e-5 of the logit
     scale for bf16 and int8 (measured 4-8e-7: sigmoid, softplus and silu in another order of
     operations) and 5e-3 for int4 (measured 4-8e-4: the int4 kernel rounds its activations to int16
@@ -25,7 +27,7 @@ from minicpmv.layers import fused_decode
 from minicpmv.layers.weight_formats import Bf16Linear, Int4Linear, Int8Linear
 from minicpmv.loading import load_model
 from minicpmv.quant.gptq_int4 import int4_form
-from test_gptq_int4 import gptq_layer
+from test_gptq_int4 import gptq46, gptq_layer  # noqa: F401 (gptq46: a fixture)
 from tiny46 import build_tiny_46
 
 USABLE = native.unusable(detect()) is None
@@ -128,6 +130,43 @@ def test_an_attention_layer_that_does_not_qualify_keeps_its_mlp_in_one_call(tiny
     modules = forced_logits(model, PROMPT, tokens)
     assert greedy(model, PROMPT, 12) == tokens
     assert ((half - modules).abs().max() / modules.abs().max()).item() <= 1e-5
+
+
+def test_projections_kept_apart_multiply_side_by_side(tiny46_dir):
+    model, _ = load_model(tiny46_dir, "auto", "cpu", progress=False, weights="int8")
+    mlp = model.language_model.layers[0].mlp
+    if mlp.native is None:
+        assert fused_decode.native_projection(mlp, "gate_up_proj", 1) is None
+        return
+    fused = mlp.gate_up_proj
+    I = fused.out_features // 2
+    gate, up = Int8Linear(torch.randn(I, fused.in_features), None), Int8Linear(torch.randn(I, fused.in_features), None)
+    for m in (gate, up):
+        m.native, m.native_rows = mlp.native, native.ROWS
+    mlp.gate_proj, mlp.up_proj, mlp.gate_up_proj = gate, up, None
+    x = torch.randn(3, fused.in_features)
+    handle = fused_decode.native_projection(mlp, "gate_up_proj", 3)
+    assert torch.equal(handle(x), torch.cat([gate(x), up(x)], dim=-1))
+    assert fused_decode.native_projection(mlp, "gate_up_proj", 3) is handle  # cached while the members stay
+    mlp.up_proj = None
+    assert fused_decode.native_projection(mlp, "gate_up_proj", 3) is None
+
+
+def test_a_gptq_checkpoint_decodes_fused(gptq46, monkeypatch):
+    model, _ = load_model(gptq46, "bfloat16", "cpu", progress=False)  # 16 bits: the int4 move (quant/gptq_int4.py)
+    spy = Spy(monkeypatch)
+    tokens = greedy(model, PROMPT, 16)
+    if not spy.rows:  # the extension is not built here: GPTQ keeps its own kernels
+        assert not USABLE
+        return
+    assert len(spy.rows) == 15 * len(model.language_model.layers)
+    fused = forced_logits(model, PROMPT, tokens)
+    spy.off = True
+    modules = forced_logits(model, PROMPT, tokens)
+    assert greedy(model, PROMPT, 16) == tokens
+    err = ((fused - modules).abs().max() / modules.abs().max()).item()
+    print(f"GPTQ: fused vs modules, max logit error {err:.2e} of the logit scale")
+    assert err <= 5e-3
 
 
 def decode_batch(model, spy_off: bool, spy) -> list[list[int]]:

@@ -8,9 +8,10 @@ prompt chunk mixed in) runs a DeltaNet layer + its MLP, or an attention layer + 
 call, with the kernels the modules would call one by one: the same products on the same stored
 bytes, the same conv, delta-rule and norm loops, states and keys/values advanced in place in the
 pool. An attention layer whose own part does not qualify (a 16-bit KV pool) still runs its MLP as
-one call. Anything else (prompts, fp32 or GPU models, a matrix the extension does not multiply,
-projections kept apart such as a GPTQ checkpoint's) keeps the modules' own forward. `layer_step`
-returns None when the layer does not qualify."""
+one call. Projections a checkpoint keeps apart (a GPTQ checkpoint's) are multiplied side by side as
+the one matrix the layer reads. Anything else (prompts, fp32 or GPU models, a matrix the extension
+does not multiply) keeps the modules' own forward. `layer_step` returns None when the layer does not
+qualify."""
 from __future__ import annotations
 
 import torch
@@ -51,6 +52,25 @@ def native_matrix(m, rows: int):
     return cached[1]
 
 
+def native_projection(owner, fused: str, rows: int):
+    """The extension's handle on `owner`'s fused projection (`fused`: a name of its packed_fusions,
+    e.g. an MLP's gate_up_proj) for `rows` rows: the fused matrix where the load fused its members,
+    else the members side by side (a GPTQ checkpoint keeps them apart), or None."""
+    m = getattr(owner, fused)
+    if m is not None:
+        return native_matrix(m, rows)
+    members = [getattr(owner, name) for name in owner.packed_fusions[fused]]
+    handles = [None if x is None else native_matrix(x, rows) for x in members]
+    if any(h is None for h in handles):
+        return None
+    key = tuple(x.__dict__["_native_matrix"][0] for x in members)
+    cached = owner.__dict__.get("_native_" + fused)
+    if cached is None or cached[0] != key:
+        cached = (key, members[0].native.Lin(handles))
+        owner.__dict__["_native_" + fused] = cached
+    return cached[1]
+
+
 def _int4(t) -> bool:
     from ..quant.gptq_int4 import GPTQInt4Linear  # quant/ builds on layers/: imported when first needed
 
@@ -64,10 +84,10 @@ def layer_step(layer, x: torch.Tensor, batch, layer_idx: int, rope):
 
     mlp = layer.mlp
     if (type(mlp) is not GatedMLP or mlp.native is None or x.shape[1] != 1 or x.dtype != torch.float32
-            or type(batch) is not ForwardBatch or batch.keep is not None or mlp.gate_up_proj is None):
+            or type(batch) is not ForwardBatch or batch.keep is not None):
         return None
     rows = x.shape[0]
-    gate_up, down = native_matrix(mlp.gate_up_proj, rows), native_matrix(mlp.down_proj, rows)
+    gate_up, down = native_projection(mlp, "gate_up_proj", rows), native_matrix(mlp.down_proj, rows)
     post = _norm_scale(layer.post_attention_layernorm)
     if gate_up is None or down is None or post is None:
         return None
@@ -84,9 +104,9 @@ def layer_step(layer, x: torch.Tensor, batch, layer_idx: int, rope):
 def _attn_layer(layer, x, batch, layer_idx, rows, rope, post, gate_up, down):
     attn = layer.self_attn
     pre, qs, ks = _norm_scale(layer.input_layernorm), _norm_scale(attn.q_norm), _norm_scale(attn.k_norm)
-    if attn.qkv_proj is None or pre is None or qs is None or ks is None or attn.q_norm.eps != attn.k_norm.eps:
+    if pre is None or qs is None or ks is None or attn.q_norm.eps != attn.k_norm.eps:
         return None
-    qkv, o_proj = native_matrix(attn.qkv_proj, rows), native_matrix(attn.o_proj, rows)
+    qkv, o_proj = native_projection(attn, "qkv_proj", rows), native_matrix(attn.o_proj, rows)
     keys, values = batch.pool.keys[layer_idx], batch.pool.values[layer_idx]
     cos, sin = rope
     if (qkv is None or o_proj is None or keys.dtype != torch.float32 or values.dtype != torch.float32
@@ -101,9 +121,9 @@ def _attn_layer(layer, x, batch, layer_idx, rows, rope, post, gate_up, down):
 def _delta_layer(layer, x, batch, layer_idx, rows, post, gate_up, down):
     mixer = layer.linear_attn
     pre = _norm_scale(layer.input_layernorm)
-    if mixer.in_proj is None or mixer.native is None or pre is None or mixer.v_dim % 16:
+    if mixer.native is None or pre is None or mixer.v_dim % 16:
         return None  # (the extension's delta rule walks value rows 16 floats at a time)
-    in_proj, out_proj = native_matrix(mixer.in_proj, rows), native_matrix(mixer.out_proj, rows)
+    in_proj, out_proj = native_projection(mixer, "in_proj", rows), native_matrix(mixer.out_proj, rows)
     conv, rec = batch.pool.conv[layer_idx], batch.pool.recurrent[layer_idx]
     conv_w = mixer.conv1d.weight
     if (in_proj is None or out_proj is None or conv.dtype != torch.float32 or rec.dtype != torch.float32

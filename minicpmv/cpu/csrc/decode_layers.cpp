@@ -16,10 +16,18 @@ namespace {
 // One per-token matrix as its module stores it (layers/weight_formats.py), multiplied the way
 // that module multiplies a few fp32 rows.
 struct Lin {
-  enum Kind : int64_t { BF16 = 0, INT8 = 1, INT4 = 2 };
+  enum Kind : int64_t { BF16 = 0, INT8 = 1, INT4 = 2, CAT = 3 };
   int64_t kind, group, out, amx_rows;
   torch::Tensor a, b;                  // bf16: weight; int8: codes, scales; int4: packed, scale_zero
   c10::optional<torch::Tensor> perm;  // a GPTQ act-order checkpoint's input permutation
+  std::vector<Lin> parts;              // CAT: matrices on the same input, outputs side by side
+
+  // Projections a checkpoint keeps apart (a GPTQ checkpoint's q/k/v, gate/up, DeltaNet's four
+  // input projections) as the one matrix the layer reads
+  explicit Lin(std::vector<Lin> parts) : kind(CAT), group(0), out(0), amx_rows(0), parts(std::move(parts)) {
+    TORCH_CHECK(!this->parts.empty(), "no matrices to put side by side");
+    for (const Lin& p : this->parts) out += p.out;
+  }
 
   Lin(int64_t kind, torch::Tensor a, c10::optional<torch::Tensor> b, int64_t group, int64_t out, int64_t amx_rows,
       c10::optional<torch::Tensor> perm)
@@ -31,6 +39,15 @@ struct Lin {
 
   // x [M, K] fp32 contiguous -> [M, >= out] fp32 (int4: its padded width; read with the stride)
   torch::Tensor operator()(const torch::Tensor& x) const {
+    if (kind == CAT) {
+      auto y = torch::empty({x.size(0), out}, x.options());
+      int64_t at = 0;
+      for (const Lin& p : parts) {
+        y.narrow(1, at, p.out).copy_(p(x).narrow(1, 0, p.out));
+        at += p.out;
+      }
+      return y;
+    }
     const torch::Tensor in = perm ? x.index_select(1, *perm) : x;
     if (kind == INT8) return int8_mm(in, a, b);
     if (kind == INT4) return int4_mm(in, a, b, group);
@@ -236,6 +253,7 @@ void register_decode_layers(pybind11::module& m) {
                     c10::optional<torch::Tensor>>(),
            py::arg("kind"), py::arg("a"), py::arg("b"), py::arg("group"), py::arg("out"), py::arg("amx_rows"),
            py::arg("perm"))
+      .def(py::init<std::vector<Lin>>(), py::arg("parts"))
       .def("__call__", &Lin::operator(), "x [M, K] fp32 -> [M, >= out] fp32");
   m.def("mlp_block", &mlp_block, "x + down(silu(gate) * up) of rms_norm(x), few rows");
   m.def("attn_layer", &attn_layer, "a gated attention layer + MLP for one decode token per row, KV written in the pool");
