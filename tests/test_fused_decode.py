@@ -60,6 +60,16 @@ class Spy:
         monkeypatch.setattr(fused_decode, "_attn_layer", attn)
 
 
+def fused_against_modules(model, spy, tokens: list[int]) -> float:
+    """Max logit error of the fused decode against the modules over the same tokens (relative to the
+    modules' logit scale); also checks the modules decode the same tokens."""
+    fused = forced_logits(model, PROMPT, tokens)
+    spy.off = True
+    modules = forced_logits(model, PROMPT, tokens)
+    assert greedy(model, PROMPT, len(tokens)) == tokens
+    return ((fused - modules).abs().max() / modules.abs().max()).item()
+
+
 def test_each_matrix_handle_multiplies_as_its_module():
     kernels = native.quant_kernels(detect())
     if kernels is None:
@@ -105,11 +115,7 @@ def test_fused_layers_decode_like_the_modules(case, tol, tiny46_dir, bf16_dir, m
     assert len(spy.rows) == 23 * layers  # every decode step (the prompt is not one), every layer
     attention = sum(layer.layer_type == "full_attention" for layer in model.language_model.layers)
     assert spy.attention == 23 * attention  # attention layers whole too, not only their MLPs
-    fused = forced_logits(model, PROMPT, tokens)
-    spy.off = True
-    modules = forced_logits(model, PROMPT, tokens)
-    assert greedy(model, PROMPT, 24) == tokens
-    err = ((fused - modules).abs().max() / modules.abs().max()).item()
+    err = fused_against_modules(model, spy, tokens)
     print(f"{case}: fused vs modules, max logit error {err:.2e} of the logit scale")
     assert err <= tol
 
@@ -125,11 +131,7 @@ def test_an_attention_layer_that_does_not_qualify_keeps_its_mlp_in_one_call(tiny
         assert not spy.rows
         return
     assert len(spy.rows) == 11 * len(model.language_model.layers)
-    half = forced_logits(model, PROMPT, tokens)
-    spy.off = True
-    modules = forced_logits(model, PROMPT, tokens)
-    assert greedy(model, PROMPT, 12) == tokens
-    assert ((half - modules).abs().max() / modules.abs().max()).item() <= 1e-5
+    assert fused_against_modules(model, spy, tokens) <= 1e-5
 
 
 def test_projections_kept_apart_multiply_side_by_side(tiny46_dir):
@@ -160,11 +162,7 @@ def test_a_gptq_checkpoint_decodes_fused(gptq46, monkeypatch):
         assert not USABLE
         return
     assert len(spy.rows) == 15 * len(model.language_model.layers)
-    fused = forced_logits(model, PROMPT, tokens)
-    spy.off = True
-    modules = forced_logits(model, PROMPT, tokens)
-    assert greedy(model, PROMPT, 16) == tokens
-    err = ((fused - modules).abs().max() / modules.abs().max()).item()
+    err = fused_against_modules(model, spy, tokens)
     print(f"GPTQ: fused vs modules, max logit error {err:.2e} of the logit scale")
     assert err <= 5e-3
 
