@@ -112,6 +112,8 @@ torch::Tensor delta_layer(torch::Tensor x, torch::Tensor in_norm_w, torch::Tenso
               "the state pool does not fit the layer");
   TORCH_CHECK(conv_w.numel() == C * K && conv_pool.size(0) == S, "conv weight [C, K] and windows [S, C, K-1]");
   TORCH_CHECK(in_proj.out == C + V + 2 * Hv && out_proj.out == D, "in_proj / out_proj widths");
+  TORCH_CHECK(neg_a.numel() == Hv && dt_bias.numel() == Hv && o_norm_w.numel() == dv,
+              "decay rates and dt_bias per value head, the output norm over one head");
   for (int64_t s : slots) TORCH_CHECK(s >= 0 && s < S, "slot ", s, " outside the pool's ", S);
 
   const torch::Tensor proj = in_proj(rms_norm(x, in_norm_w, eps, c10::nullopt));
