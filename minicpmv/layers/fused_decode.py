@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from ..state.batch import ForwardBatch
 from .mlp import GatedMLP
-from .weight_formats import AMX_ROWS, GEMV_ROWS, Bf16Linear, Int4Linear, Int8Linear
+from .weight_formats import Bf16Linear, Int4Linear, Int8Linear
 
 BF16, INT8, INT4 = 0, 1, 2  # decode_layers.cpp's Lin kinds
 
@@ -25,29 +26,22 @@ BF16, INT8, INT4 = 0, 1, 2  # decode_layers.cpp's Lin kinds
 def native_matrix(m, rows: int):
     """The extension's handle on module m's matrix for `rows` activation rows (how m's own
     forward would multiply them), or None where m would not use the extension for them."""
-    native = getattr(m, "native", None)
-    if native is None or getattr(m, "bias", None) is not None:
-        return None
     t = type(m)
+    if not (t is Bf16Linear or t is Int8Linear or _int4(t)) or m.bias is not None or not m.on_extension(rows):
+        return None
     if t is Bf16Linear:
-        if not (rows <= GEMV_ROWS or (m.amx_rows and m.amx_rows <= rows <= AMX_ROWS)):
-            return None
         key, args = (m.weight.data_ptr(), m.weight._version, m.amx_rows), (BF16, m.weight, None, 0, m.amx_rows, None)
-    elif t is Int8Linear or _int4(t):
-        if rows > m.native_rows:
-            return None
+    else:
         q = m.qweight
         key = (q.data_ptr(), q._version)
         if t is Int8Linear:
             args = (INT8, q, m.scale, 0, 0, None)
         else:
             args = (INT4, q, m.scale_zero, m.group, 0, getattr(m, "perm", None))
-    else:
-        return None
     cached = m.__dict__.get("_native_matrix")
     if cached is None or cached[0] != key:
         kind, a, b, group, amx, perm = args
-        cached = (key, native.Lin(kind, a, b, group, m.out_features, amx, perm))
+        cached = (key, m.native.Lin(kind, a, b, group, m.out_features, amx, perm))
         m.__dict__["_native_matrix"] = cached
     return cached[1]
 
@@ -80,8 +74,6 @@ def _int4(t) -> bool:
 def layer_step(layer, x: torch.Tensor, batch, layer_idx: int, rope):
     """A Qwen3.5 decoder layer (models/qwen3_5.py) for a decode batch x [B, 1, D] fp32 through
     the extension, or None where it does not qualify."""
-    from ..state.batch import ForwardBatch
-
     mlp = layer.mlp
     if (type(mlp) is not GatedMLP or mlp.native is None or x.shape[1] != 1 or x.dtype != torch.float32
             or type(batch) is not ForwardBatch or batch.keep is not None):

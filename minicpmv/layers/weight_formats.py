@@ -54,9 +54,14 @@ class QuantLinear(nn.Module):
     native = None
     native_rows = 0
 
+    def on_extension(self, rows: int) -> bool:
+        """Whether `rows` activation rows run the extension's kernel on the stored bytes (also what
+        layers/fused_decode.py follows)."""
+        return self.native is not None and rows <= self.native_rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = _rows(x.float())
-        if flat.shape[0] <= self.native_rows and self.native is not None:
+        if self.on_extension(flat.shape[0]):
             y = self._native(flat.contiguous())
             if y.shape[-1] != self.out_features:
                 y = y[:, :self.out_features]
@@ -332,10 +337,16 @@ class Bf16Linear(nn.Linear):
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
         return F.linear(x.to(torch.bfloat16), self.weight, bias)
 
+    def on_extension(self, rows: int) -> bool:
+        """Whether `rows` activation rows run the extension: its AMX tiles from `amx_rows` up to
+        AMX_ROWS, else its FMA rows up to GEMV_ROWS (also what layers/fused_decode.py follows)."""
+        return self.native is not None and (bool(self.amx_rows) and self.amx_rows <= rows <= AMX_ROWS
+                                            or rows <= GEMV_ROWS)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        amx = self.amx_rows and self.amx_rows <= rows <= AMX_ROWS
-        if amx or (rows <= GEMV_ROWS and self.native is not None):
+        if self.on_extension(rows):
+            amx = self.amx_rows and self.amx_rows <= rows  # (the tiles' upper bound: on_extension)
             product = self.native.bf16_amx_mm if amx else self.native.bf16_mm
             y = product(x.reshape(rows, -1).float().contiguous(), self.weight)
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
