@@ -3,8 +3,9 @@ on first use.
 
 Decode multiplies one row (a few, batched) by every per-token matrix, so it streams the weights:
 torch's int8/int4 CPU kernels are compute-bound there and its bf16 GEMV leaves bandwidth unused
-(docs/performance.md); this extension reads the same stored bytes faster (software prefetch, VNNI
-for int4), with fp32 activations. It is compiled with torch's
+(docs/performance.md); this extension reads the same stored bytes faster (software prefetch; VNNI
+for int8 with the activations rounded to int8 per 32 inputs, and for int4 with them rounded to int16
+per group; bf16 exact on fp32 activations). It is compiled with torch's
 cpp_extension (a C++ compiler is needed once, ~30 s) into
 `<cache>/native-<hash>/`, keyed by the source, torch's version and the CPU's flags, and reused
 by every later load. Where it cannot be used (no AVX-512, no compiler, a failed build,
@@ -66,8 +67,8 @@ def _host_flags() -> frozenset:
 def describe() -> str:
     """What the few-row bf16/int8/int4 products run, for the plan's printout."""
     if _module is None and _status == "not built yet":
-        return "minicpmv AVX-512 kernel, fp32 activations (built at the first load, then cached)"
-    return _status if _module is None else _status.replace("kernel (", "kernel, fp32 activations (")
+        return "minicpmv AVX-512 kernel (built at the first load, then cached)"
+    return _status
 
 
 def quant_kernels(cpu: CpuInfo, progress: bool = True):

@@ -73,10 +73,10 @@ class KernelPlan:
             decode = ("int8 weight-only per-channel: " if weights == "int8" else
                       f"int4 weight-only g{INT4_GROUP} asymmetric: ")
             if self.native_kernels and weights == "int4":
-                decode += f"{native.describe()} up to {native.ROWS} rows"
+                decode += f"{native.describe()}, activations rounded to int16 per group, up to {native.ROWS} rows"
             elif self.native_kernels:
-                decode += (f"{native.describe()} up to {native.ROWS} rows, then torch's {torch_kernel} "
-                           f"(bf16 activations)")
+                decode += (f"{native.describe()}, activations rounded to int8 per 32 inputs (VNNI), up to "
+                           f"{native.ROWS} rows, then torch's {torch_kernel} (bf16 activations)")
             else:
                 decode += f"torch's {torch_kernel}, bf16 activations"
             head = decode + EMBEDDING_NOTE
@@ -99,8 +99,8 @@ class KernelPlan:
         norms = ("one call each (the extension's loop)" if self.native_kernels else
                  "F.rms_norm, one call each" if self.fused_norm else "five tensor ops each")
         rows = [("vision GEMMs", vision), ("prefill GEMMs", prefill), ("decode GEMVs", decode), ("lm_head", head),
-                ("DeltaNet token", "conv + silu, then l2 norms + the gated delta rule: two extension calls per layer"
-                 if self.native_kernels else "tensor ops")]
+                ("decode layers", "one extension call per layer (norms, projections, conv + gated delta rule or "
+                 "attention over the KV pool, MLP) for plain decode batches" if self.native_kernels else "tensor ops")]
         if gptq:
             rows.append(("GPTQ int4 layers", f"{native.describe()} up to {native.ROWS} rows, else W^T widened by it "
                          f"+ {gemm} GEMM (codes kept, scales and offsets bf16)" if self.native_kernels else

@@ -179,24 +179,28 @@ def banner(model, info, config, args) -> list[str]:
     to call it."""
     import torch
 
+    from collections import Counter
+
     from ..layers.fp16_packed import PackedFP16Linear
+    from ..layers.weight_formats import QuantLinear
     from ..quant.gptq_linear import GPTQLinear
     from .metrics import resident_bytes
 
     p = next(model.model.parameters())
     device = p.device
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in model.model.parameters() if t.is_floating_point()})
-    modules = list(model.model.modules())
-    kinds = []
-    gptq = sorted({m.backend or "?" for m in modules if isinstance(m, GPTQLinear)})
-    if gptq:
-        kinds.append(f"{sum(isinstance(m, GPTQLinear) for m in modules)} GPTQ linears ({', '.join(gptq)})")
-    packed = sum(isinstance(m, PackedFP16Linear) for m in modules)
-    if packed:
-        kinds.append(f"{packed} fbgemm fp16-packed linears (float32 math)")
-    if device.type == "cpu" and any(t.dtype in (torch.bfloat16, torch.float16) for t in model.model.parameters()):
-        kinds.append("half-precision matrices widened per call (float32 math)")
-    kernels = "; ".join(kinds) or f"{str(p.dtype).removeprefix('torch.')} GEMMs"
+    # what each matrix is stored as; how each op class runs is the CPU plan's line, logged at load
+    stored = Counter()
+    for m in model.model.modules():
+        if isinstance(m, GPTQLinear):
+            stored[f"GPTQ int4 ({m.backend or '?'})"] += 1
+        elif isinstance(m, PackedFP16Linear):
+            stored["fbgemm fp16-packed"] += 1
+        elif isinstance(m, QuantLinear):
+            stored[m.format] += 1
+        elif isinstance(m, torch.nn.Linear):
+            stored[str(m.weight.dtype).removeprefix("torch.")] += 1
+    kernels = ", ".join(f"{n} {kind}" for kind, n in stored.most_common()) + " matrices"
     if device.type == "cuda":
         memory = (f"{torch.cuda.memory_allocated(device) / 2**30:.2f} GiB of "
                   f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB GPU memory in use")
@@ -209,7 +213,7 @@ def banner(model, info, config, args) -> list[str]:
     key = f" -H {shlex.quote('Authorization: Bearer ' + config.api_key)}" if config.api_key else ""
     return [
         f"model: {', '.join(config.served_model_names)} ({info.family_name}, {info.folder})",
-        f"weights: {', '.join(dtypes)} on {device}; kernels: {kernels}",
+        f"weights: {', '.join(dtypes)} on {device}; matrices: {kernels}",
         f"memory: {memory}; context {model.max_context} tokens; {config.max_concurrency} sequences decoded together, "
         f"{config.max_queue} more may wait; vision-encoding cache {config.encoder_cache_bytes / 2**20:.0f} MiB",
         f"listening on http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port} "

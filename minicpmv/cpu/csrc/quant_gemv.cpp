@@ -1,8 +1,11 @@
 // Few-row products with int8 / int4 weight-only matrices on AVX-512 (built and loaded by
 // cpu/native.py only on CPUs with avx512f/bw/vl/dq, VNNI and VBMI; torch's kernels serve the rest).
 //
-// int8: q [N, K] int8 row-major, one bf16 scale per row; y[m, n] = s[n] * sum_k q[n, k] x[m, k]
-//   with fp32 activations and fp32 accumulation (codes sign-extended and converted in registers).
+// int8: q [N, K] int8 row-major, one bf16 scale per row; y[m, n] = s[n] * sum_k q[n, k] x[m, k].
+//   K % 64 == 0: the activations rounded to int8 per block of 32 inputs (max|x| / 127, as llama.cpp's
+//   Q8_0 dot products round them) and multiplied on VNNI (vpdpbusd, 64 code pairs per instruction),
+//   int32 sums per block scaled into fp32; error within ~1% of the product's scale. Other K: fp32
+//   activations and fp32 accumulation (codes sign-extended and converted in registers).
 // int4: torch's `_convert_weight_to_int4pack_for_cpu` layout: per block of 64 rows, K x 32 bytes,
 //   byte (k, j) holding row j (low nibble) and row j + 32 (high nibble); scale/offset pairs
 //   [K / group, n_pad, 2] bf16; w = (q - 8) s + z, so per group
@@ -95,6 +98,97 @@ void rows_mm(const T* q, const uint16_t* scale, const float* x, float* y, int64_
       } else {
         for (int64_t n = n0; n < N; ++n) rows_of<1>(q, scale, x, y, K, N, M, n);
       }
+    }
+  });
+}
+
+// Activations of the int8 rows: per row and block of 32 inputs a = round(x / d), d = max|x| / 127,
+// stored as a + 128 (vpdpbusd multiplies unsigned bytes by signed ones); d spread over the 8 int32
+// lanes its block's products land in (lanes 0-7: inputs 0-31 of every 64, lanes 8-15: 32-63).
+struct Int8Activations {
+  std::vector<uint8_t> q;  // [M, K]
+  std::vector<float> d;    // [M, K / 64, 16]
+};
+
+Int8Activations int8_activations(const float* x, int64_t M, int64_t K) {
+  Int8Activations a{std::vector<uint8_t>(M * K), std::vector<float>(M * K / 4)};
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; k += 32) {
+      const float* xb = x + m * K + k;
+      float amax = 0.f;
+      bool finite = true;
+      for (int i = 0; i < 32; ++i) {
+        finite &= std::isfinite(xb[i]);
+        amax = std::max(amax, std::fabs(xb[i]));
+      }
+      const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;  // a non-finite block gives NaN outputs
+      for (int i = 0; i < 32; ++i) {
+        const float v = std::min(127.f, std::max(-127.f, std::nearbyint(xb[i] * inv)));
+        a.q[m * K + k + i] = static_cast<uint8_t>(static_cast<int>(v) + 128);
+      }
+      float* d = a.d.data() + (m * K + k) / 4;  // 8 lanes of the block's 64-input group
+      std::fill(d, d + 8, finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN());
+    }
+  }
+  return a;
+}
+
+// R weight rows against MR activation rows, 64 inputs at a time: sum (a + 128) w - 128 sum w, per
+// 32-input block in int32 lanes, converted and scaled by the block's d into fp32 sums.
+template <int R, int MR>
+void int8_tile(const int8_t* q, const uint16_t* scale, const Int8Activations& a, float* y,
+               int64_t K, int64_t N, int64_t n0, int64_t m0) {
+  __m512 acc[R][MR];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t k = 0; k < K; k += 64) {
+    __m512i w[R], offset[R];
+    for (int r = 0; r < R; ++r) {
+      const int8_t* p = q + (n0 + r) * K + k;
+      _mm_prefetch(reinterpret_cast<const char*>(p) + PF_ROWS, _MM_HINT_T0);
+      w[r] = _mm512_loadu_si512(p);
+      offset[r] = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                   _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, w[r]), 7));
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m512i av = _mm512_loadu_si512(a.q.data() + (m0 + m) * K + k);
+      const __m512 dv = _mm512_loadu_ps(a.d.data() + ((m0 + m) * K + k) / 4);
+      for (int r = 0; r < R; ++r)
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(offset[r], av, w[r])), dv, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float s = bf16_to_float(scale[n0 + r]);
+    for (int m = 0; m < MR; ++m) y[(m0 + m) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) * s;
+  }
+}
+
+template <int R>
+void int8_rows(const int8_t* q, const uint16_t* scale, const Int8Activations& a, float* y,
+               int64_t K, int64_t N, int64_t M, int64_t n0) {
+  int64_t m0 = 0;
+  for (; m0 + 8 <= M; m0 += 8) int8_tile<R, 8>(q, scale, a, y, K, N, n0, m0);
+  switch (M - m0) {
+    case 7: int8_tile<R, 7>(q, scale, a, y, K, N, n0, m0); break;
+    case 6: int8_tile<R, 6>(q, scale, a, y, K, N, n0, m0); break;
+    case 5: int8_tile<R, 5>(q, scale, a, y, K, N, n0, m0); break;
+    case 4: int8_tile<R, 4>(q, scale, a, y, K, N, n0, m0); break;
+    case 3: int8_tile<R, 3>(q, scale, a, y, K, N, n0, m0); break;
+    case 2: int8_tile<R, 2>(q, scale, a, y, K, N, n0, m0); break;
+    case 1: int8_tile<R, 1>(q, scale, a, y, K, N, n0, m0); break;
+    default: break;
+  }
+}
+
+void int8_vnni_mm(const int8_t* q, const uint16_t* scale, const float* x, float* y, int64_t K, int64_t N,
+                  int64_t M) {
+  const Int8Activations a = int8_activations(x, M, K);
+  at::parallel_for(0, (N + 1) / 2, 32, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * 2;
+      if (n0 + 2 <= N) int8_rows<2>(q, scale, a, y, K, N, M, n0);
+      else int8_rows<1>(q, scale, a, y, K, N, M, n0);
     }
   });
 }
@@ -280,7 +374,10 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   auto y = torch::empty({M, N}, x.options());
   const int8_t* qp = q.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
-  rows_mm(qp, sp, x.data_ptr<float>(), y.data_ptr<float>(), K, N, M);
+  if (K % 64 == 0)
+    int8_vnni_mm(qp, sp, x.data_ptr<float>(), y.data_ptr<float>(), K, N, M);
+  else
+    rows_mm(qp, sp, x.data_ptr<float>(), y.data_ptr<float>(), K, N, M);
   return y;
 }
 
