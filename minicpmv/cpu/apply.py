@@ -14,6 +14,7 @@ from ..layers.mixed import MixedLinear
 from ..layers.moe import Experts
 from ..layers.moe_quant import QuantExperts
 from ..layers.norm import GatedRMSNorm, RMSNorm, ZeroCenteredRMSNorm
+from ..layers.prepacked import PrepackedBf16Linear
 from ..layers.weight_formats import (Bf16Linear, Int4Linear, Int8Linear, QuantEmbedding, QuantLinear,
                                      TiedQuantEmbedding, int4_group, int4_layout_ok, swap_linears)
 from . import denormals, native
@@ -35,6 +36,10 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
         for name, module in model.named_modules():
             if hasattr(module, "sdpa_dtype") and not name.startswith(prefixes):
                 module.sdpa_dtype = torch.bfloat16
+        if plan.prepacks_vision:  # many rows a call, never a decode row: oneDNN's layout, the only copy
+            for name, module in list(model.named_modules()):
+                if type(module) is Bf16Linear and not name.startswith(prefixes) and module.weight.device.type == "cpu":
+                    PrepackedBf16Linear.from_bf16(module)
     gptq_to_int4(model, plan, kernels)
     if weights is not None:
         quantize_per_token(model, prefixes, weights, plan)

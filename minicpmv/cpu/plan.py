@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layers import fp16_packed
+from ..layers import fp16_packed, prepacked
 from . import denormals, native
 from .isa import CpuInfo, detect
 
@@ -54,6 +54,12 @@ class KernelPlan:
     flush_denormals: bool = False
     # bf16 products of this many rows up to 16 (batched decode) on the extension's AMX tiles; 0: off
     amx_rows: int = 0
+    # the bf16 vision matrices held in oneDNN's blocked layout (layers/prepacked.py), on x86 CPUs
+    vision_prepacked: bool = False
+
+    @property
+    def prepacks_vision(self) -> bool:
+        return self.vision_bf16 and self.vision_prepacked and prepacked.available()
 
     def kernel_rows(self, fmt: str) -> int:
         return self.int4_rows if fmt == "int4" else self.int8_rows
@@ -61,8 +67,9 @@ class KernelPlan:
     def rows(self, weights: str | None = None, gptq: bool = False) -> list[tuple[str, str]]:
         """(op class, kernel) lines describing what a model loaded with `weights` (from a GPTQ
         checkpoint when `gptq`) runs."""
-        vision = ("bf16 GEMM, fp32 accumulation (bf16 weights)" if self.vision_bf16 else
-                  "fp32 GEMM on the bf16 weights widened per call")
+        vision = ("fp32 GEMM on the bf16 weights widened per call" if not self.vision_bf16 else
+                  "bf16 GEMM, fp32 accumulation (bf16 weights in oneDNN's blocked layout, reordered at load)"
+                  if self.prepacks_vision else "bf16 GEMM, fp32 accumulation (bf16 weights)")
         gemm = "bf16" if self.gemm_dtype == torch.bfloat16 else "fp32"
         if weights in WEIGHT_FORMATS:
             torch_kernel = "_weight_int8pack_mm" if weights == "int8" else "_weight_int4pack_mm_for_cpu"
@@ -124,6 +131,8 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
     # AMX tiles for 5-16 rows: 1.1-1.3x the FMA kernel at 8 rows, 1.2x oneDNN at 12-16, slower at
     # 2-4 (AMX Xeon, 2 threads, matrices streamed from memory; docs/performance.md)
     rows["amx_rows"] = 5 if rows["native_kernels"] and cpu.at_least("amx") else 0
+    # oneDNN's reordered bf16 weights: 1.1-1.5x F.linear on the vision shapes (AMX Xeon); x86 only
+    rows["vision_prepacked"] = cpu.arch in ("x86_64", "AMD64")
     if cpu.at_least("amx") or (cpu.fast_bf16 and not fbgemm):
         return KernelPlan(cpu, vision_bf16=True, text16=BF16, gemm_dtype=torch.bfloat16, fused_norm=fused_norm, **rows)
     if cpu.fast_bf16:
@@ -134,7 +143,7 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
                           **rows)
     return KernelPlan(cpu, vision_bf16=False, text16=WIDENED, gemm_dtype=torch.float32,
                       native_kernels=rows["native_kernels"], flush_denormals=rows["flush_denormals"],
-                      amx_rows=rows["amx_rows"])
+                      amx_rows=rows["amx_rows"], vision_prepacked=rows["vision_prepacked"])
 
 
 def choose(isa: str | None = None, calibrate: bool | None = None) -> KernelPlan:

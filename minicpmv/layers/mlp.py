@@ -13,7 +13,7 @@ def gelu_mlp(fc1: nn.Module, fc2: nn.Module, x: torch.Tensor, approximate: str =
     fp32), which is what fc2 rounds its input to anyway; on the widest tensor of the layer that
     saves two casts and a bias pass. `native` (cpu/native.py's module, where the plan built it)
     runs the tanh GELU in place, ~2x torch's (which computes it ~5x slower than the erf GELU)."""
-    if type(fc1) is Bf16Linear and type(fc2) is Bf16Linear:
+    if isinstance(fc1, Bf16Linear) and isinstance(fc2, Bf16Linear):
         h = fc1.bf16_product(x)
         if native is not None and approximate == "tanh" and h.shape[-1] % 16 == 0:
             h = native.gelu_tanh_bf16_(h)

@@ -182,6 +182,7 @@ def banner(model, info, config, args) -> list[str]:
     from collections import Counter
 
     from ..layers.fp16_packed import PackedFP16Linear
+    from ..layers.prepacked import PrepackedBf16Linear
     from ..layers.weight_formats import QuantLinear
     from ..quant.gptq_linear import GPTQLinear
     from .metrics import resident_bytes
@@ -198,6 +199,8 @@ def banner(model, info, config, args) -> list[str]:
             stored["fbgemm fp16-packed"] += 1
         elif isinstance(m, QuantLinear):
             stored[m.format] += 1
+        elif isinstance(m, PrepackedBf16Linear):
+            stored["oneDNN-blocked bfloat16"] += 1
         elif isinstance(m, torch.nn.Linear):
             stored[str(m.weight.dtype).removeprefix("torch.")] += 1
     kernels = ", ".join(f"{n} {kind}" for kind, n in stored.most_common()) + " matrices"
