@@ -68,7 +68,7 @@ def test_rules_per_level():
     assert arm.vision_bf16 and arm.text16 == BF16
     rows = dict(avx2.rows("int4"))
     assert set(rows) == {"vision GEMMs", "prefill GEMMs", "decode GEMVs", "lm_head", "MoE experts", "RMSNorms",
-                         "decode layers", "C++ extension", "denormals"}
+                         "decode layers", "prompt DeltaNet", "C++ extension", "denormals"}
     assert "MoE experts" not in dict(avx2.rows())
     assert amx.fused_norm and bf16.fused_norm and not avx2.fused_norm
     assert "int4" in rows["decode GEMVs"] and "tied embedding" in rows["lm_head"]

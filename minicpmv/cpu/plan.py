@@ -107,7 +107,9 @@ class KernelPlan:
                  "F.rms_norm, one call each" if self.fused_norm else "five tensor ops each")
         rows = [("vision GEMMs", vision), ("prefill GEMMs", prefill), ("decode GEMVs", decode), ("lm_head", head),
                 ("decode layers", "one extension call per layer (norms, projections, conv + gated delta rule or "
-                 "attention over the KV pool, MLP) for plain decode batches" if self.native_kernels else "tensor ops")]
+                 "attention over the KV pool, MLP) for plain decode batches" if self.native_kernels else "tensor ops"),
+                ("prompt DeltaNet", "the gated delta rule token by token in the extension, heads in parallel"
+                 if self.native_kernels else "the chunked gated delta rule (tensor ops)")]
         if gptq:
             rows.append(("GPTQ int4 layers", f"{native.describe()} up to {native.ROWS} rows, else W^T widened by it "
                          f"+ {gemm} GEMM (codes kept, scales and offsets bf16)" if self.native_kernels else

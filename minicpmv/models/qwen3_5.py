@@ -3,6 +3,7 @@ interleaved with gated softmax-attention layers, zero-centred RMSNorm, partial R
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 from dataclasses import dataclass
 
 import torch
@@ -189,19 +190,22 @@ class GatedDeltaNet(nn.Module):
         """A prompt chunk of each sequence through the chunked rule, its state advanced in the pool
         (keep_conv: the conv window at the reuse boundary, when the batch keeps one)."""
         views = batch.recurrent_views(layer_idx)  # [(rows, state [n, H, dk, dv] fp32 in the pool)]
+        rule = _prefill_rule
+        if self.native is not None and self.v_dim % 16 == 0 and self.v_dim <= 1024:
+            rule = partial(_native_rule, self.native)
         if batch.keep is not None:
             # one sequence passing a reuse boundary at offset j: run the recurrence up to j, keep the
             # state there (conv window = the K-1 inputs before j), then go on from it
             j = batch.keep[0]
             [(_, state)] = views
-            first, mid = _prefill_rule(q[:, :j], k[:, :j], v[:, :j], g[:, :j], beta[:, :j], state)
+            first, mid = rule(q[:, :j], k[:, :j], v[:, :j], g[:, :j], beta[:, :j], state)
             batch.keep_linear(layer_idx, keep_conv[0], mid[0])
-            rest, final = _prefill_rule(q[:, j:], k[:, j:], v[:, j:], g[:, j:], beta[:, j:], mid)
+            rest, final = rule(q[:, j:], k[:, j:], v[:, j:], g[:, j:], beta[:, j:], mid)
             state.copy_(final)
             return torch.cat([first, rest], dim=1)
         outs = []
         for r, state in views:
-            o, final = _prefill_rule(q[r], k[r], v[r], g[r], beta[r], state)
+            o, final = rule(q[r], k[r], v[r], g[r], beta[r], state)
             state.copy_(final)
             outs.append(o)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -241,6 +245,16 @@ def _prefill_rule(q, k, v, g, beta, state):
     o, final = prefill_gated_delta_rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                         g.transpose(1, 2), beta.float().transpose(1, 2), state)
     return o.transpose(1, 2), final
+
+
+def _native_rule(native, q, k, v, g, beta, state):
+    """The rule token by token in cpu/native.py's extension, the decode step's arithmetic (a CPU
+    plan's prompts; the chunked form above stays the fp32 and GPU path) -> (o [B, T, H, dv], final
+    state). A 512-token prompt of the real-size 4.6: see docs/performance.md."""
+    final = state.clone(memory_format=torch.contiguous_format)
+    o = native.delta_rule_tokens(q.float().contiguous(), k.float().contiguous(), v.float().contiguous(),
+                                 g.float().contiguous(), beta.float().contiguous(), final)
+    return o, final
 
 
 class GatedAttention(nn.Module):

@@ -23,6 +23,9 @@ void conv_token(const float* window, float* next, const float* x, const float* w
 // out [dv] = S^T q.
 void delta_head(const float* q, const float* k, const float* v, float g, float beta, float scale, float eps,
                 float* S, float* out, int64_t dk, int64_t dv);
+// The same token on q times rq and k times rk as given (no norms).
+void delta_token(const float* q, const float* k, const float* v, float g, float beta, float rq, float rk,
+                 float* S, float* out, int64_t dk, int64_t dv);
 // y = x / sqrt(mean(x^2) + eps) * w over D values, times silu(gate) when gate is not null (y may be x).
 void rms_row(const float* x, const float* w, const float* gate, float eps, float* y, int64_t D);
 

@@ -561,13 +561,17 @@ std::vector<torch::Tensor> conv_step(torch::Tensor window, torch::Tensor x, torc
 
 void delta_head(const float* q, const float* k, const float* v, float g, float beta, float scale, float eps,
                 float* S, float* out, int64_t dk, int64_t dv) {
-  float kv[1024];
   float qq = 0.f, kk = 0.f;
   for (int64_t d = 0; d < dk; ++d) {
     qq += q[d] * q[d];
     kk += k[d] * k[d];
   }
-  const float rq = scale / std::sqrt(qq + eps), rk = 1.0f / std::sqrt(kk + eps);
+  delta_token(q, k, v, g, beta, scale / std::sqrt(qq + eps), 1.0f / std::sqrt(kk + eps), S, out, dk, dv);
+}
+
+void delta_token(const float* q, const float* k, const float* v, float g, float beta, float rq, float rk,
+                 float* S, float* out, int64_t dk, int64_t dv) {
+  float kv[1024];
   for (int64_t j = 0; j < dv; j += 16) _mm512_storeu_ps(kv + j, _mm512_setzero_ps());
   for (int64_t d = 0; d < dk; ++d) {  // S^T k, before the decay
     const __m512 kd = _mm512_set1_ps(k[d] * rk);
@@ -616,6 +620,37 @@ torch::Tensor delta_step(torch::Tensor y, torch::Tensor g, torch::Tensor beta, t
       const int64_t b = i / Hv, h = i % Hv, kh = h / rep;
       delta_head(yp + b * C + kh * dk, yp + b * C + Hk * dk + kh * dk, yp + b * C + 2 * Hk * dk + h * dv, gp[i], bp[i],
                  sc, e, sp + i * dk * dv, op + i * dv, dk, dv);
+    }
+  });
+  return o;
+}
+
+// The rule over the T tokens of a prompt, token by token (the decode step's arithmetic), heads in
+// parallel: q, k [B, T, H, dk] already l2-normalised (q scaled), v [B, T, H, dv], g, beta [B, T, H];
+// state [B, H, dk, dv] advanced in place -> o [B, T, H, dv]. All fp32, contiguous.
+torch::Tensor delta_rule_tokens(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor g,
+                                torch::Tensor beta, torch::Tensor state) {
+  for (const auto* t : {&q, &k, &v, &g, &beta, &state})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous(), "delta_rule_tokens: contiguous fp32 tensors");
+  TORCH_CHECK(state.dim() == 4 && q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4, "q, k, v [B, T, H, d]");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), dk = q.size(3), dv = v.size(3);
+  TORCH_CHECK(v.size(0) == B && v.size(1) == T && v.size(2) == H, "v: [B, T, H, dv]");
+  TORCH_CHECK(state.size(0) == B && state.size(1) == H && state.size(2) == dk && state.size(3) == dv,
+              "state: [B, H, dk, dv]");
+  TORCH_CHECK(g.numel() == B * T * H && beta.numel() == B * T * H, "g, beta: [B, T, H]");
+  TORCH_CHECK(dv % 16 == 0 && dv <= 1024, "dv must be a multiple of 16, at most 1024");
+  auto o = torch::empty({B, T, H, dv}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *gp = g.data_ptr<float>(), *bp = beta.data_ptr<float>();
+  float *sp = state.data_ptr<float>(), *op = o.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t r = (b * T + t) * H + h;  // this token's row of this head
+        delta_token(qp + r * dk, kp + r * dk, vp + r * dv, gp[r], bp[r], 1.0f, 1.0f, sp + i * dk * dv,
+                    op + r * dv, dk, dv);
+      }
     }
   });
   return o;
@@ -765,6 +800,7 @@ torch::Tensor conv_prompt(torch::Tensor x, torch::Tensor past, torch::Tensor w_t
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode_layers(m);
   m.def("conv_step", &conv_step, "one token of the depthwise causal conv + silu -> (y, next window)");
+  m.def("delta_rule_tokens", &delta_rule_tokens, "the gated delta rule over a prompt, token by token, states in place -> o");
   m.def("delta_step", &delta_step, "one token of the gated delta rule, states updated in place -> o [n, Hv, dv]");
   m.def("int4_widen_t", &int4_widen_t, "int4 blocks b0..b1 -> W^T [K, 64 (b1 - b0)] in bf16 (or fp32)",
         py::arg("packed"), py::arg("scale_zero"), py::arg("group"), py::arg("b0"), py::arg("b1"), py::arg("bf16"));
