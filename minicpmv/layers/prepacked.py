@@ -50,9 +50,6 @@ class PrepackedBf16Linear(Bf16Linear):
     def bf16_product(self, x: torch.Tensor) -> torch.Tensor:
         return _product(x, self.packed, self.bias_bf16)
 
-    def on_extension(self, rows: int) -> bool:
-        return False
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _product(x, self.packed, None).to(x.dtype)
         return y if self.bias is None else y + self.bias

@@ -187,8 +187,9 @@ class GatedDeltaNet(nn.Module):
         return F.silu(out, inplace=True).to(dtype)
 
     def _prefill(self, q, k, v, g, beta, keep_conv, batch: ForwardBatch, layer_idx: int) -> torch.Tensor:
-        """A prompt chunk of each sequence through the chunked rule, its state advanced in the pool
-        (keep_conv: the conv window at the reuse boundary, when the batch keeps one)."""
+        """A prompt chunk of each sequence through the rule (the extension's token-by-token one on a
+        CPU plan, else the chunked form), its state advanced in the pool (keep_conv: the conv window
+        at the reuse boundary, when the batch keeps one)."""
         views = batch.recurrent_views(layer_idx)  # [(rows, state [n, H, dk, dv] fp32 in the pool)]
         rule = _prefill_rule
         if self.native is not None and self.v_dim % 16 == 0 and self.v_dim <= 1024:

@@ -203,7 +203,7 @@ def banner(model, info, config, args) -> list[str]:
             stored["oneDNN-blocked bfloat16"] += 1
         elif isinstance(m, torch.nn.Linear):
             stored[str(m.weight.dtype).removeprefix("torch.")] += 1
-    kernels = ", ".join(f"{n} {kind}" for kind, n in stored.most_common()) + " matrices"
+    matrices = ", ".join(f"{n} {kind}" for kind, n in stored.most_common()) + " matrices"
     if device.type == "cuda":
         memory = (f"{torch.cuda.memory_allocated(device) / 2**30:.2f} GiB of "
                   f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB GPU memory in use")
@@ -216,7 +216,7 @@ def banner(model, info, config, args) -> list[str]:
     key = f" -H {shlex.quote('Authorization: Bearer ' + config.api_key)}" if config.api_key else ""
     return [
         f"model: {', '.join(config.served_model_names)} ({info.family_name}, {info.folder})",
-        f"weights: {', '.join(dtypes)} on {device}; matrices: {kernels}",
+        f"weights: {', '.join(dtypes)} on {device}; matrices: {matrices}",
         f"memory: {memory}; context {model.max_context} tokens; {config.max_concurrency} sequences decoded together, "
         f"{config.max_queue} more may wait; vision-encoding cache {config.encoder_cache_bytes / 2**20:.0f} MiB",
         f"listening on http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port} "
