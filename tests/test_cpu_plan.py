@@ -74,6 +74,27 @@ def test_rules_per_level():
     assert "int4" in rows["decode GEMVs"] and "tied embedding" in rows["lm_head"]
 
 
+def test_avx512_bf16_without_amx_takes_bf16_text_matrices_where_the_extension_builds():
+    """With the extension (its flags on the described CPU and on this host), an AVX512-BF16 CPU without
+    AMX keeps its text matrices bf16, one decode row on vdpbf16ps (`bf16_dot`) and the layers fused;
+    without it, fbgemm's fp16-packed GEMV (no fused layers). AMX machines keep the exact FMA rows."""
+    from minicpmv.cpu import native
+
+    flags = frozenset(native.NEEDS) | {"avx2", "avx512_bf16"}
+    bf16 = rule_plan(cpu("avx512_bf16", flags=flags))
+    amx = rule_plan(cpu("amx", flags=flags | {"amx_tile", "amx_bf16"}))
+    plain = rule_plan(cpu("avx512_bf16"))  # no flags: the extension is out
+    assert not amx.bf16_dot and not plain.bf16_dot and not plain.native_kernels
+    if fp16_packed.available():
+        assert plain.text16 == FP16_PACKED
+        assert dict(plain.rows())["decode layers"] == "tensor ops"
+        assert dict(plain.rows("int8"))["decode layers"] == "tensor ops"  # (no extension at all)
+    if native.unusable(bf16.cpu) is None:  # this host has the extension's flags too
+        assert bf16.text16 == BF16 and bf16.bf16_dot and bf16.gemm_dtype == torch.bfloat16
+        rows = dict(bf16.rows())
+        assert "vdpbf16ps" in rows["decode GEMVs"] and rows["decode layers"].startswith("one extension call")
+
+
 def table(gemm_bf16, gemm_fp32, gemv_bf16, gemv_fp16):
     return {"path": "x", "gemm_256x1024x2048_ms": {"bf16": gemm_bf16, "fp32": gemm_fp32, FP16_PACKED: gemm_fp32},
             "gemv_4096x2048_ms": {"bf16": gemv_bf16, FP16_PACKED: gemv_fp16}}
@@ -134,7 +155,7 @@ def test_loaded_layers_take_the_plans_kernel_rows(tmp_path, monkeypatch):
 def test_calibration_is_cached_per_cpu_and_torch(tmp_path, monkeypatch):
     monkeypatch.setenv(cal.ENV_CACHE, str(tmp_path))
     calls = []
-    monkeypatch.setattr(cal, "probe", lambda: calls.append(1) or table(8.0, 1.0, 1.0, 1.0))
+    monkeypatch.setattr(cal, "probe", lambda cpu: calls.append(1) or table(8.0, 1.0, 1.0, 1.0))
     here = isa.detect()
     assert cal.load_or_run(here) is None and not calls  # nothing cached, not asked to run
     first = cal.load_or_run(here, run=True)
@@ -152,7 +173,7 @@ def test_calibration_is_cached_per_cpu_and_torch(tmp_path, monkeypatch):
 def test_calibrate_env_runs_the_probe_once_at_load_time(tmp_path, monkeypatch):
     monkeypatch.setenv(cal.ENV_CACHE, str(tmp_path))
     calls = []
-    monkeypatch.setattr(cal, "probe", lambda: calls.append(1) or table(0.2, 1.0, 1.0, 1.0))
+    monkeypatch.setattr(cal, "probe", lambda cpu: calls.append(1) or table(0.2, 1.0, 1.0, 1.0))
     assert choose().source == "rules" and not calls  # off by default
     monkeypatch.setenv(cal.ENV_CALIBRATE, "1")
     assert choose().source.startswith("calibrated") and calls == [1]

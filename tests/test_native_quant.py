@@ -2,7 +2,9 @@
 
 On a CPU that has what they need (AVX-512 F/BW/VL/DQ, VNNI, VBMI: this project's Xeon and Zen 5
 machines) they are built once and must give the fp32 product with the dequantized matrix:
-  * bf16: exact products of fp32 activations with the bf16 weights, fp32 sums: within 1e-6;
+  * bf16: exact products of fp32 activations with the bf16 weights, fp32 sums: within 1e-6; on
+    AVX512-BF16 without AMX, one to eight rows on vdpbf16ps with the activations rounded to bf16:
+    within 1e-5 of that arithmetic, 1e-2 of the exact product;
   * int8, K % 64 == 0: activations rounded to int8 per block of 32 inputs (max|x| / 127, as llama.cpp's
     Q8_0 dot products round them), exact int32 block sums: within 1e-5 of max|y| of that arithmetic
     done in float64, and within 2e-2 of the fp32 product (measured 4e-3 to 1e-2); other K: fp32
@@ -295,6 +297,47 @@ def test_amx_rows_give_the_product_of_the_bf16_rounded_activations():
     assert seen == [5, 16]
 
 
+def test_bf16_dot_rows_give_the_product_of_the_bf16_rounded_activations():
+    """1-8 decode rows on vdpbf16ps (the plan's `bf16_dot`: AVX512-BF16 without AMX): the product of
+    the bf16-rounded activations with the weights within 1e-5 of max|y| of that arithmetic in
+    float64 (fp32 sums), within 1e-2 of the exact product (measured ~2e-3), tiles of 4 weight rows
+    and the rows past them alike, each row's result the same whatever the other rows, a NaN
+    confined to its row; a K not a multiple of 32 refused; a Bf16Linear the plan tunes runs it."""
+    from minicpmv.cpu.apply import tune_bf16
+
+    plan = rule_plan(HERE)
+    assert plan.bf16_dot == (USABLE and HERE.at_least("avx512_bf16") and not HERE.at_least("amx"))
+    mod = kernels()
+    if mod is None:
+        return
+    assert mod.bf16_dot_ok() == ("avx512_bf16" in HERE.flags)
+    if not mod.bf16_dot_ok():
+        with pytest.raises(RuntimeError, match="AVX512-BF16"):
+            mod.bf16_dot_mm(torch.randn(1, 32), torch.randn(4, 32).bfloat16())
+        return
+    g = torch.Generator().manual_seed(6)
+    w = (torch.randn(203, 96, generator=g) * 0.1).bfloat16()  # 50 tiles of 4 rows, then 3 rows
+    x = torch.randn(8, 96, generator=g)
+    ref, exact = x.bfloat16().double() @ w.double().t(), x.double() @ w.double().t()
+    for m in (1, 2, 3, 4, 5, 8):
+        y = mod.bf16_dot_mm(x[:m].contiguous(), w).double()
+        assert (y - ref[:m]).abs().max() <= 1e-5 * ref[:m].abs().max(), m
+        assert (y - exact[:m]).abs().max() <= 1e-2 * exact[:m].abs().max(), m
+        for r in (0, m - 1):  # batch-invariant rows
+            assert torch.equal(y[r].float(), mod.bf16_dot_mm(x[r:r + 1].contiguous(), w)[0])
+    xn = x[:3].clone()
+    xn[1, 5] = float("nan")
+    yn = mod.bf16_dot_mm(xn, w)
+    assert yn[1].isnan().all() and torch.equal(yn[[0, 2]], mod.bf16_dot_mm(x[[0, 2]].contiguous(), w))
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        mod.bf16_dot_mm(torch.randn(1, 48), torch.randn(4, 48).bfloat16())
+    lin = Bf16Linear.of(w, None)
+    tune_bf16(lin, plan, mod)
+    assert lin.bf16_dot == plan.bf16_dot
+    if plan.bf16_dot:
+        assert torch.equal(lin(x[:2]), mod.bf16_dot_mm(x[:2].contiguous(), w))
+
+
 def test_bad_inputs_are_refused_with_a_message():
     mod = kernels()
     if mod is None:
@@ -318,9 +361,11 @@ def test_a_16_bit_model_on_the_bf16_plan_decodes_through_them(tmp_path):
         assert not bf16
         return
     assert bf16 and all((m.native is not None) == USABLE for m in bf16)
+    assert all(m.bf16_dot == model.kernel_plan.bf16_dot for m in bf16 if m.in_features % 32 == 0)
     x = torch.randn(2, bf16[0].in_features)
     fast = bf16[0](x)
-    exact = x @ bf16[0].weight.float().t()
+    # vdpbf16ps rows (AVX512-BF16 without AMX) multiply the bf16-rounded activations, else exact ones
+    exact = (x.bfloat16().float() if bf16[0].bf16_dot else x) @ bf16[0].weight.float().t()
     assert (fast - exact).abs().max() <= 1e-5 * exact.abs().max()
 
 

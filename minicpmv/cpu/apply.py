@@ -47,15 +47,26 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
     if plan.text16 == BF16:
         swap_linears(model, prefixes, Bf16Linear.of, accept=lambda lin: lin.weight.dtype == torch.bfloat16)
         for name, m in model.named_modules():
-            if kernels is not None and type(m) is Bf16Linear and name.startswith(prefixes) and m.in_features % 16 == 0:
-                m.native = kernels  # decode rows: the extension's bf16 GEMV
-                if plan.amx_rows and m.in_features % 32 == 0 and kernels.amx_rows_ok():
-                    m.amx_rows = plan.amx_rows  # batched decode rows: its AMX tiles
+            if type(m) is Bf16Linear and name.startswith(prefixes):
+                tune_bf16(m, plan, kernels)
         if fp16_packed.available():  # what is left: an fp16 checkpoint's matrices (no bf16 copy to run)
             swap_linears(model, prefixes, fp16_packed.PackedFP16Linear,
                          accept=lambda lin: type(lin) is not Bf16Linear and fp16_packed.packable(lin))
     elif plan.text16 == FP16_PACKED and fp16_packed.available():
         fp16_packed.pack_fp16(model, prefixes)
+
+
+def tune_bf16(m: Bf16Linear, plan: KernelPlan, kernels) -> None:
+    """A per-token bf16 matrix's decode rows on the extension (`kernels`, if built): its FMA rows,
+    or vdpbf16ps on bf16-rounded activations where the plan says so, and its AMX tiles for
+    batched rows where the CPU has them."""
+    if kernels is None or m.in_features % 16:
+        return
+    m.native = kernels
+    if m.in_features % 32 == 0:
+        m.bf16_dot = plan.bf16_dot and kernels.bf16_dot_ok()
+        if plan.amx_rows and kernels.amx_rows_ok():
+            m.amx_rows = plan.amx_rows
 
 
 def tune_format(m, fmt: str, width: int, plan: KernelPlan, kernels) -> None:

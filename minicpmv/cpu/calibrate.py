@@ -30,7 +30,7 @@ from .plan import BF16, FP16_PACKED, WIDENED
 ENV_CALIBRATE = "MINICPMV_CPU_CALIBRATE"
 ENV_CACHE = "MINICPMV_CACHE_DIR"
 CLEAR_WIN = 1.15  # a measured kernel replaces the rule's choice only when this much faster
-VERSION = 2
+VERSION = 3  # 3: the bf16 GEMV is the one decode runs (the extension's rows where they build)
 QUANT_ROWS = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # row counts probed for the int8/int4 kernel crossover
 
 
@@ -68,9 +68,18 @@ def _time(fn, min_s: float = 0.15, max_calls: int = 25) -> float:
     return statistics.median(samples)
 
 
-def probe() -> dict:
-    """Milliseconds per call of each candidate kernel (see the module docstring)."""
-    from ..layers.weight_formats import Int4Linear, Int8Linear
+def probe(cpu: CpuInfo | None = None) -> dict:
+    """Milliseconds per call of each candidate kernel (see the module docstring). The bf16 GEMV is
+    the one the rules would give decode on `cpu` (this CPU when None): the extension's rows where
+    they build, else torch's."""
+    from ..layers.weight_formats import Bf16Linear, Int4Linear, Int8Linear
+    from . import native
+    from .apply import tune_bf16
+    from .isa import detect
+    from .plan import rule_plan
+
+    plan = rule_plan(cpu or detect())
+    kernels = native.quant_kernels(plan.cpu, progress=False) if plan.native_kernels else None
 
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
@@ -85,7 +94,11 @@ def probe() -> dict:
 
         mats = [(torch.randn(4096, 2048, generator=g) * 0.03).bfloat16() for _ in range(4)]
         row = torch.randn(1, 2048, generator=g)
-        gemv = {"bf16": _time(lambda: [F.linear(row.bfloat16(), m) for m in mats]) / len(mats)}
+        lins = [Bf16Linear.of(m, None) for m in mats]
+        for lin in lins:
+            tune_bf16(lin, plan, kernels)
+        gemv = {"bf16": _time(lambda: [lin(row) for lin in lins]) / len(lins)}
+        del lins
         if fp16_packed.available():
             packs = [fp16_packed.PackedFP16Linear(m, None) for m in mats]
             gemv[FP16_PACKED] = _time(lambda: [p(row) for p in packs]) / len(mats)
@@ -127,7 +140,7 @@ def load_or_run(cpu: CpuInfo, run: bool = False, force: bool = False) -> dict | 
             pass
     if not (run or force):
         return None
-    data = {"key": cache_key(cpu), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **probe()}
+    data = {"key": cache_key(cpu), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **probe(cpu)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1))

@@ -30,7 +30,7 @@ log = logging.getLogger("minicpmv.cpu")
 
 ENV = "MINICPMV_NATIVE"  # "0" keeps torch's kernels
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "quant_gemv.cpp", CSRC / "decode_layers.cpp")  # + kernels.h, which both include
+SOURCES = (CSRC / "quant_gemv.cpp", CSRC / "decode_layers.cpp", CSRC / "bf16_dot.cpp")  # + kernels.h, which both include
 NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi", "-mfma",
          "-fopenmp"]

@@ -10,9 +10,12 @@ kernel is the best one for that storage.
 Rules without a calibration:
 * AMX (bf16 tile units): vision and text matrices bf16, GEMMs in bf16 with fp32 accumulation
   (~6x fp32 on the Xeon of ../shared/perf.md); decode reads the bf16 copy (a bf16 GEMV).
-* AVX512-BF16 without AMX (or ARM BF16): vision GEMMs in bf16; the text matrices stay fbgemm
-  fp16-packed (fp32 math), the fastest decode GEMV where it was probed (a noisy 2x over the bf16
-  GEMV on a Zen 5 box), so prompts run at fbgemm's rate rather than bf16's.
+* AVX512-BF16 without AMX, where the extension builds (cpu/native.py): vision and text matrices
+  bf16, prompts' GEMMs in bf16 (vdpbf16ps, ~2.7x fp32's rate on the Zen 4 of 2026-12-02); one
+  decode row multiplies bf16-rounded activations on vdpbf16ps (`bf16_dot`: ~1.1x fbgemm's fp16
+  GEMV there, 1.4x the extension's exact FMA rows), the decode layers fused. Without the
+  extension (or on ARM BF16 with fbgemm): the text matrices fbgemm fp16-packed (fp32 math), the
+  fastest decode GEMV torch has there (a noisy 2x over torch's bf16 GEMV on a Zen 5 box).
 * x86 with AVX2 (fbgemm): vision in fp32 on the bf16 weight widened per call, text matrices
   fbgemm fp16-packed with fp32 math (the AVX2-era path, measured in docs/performance.md).
 * anything else: bf16 storage widened to fp32 for many rows, bf16 GEMV for few (layers/mixed.py).
@@ -56,6 +59,9 @@ class KernelPlan:
     amx_rows: int = 0
     # the bf16 vision matrices held in oneDNN's blocked layout (layers/prepacked.py), on x86 CPUs
     vision_prepacked: bool = False
+    # bf16 decode rows on the extension's vdpbf16ps kernel, activations rounded to bf16 (AVX512-BF16
+    # without AMX); else its FMA rows on exact fp32 activations
+    bf16_dot: bool = False
 
     @property
     def prepacks_vision(self) -> bool:
@@ -94,8 +100,10 @@ class KernelPlan:
         elif self.text16 == BF16:
             prefill = "bf16 GEMM, fp32 accumulation"
             fma_rows = self.amx_rows - 1 if self.amx_rows else native.ROWS
-            decode = (f"bf16 GEMV: {native.describe()} up to {fma_rows} rows" if self.native_kernels else
-                      "bf16 GEMV, fp32 accumulation")
+            decode = ("bf16 GEMV, fp32 accumulation" if not self.native_kernels else
+                      f"bf16 GEMV: {native.describe()} up to {fma_rows} rows, activations rounded to bf16 "
+                      "(AVX512-BF16 vdpbf16ps)" if self.bf16_dot else
+                      f"bf16 GEMV: {native.describe()} up to {fma_rows} rows")
             if self.native_kernels and self.amx_rows:
                 decode += f"; {self.amx_rows}-16 rows on its AMX tiles (bf16 activations)"
             head = decode
@@ -105,9 +113,11 @@ class KernelPlan:
             head = decode
         norms = ("one call each (the extension's loop)" if self.native_kernels else
                  "F.rms_norm, one call each" if self.fused_norm else "five tensor ops each")
+        # the fused layers multiply the extension's formats only: bf16, int8, int4 (GPTQ moves to int4)
+        fused = self.native_kernels and (weights in WEIGHT_FORMATS or gptq or self.text16 == BF16)
         rows = [("vision GEMMs", vision), ("prefill GEMMs", prefill), ("decode GEMVs", decode), ("lm_head", head),
                 ("decode layers", "one extension call per layer (norms, projections, conv + gated delta rule or "
-                 "attention over the KV pool, MLP) for plain decode batches" if self.native_kernels else "tensor ops"),
+                 "attention over the KV pool, MLP) for plain decode batches" if fused else "tensor ops"),
                 ("prompt DeltaNet", "the gated delta rule token by token in the extension, heads in parallel"
                  if self.native_kernels else "the chunked gated delta rule (tensor ops)")]
         if gptq:
@@ -135,7 +145,10 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
     rows["amx_rows"] = 5 if rows["native_kernels"] and cpu.at_least("amx") else 0
     # oneDNN's reordered bf16 weights: 1.1-1.5x F.linear on the vision shapes (AMX Xeon); x86 only
     rows["vision_prepacked"] = cpu.arch in ("x86_64", "AMD64")
-    if cpu.at_least("amx") or (cpu.fast_bf16 and not fbgemm):
+    # vdpbf16ps for one decode row: 1.4x the FMA rows on the Zen 4 (one sequential stream per thread);
+    # not on AMX machines, whose FMA rows already stream at the memory's rate (unmeasured there)
+    rows["bf16_dot"] = rows["native_kernels"] and cpu.at_least("avx512_bf16") and not cpu.at_least("amx")
+    if cpu.at_least("amx") or (cpu.fast_bf16 and (not fbgemm or rows["native_kernels"])):
         return KernelPlan(cpu, vision_bf16=True, text16=BF16, gemm_dtype=torch.bfloat16, fused_norm=fused_norm, **rows)
     if cpu.fast_bf16:
         return KernelPlan(cpu, vision_bf16=True, text16=FP16_PACKED, gemm_dtype=torch.bfloat16, fused_norm=fused_norm,
@@ -145,7 +158,7 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
                           **rows)
     return KernelPlan(cpu, vision_bf16=False, text16=WIDENED, gemm_dtype=torch.float32,
                       native_kernels=rows["native_kernels"], flush_denormals=rows["flush_denormals"],
-                      amx_rows=rows["amx_rows"], vision_prepacked=rows["vision_prepacked"])
+                      amx_rows=rows["amx_rows"], vision_prepacked=rows["vision_prepacked"], bf16_dot=rows["bf16_dot"])
 
 
 def choose(isa: str | None = None, calibrate: bool | None = None) -> KernelPlan:

@@ -329,6 +329,9 @@ class Bf16Linear(nn.Linear):
     # from this many rows up to AMX_ROWS, the extension's AMX tile product (bf16 activations); 0: off.
     # Set by the CPU plan where the CPU has AMX, the OS grants it and in_features % 32 == 0.
     amx_rows = 0
+    # the extension's rows on vdpbf16ps with the activations rounded to bf16 (AVX512-BF16 without
+    # AMX; in_features % 32 == 0), else its FMA rows on exact fp32 activations
+    bf16_dot = False
 
     def bf16_product(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b as one bf16 GEMM (bias added in its fp32 accumulator), bf16 out: for a
@@ -347,7 +350,8 @@ class Bf16Linear(nn.Linear):
         rows = x.numel() // x.shape[-1]
         if self.on_extension(rows):
             amx = self.amx_rows and self.amx_rows <= rows  # (the tiles' upper bound: on_extension)
-            product = self.native.bf16_amx_mm if amx else self.native.bf16_mm
+            product = (self.native.bf16_amx_mm if amx else self.native.bf16_dot_mm if self.bf16_dot else
+                       self.native.bf16_mm)
             y = product(x.reshape(rows, -1).float().contiguous(), self.weight)
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
             return y if self.bias is None else y + self.bias

@@ -11,6 +11,9 @@
 torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scale);
 torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor w);
 torch::Tensor bf16_amx_mm(torch::Tensor x, torch::Tensor w);
+// x rounded to bf16, vdpbf16ps rows (bf16_dot.cpp); bf16_dot_ok(): whether this CPU has AVX512-BF16
+torch::Tensor bf16_dot_mm(torch::Tensor x, torch::Tensor w);
+bool bf16_dot_ok();
 torch::Tensor int4_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, int64_t group);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, c10::optional<torch::Tensor> gate);
 

@@ -809,6 +809,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_mm", &int8_mm, "x [M, K] fp32 @ (q [N, K] int8 * scale [N] bf16)^T -> [M, N] fp32");
   m.def("bf16_amx_mm", &bf16_amx_mm, "x [M <= 16, K] fp32 rounded to bf16 @ w [N, K] bf16 ^T -> [M, N] fp32 "
         "(AMX tiles, fp32 sums)");
+  m.def("bf16_dot_mm", &bf16_dot_mm, "x [M, K] fp32 rounded to bf16 @ w [N, K] bf16 ^T -> [M, N] fp32 "
+        "(AVX512-BF16 vdpbf16ps, fp32 sums; K % 32 == 0)");
+  m.def("bf16_dot_ok", &bf16_dot_ok, "whether this CPU has AVX512-BF16 (bf16_dot_mm)");
   m.def("amx_rows_ok", &amx_rows_ok, "whether this process may use the AMX tiles (asks the OS once)");
   m.def("bf16_mm", &bf16_mm, "x [M, K] fp32 @ w [N, K] bf16 ^T -> [M, N] fp32 (exact products, fp32 sums)");
   m.def("silu_mul_bf16", &silu_mul_bf16, "gate_up [.., 2I] bf16 -> silu(gate) * up [.., I] bf16 (fp32 math)");

@@ -1,0 +1,107 @@
+// bf16 rows on AVX512-BF16 (vdpbf16ps) for the few activation rows of a decode step, on CPUs with
+// that unit and no AMX (cpu/plan.py: `bf16_dot`). The activations are rounded to bf16 once (round
+// to nearest even, as a bf16 GEMM rounds a prompt's), then each instruction multiplies 32 weights
+// of a row by 32 inputs, pairwise into 16 fp32 lanes, summed when the row ends. Per weight that is
+// one multiply-add against the FMA kernel's load, widen, shift and multiply-add (quant_gemv.cpp's
+// rows_tile), which on a Zen 4 left one row's stream compute-bound well below the memory's rate.
+// Several activation rows run in tiles of 4 weight rows x up to 4 activation rows, one row alone
+// runs dot_row; both keep one accumulator per (weight row, activation row) over k in order, so a
+// row's result does not depend on how many rows share the call. Denormal inputs count as
+// zero (the instructions' rule). K % 32 == 0. Compiled for any AVX-512 CPU (the functions that use
+// the unit carry their own target); bf16_dot_ok() says whether this CPU has it.
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+namespace {
+
+constexpr int64_t PF_DOT = 8192;  // bytes ahead in each weight row's stream (tiles of several rows)
+
+template <int R, int MR>
+__attribute__((target("avx512bf16"))) void dot_tile(const uint16_t* w, const uint16_t* xb, float* y, int64_t K,
+                                                   int64_t N, int64_t n0, int64_t m0) {
+  __m512 acc[R][MR];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512bh xv[MR];
+    for (int m = 0; m < MR; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(xb + (m0 + m) * K + k);
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* row = w + (n0 + r) * K + k;
+      _mm_prefetch(reinterpret_cast<const char*>(row) + PF_DOT, _MM_HINT_T0);
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(row);
+      for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MR; ++m) y[(m0 + m) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+// One activation row (the usual decode step): weight rows one after another, each read front to
+// back, so a thread walks one sequential stream that the hardware prefetcher follows; no software
+// prefetch (on the Zen 4 it only slowed this walk: one 233 MB matrix 27.5 GB/s without, 20.5 with).
+// One accumulator per row over k in order, as dot_tile keeps per pair: the same sums bit for bit.
+__attribute__((target("avx512bf16"))) void dot_row(const uint16_t* w, const uint16_t* xb, float* y, int64_t K,
+                                                  int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  const uint16_t* row = w + n * K;
+  for (int64_t k = 0; k < K; k += 32)
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(row + k), (__m512bh)_mm512_loadu_si512(xb + k));
+  y[n] = _mm512_reduce_add_ps(acc);
+}
+
+template <int R>
+__attribute__((target("avx512bf16"))) void dot_rows(const uint16_t* w, const uint16_t* xb, float* y, int64_t K,
+                                                   int64_t N, int64_t M, int64_t n0) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= M; m0 += 4) dot_tile<R, 4>(w, xb, y, K, N, n0, m0);
+  switch (M - m0) {
+    case 3: dot_tile<R, 3>(w, xb, y, K, N, n0, m0); break;
+    case 2: dot_tile<R, 2>(w, xb, y, K, N, n0, m0); break;
+    case 1: dot_tile<R, 1>(w, xb, y, K, N, n0, m0); break;
+    default: break;
+  }
+}
+
+// x [M, K] fp32 -> bf16 bits, round to nearest even (vcvtneps2bf16)
+__attribute__((target("avx512bf16"))) void round_rows(const float* x, uint16_t* xb, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+  for (; i < n; ++i) xb[i] = c10::BFloat16(x[i]).x;  // (n is a multiple of 32: never taken)
+}
+
+}  // namespace
+
+bool bf16_dot_ok() { return __builtin_cpu_supports("avx512bf16"); }
+
+torch::Tensor bf16_dot_mm(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "w: contiguous [N, K] bf16");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
+              "x must be a contiguous 2-D fp32 tensor");
+  const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the matrix ", K);
+  TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32");
+  TORCH_CHECK(bf16_dot_ok(), "this CPU has no AVX512-BF16");
+  auto xb = torch::empty({M, K}, x.options().dtype(torch::kBFloat16));
+  uint16_t* xbp = reinterpret_cast<uint16_t*>(xb.data_ptr<at::BFloat16>());
+  round_rows(x.data_ptr<float>(), xbp, M * K);
+  auto y = torch::empty({M, N}, x.options());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * 4;
+      if (M == 1) {
+        for (int64_t n = n0; n < std::min(N, n0 + 4); ++n) dot_row(wp, xbp, yp, K, n);
+      } else if (n0 + 4 <= N) {
+        dot_rows<4>(wp, xbp, yp, K, N, M, n0);
+      } else {
+        for (int64_t n = n0; n < N; ++n) dot_rows<1>(wp, xbp, yp, K, N, M, n);
+      }
+    }
+  });
+  return y;
+}
