@@ -65,12 +65,10 @@ __attribute__((target("avx512bf16"))) void dot_rows(const uint16_t* w, const uin
   }
 }
 
-// x [M, K] fp32 -> bf16 bits, round to nearest even (vcvtneps2bf16)
+// x [M, K] fp32 -> bf16 bits, round to nearest even (vcvtneps2bf16); n = M K, a multiple of 32
 __attribute__((target("avx512bf16"))) void round_rows(const float* x, uint16_t* xb, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
+  for (int64_t i = 0; i < n; i += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
-  for (; i < n; ++i) xb[i] = c10::BFloat16(x[i]).x;  // (n is a multiple of 32: never taken)
 }
 
 }  // namespace
@@ -79,10 +77,8 @@ bool bf16_dot_ok() { return __builtin_cpu_supports("avx512bf16"); }
 
 torch::Tensor bf16_dot_mm(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "w: contiguous [N, K] bf16");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
-              "x must be a contiguous 2-D fp32 tensor");
   const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
-  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the matrix ", K);
+  check_x(x, K);
   TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32");
   TORCH_CHECK(bf16_dot_ok(), "this CPU has no AVX512-BF16");
   auto xb = torch::empty({M, K}, x.options().dtype(torch::kBFloat16));

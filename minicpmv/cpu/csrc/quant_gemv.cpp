@@ -356,13 +356,13 @@ void int4_block(const uint8_t* w, const uint32_t* sz, const Int4Activations& a, 
     for (int i = 0; i < 4; ++i) _mm512_storeu_ps(y + (m0 + m) * n_pad + nb + 16 * i, tot[m][i]);
 }
 
+}  // namespace
+
 void check_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
               "x must be a contiguous 2-D fp32 tensor");
   TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the matrix ", K);
 }
-
-}  // namespace
 
 torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kChar && q.is_contiguous(), "q: contiguous [N, K] int8");
