@@ -103,15 +103,18 @@ void rows_mm(const T* q, const uint16_t* scale, const float* x, float* y, int64_
 }
 
 // Activations of the int8 rows: per row and block of 32 inputs a = round(x / d), d = max|x| / 127,
-// stored as a + 128 (vpdpbusd multiplies unsigned bytes by signed ones); d spread over the 8 int32
-// lanes its block's products land in (lanes 0-7: inputs 0-31 of every 64, lanes 8-15: 32-63).
+// signed; d spread over the 8 int32 lanes its block's products land in (lanes 0-7: inputs 0-31 of
+// every 64, lanes 8-15: 32-63), and per lane o = -128 (the sum of its 4 codes). vpdpbusd multiplies
+// unsigned bytes by signed ones: the weights go in as w + 128 (one xor), and starting the sums at o
+// takes the 128 back out, so each lane's int32 is exactly sum w a.
 struct Int8Activations {
-  std::vector<uint8_t> q;  // [M, K]
+  std::vector<int8_t> q;   // [M, K]
   std::vector<float> d;    // [M, K / 64, 16]
+  std::vector<int32_t> o;  // [M, K / 64, 16]
 };
 
 Int8Activations int8_activations(const float* x, int64_t M, int64_t K) {
-  Int8Activations a{std::vector<uint8_t>(M * K), std::vector<float>(M * K / 4)};
+  Int8Activations a{std::vector<int8_t>(M * K), std::vector<float>(M * K / 4), std::vector<int32_t>(M * K / 4)};
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k = 0; k < K; k += 32) {
       const float* xb = x + m * K + k;
@@ -122,45 +125,62 @@ Int8Activations int8_activations(const float* x, int64_t M, int64_t K) {
         amax = std::max(amax, std::fabs(xb[i]));
       }
       const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;  // a non-finite block gives NaN outputs
-      for (int i = 0; i < 32; ++i) {
-        const float v = std::min(127.f, std::max(-127.f, std::nearbyint(xb[i] * inv)));
-        a.q[m * K + k + i] = static_cast<uint8_t>(static_cast<int>(v) + 128);
-      }
-      float* d = a.d.data() + (m * K + k) / 4;  // 8 lanes of the block's 64-input group
-      std::fill(d, d + 8, finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN());
+      int8_t* qb = a.q.data() + m * K + k;
+      for (int i = 0; i < 32; ++i)
+        qb[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(xb[i] * inv))));
+      const int64_t lane = (m * K + k) / 4;  // 8 lanes of the block's 64-input group
+      std::fill(a.d.data() + lane, a.d.data() + lane + 8, finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN());
+      for (int l = 0; l < 8; ++l) a.o[lane + l] = -128 * (qb[4 * l] + qb[4 * l + 1] + qb[4 * l + 2] + qb[4 * l + 3]);
     }
   }
   return a;
 }
 
-// R weight rows against MR activation rows, 64 inputs at a time: sum (a + 128) w - 128 sum w, per
-// 32-input block in int32 lanes, converted and scaled by the block's d into fp32 sums.
+// The step every (weight row, activation row) pair takes per 64 inputs, in k order: the int32 sums
+// of the two 32-input blocks, converted, times their d, added to the pair's fp32 lanes.
+inline __m512 int8_step(__m512 acc, __m512i u, const Int8Activations& a, int64_t at) {
+  const __m512i s = _mm512_dpbusd_epi32(_mm512_loadu_si512(a.o.data() + at / 4), u,
+                                        _mm512_loadu_si512(a.q.data() + at));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(a.d.data() + at / 4), acc);
+}
+
+inline __m512i int8_unsigned(const int8_t* p) {  // 64 codes w as w + 128
+  return _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_set1_epi8(static_cast<char>(0x80)));
+}
+
+// R weight rows against MR activation rows (several activation rows: batched decode).
 template <int R, int MR>
 void int8_tile(const int8_t* q, const uint16_t* scale, const Int8Activations& a, float* y,
                int64_t K, int64_t N, int64_t n0, int64_t m0) {
   __m512 acc[R][MR];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
-  const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t k = 0; k < K; k += 64) {
-    __m512i w[R], offset[R];
+    __m512i u[R];
     for (int r = 0; r < R; ++r) {
       const int8_t* p = q + (n0 + r) * K + k;
       _mm_prefetch(reinterpret_cast<const char*>(p) + PF_ROWS, _MM_HINT_T0);
-      w[r] = _mm512_loadu_si512(p);
-      offset[r] = _mm512_sub_epi32(_mm512_setzero_si512(),
-                                   _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, w[r]), 7));
+      u[r] = int8_unsigned(p);
     }
-    for (int m = 0; m < MR; ++m) {
-      const __m512i av = _mm512_loadu_si512(a.q.data() + (m0 + m) * K + k);
-      const __m512 dv = _mm512_loadu_ps(a.d.data() + ((m0 + m) * K + k) / 4);
-      for (int r = 0; r < R; ++r)
-        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(offset[r], av, w[r])), dv, acc[r][m]);
-    }
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < R; ++r) acc[r][m] = int8_step(acc[r][m], u[r], a, (m0 + m) * K + k);
   }
   for (int r = 0; r < R; ++r) {
     const float s = bf16_to_float(scale[n0 + r]);
     for (int m = 0; m < MR; ++m) y[(m0 + m) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) * s;
+  }
+}
+
+// One activation row (the usual decode step): each weight row read front to back, one after
+// another, so a thread walks one sequential stream (on a Zen 4 two interleaved row streams ran at
+// about half the rate, and software prefetch did not help this walk); the same sums as int8_tile's,
+// bit for bit.
+void int8_walk(const int8_t* q, const uint16_t* scale, const Int8Activations& a, float* y, int64_t K,
+               int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 64) acc = int8_step(acc, int8_unsigned(q + n * K + k), a, k);
+    y[n] = _mm512_reduce_add_ps(acc) * bf16_to_float(scale[n]);
   }
 }
 
@@ -184,6 +204,10 @@ void int8_rows(const int8_t* q, const uint16_t* scale, const Int8Activations& a,
 void int8_vnni_mm(const int8_t* q, const uint16_t* scale, const float* x, float* y, int64_t K, int64_t N,
                   int64_t M) {
   const Int8Activations a = int8_activations(x, M, K);
+  if (M == 1) {
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { int8_walk(q, scale, a, y, K, n0, n1); });
+    return;
+  }
   at::parallel_for(0, (N + 1) / 2, 32, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * 2;
