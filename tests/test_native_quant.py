@@ -9,16 +9,17 @@ machines) they are built once and must give the fp32 product with the dequantize
     Q8_0 dot products round them), exact int32 block sums: within 1e-5 of max|y| of that arithmetic
     done in float64, and within 2e-2 of the fp32 product (measured 4e-3 to 1e-2); other K: fp32
     activations and sums, within 1e-5 (measured 2-5e-7);
-  * int4: activations rounded to int16 per group (max|x| / 32767), exact int32 sums, fp32 group
-    sums: within 2e-4 of max|y| (measured 3-6e-5);
+  * int4: activations rounded as the int8 kernel rounds them, codes multiplied as q - 8 (centred),
+    exact int32 block sums, the offsets times the exact fp32 group sums of x: within 1e-5 of max|y|
+    of that arithmetic done in float64, within 2e-2 of the fp32 product (measured 6e-3 to 1.5e-2);
   * the int4 widening for prompts (W^T from the packed blocks): bit for bit the tensor-op one;
   * the decode helpers (RMSNorm, DeltaNet's conv step and gated delta step): within 1e-6 of the
     tensor ops they replace;
 and a model loaded with weights="int8"/"int4" must route its few-row products through them:
 24 greedy steps of the tiny 4.6 through them, forced through the same model whose quantized
-matrices run the exact fp32 product with their dequantized matrices, give logits within 5e-2
-(int8, the activations' rounding) and 5e-3 (int4, measured 1.3e-3; the tiny random model
-amplifies the per-matrix 5e-5) of the logit scale. Where the CPU lacks them, the loader must keep torch's kernels and say why; the
+matrices run the exact fp32 product with their dequantized matrices, agree on the top token of most
+steps with a median logit error within 0.1 of the logit scale (the activations' rounding, which the
+tiny random model amplifies). Where the CPU lacks them, the loader must keep torch's kernels and say why; the
 reasons are checked on made-up CPUs everywhere."""
 import pytest
 import torch
@@ -45,6 +46,22 @@ def int8_kernel_reference(x: torch.Tensor, lin: Int8Linear) -> torch.Tensor:
     a = torch.round(xb * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))).clamp(-127, 127)
     xq = (a.double() * (amax / 127.0).double()).view(m, k)
     return (xq @ lin.qweight.double().t()) * lin.scale.double()
+
+
+def int4_kernel_reference(x: torch.Tensor, lin: Int4Linear) -> torch.Tensor:
+    """The int4 kernel's arithmetic in float64: x rounded as int8_kernel_reference rounds it, times
+    the centred codes (q - 8) s, plus the offsets z times the exact sums of x per group."""
+    m, k = x.shape
+    n, G = lin.out_features, k // lin.group
+    xb = x.view(m, k // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    a = torch.round(xb * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))).clamp(-127, 127)
+    xq = (a.double() * (amax / 127.0).double()).view(m, k)
+    q = lin.codes(0, n).double().view(n, G, lin.group) - 8.0
+    s = lin.scale_zero[:, :n, 0].t().double()
+    z = lin.scale_zero[:, :n, 1].t().double()
+    centred = (q * s[..., None]).view(n, k)
+    return xq @ centred.t() + x.double().view(m, G, lin.group).sum(-1) @ z.t()
 USABLE = native.unusable(HERE) is None
 FULL = frozenset(native.NEEDS) | {"avx2"}
 
@@ -88,7 +105,11 @@ def test_kernels_give_the_fp32_product_with_the_dequantized_matrix(n, k):
             ref = int8_kernel_reference(x, l8)
             got = mod.int8_mm(x, l8.qweight, l8.scale).double()
             assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
-        for lin, tol in ((l8, 2e-2 if vnni else 1e-5), (l4, 2e-4)):
+        if mod is not None:
+            ref = int4_kernel_reference(x, l4)
+            got = mod.int4_mm(x, l4.qweight, l4.scale_zero, l4.group)[:, :n].double()
+            assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+        for lin, tol in ((l8, 2e-2 if vnni else 1e-5), (l4, 2e-2)):
             ref = x @ lin.dequantize(0, n).t()
             if mod is None:  # no kernels on this CPU: the layer's own path is the one checked
                 got = lin(x)
@@ -104,6 +125,14 @@ def test_kernels_give_the_fp32_product_with_the_dequantized_matrix(n, k):
         for i in range(7):
             assert torch.equal(whole[i:i + 1], mod.int4_mm(x[i:i + 1], l4.qweight, l4.scale_zero, l4.group))
             assert torch.equal(whole8[i:i + 1], mod.int8_mm(x[i:i + 1], l8.qweight, l8.scale))
+    if mod is not None:  # software prefetch in the one-row walks changes no bit
+        x = torch.randn(1, k, generator=g)
+        outs = []
+        for on in (False, True):
+            mod.set_prefetch(on)
+            outs.append((mod.int4_mm(x, l4.qweight, l4.scale_zero, l4.group), mod.int8_mm(x, l8.qweight, l8.scale)))
+        mod.set_prefetch(rule_plan(HERE).prefetch)
+        assert all(torch.equal(a, b) for a, b in zip(*outs))
     if mod is not None:  # prompts: the int4 matrix widened to W^T, bit for bit the tensor-op widening
         blocks = l4.qweight.shape[0] // 64
         for bf16 in (False, True):
@@ -224,7 +253,7 @@ def test_prompt_activations_round_once_to_bf16():
 def test_moe_experts_run_them_on_their_stored_bytes(fmt):
     """QuantExperts: few tokens per expert through the extension's products, many (int4) through its
     widening: the outputs of the exact fp32 products with the dequantized experts, within 2e-4 of
-    their scale (int4) and 3e-2 (int8, whose few-row products round the activations to int8)."""
+    their scale where they widen and 3e-2 where the few-row products round the activations to int8."""
     mod = kernels()
     if mod is None:
         return
@@ -249,7 +278,7 @@ def test_moe_experts_run_them_on_their_stored_bytes(fmt):
             exact = q(x, chosen, weights)  # the tensor-op widening, fp32 products
             q.native, q.native_rows = mod, native.ROWS
             fast = q(x, chosen, weights)
-        tol = 3e-2 if fmt == "int8" and n <= native.ROWS else 2e-4
+        tol = 3e-2 if n <= native.ROWS else 2e-4
         assert (fast - exact).abs().max() <= tol * exact.abs().max(), (fmt, n)
 
 
@@ -372,11 +401,11 @@ def test_a_16_bit_model_on_the_bf16_plan_decodes_through_them(tmp_path):
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_a_quantized_model_decodes_through_them(tiny46_dir, fmt):
     """Whole model, 24 greedy steps: through the kernels against the same model whose quantized
-    matrices run the exact fp32 product with their dequantized matrices. int4: the same tokens,
-    logits within 5e-3 of their scale (measured 1.3e-3). int8, whose rows round the activations
-    to int8 per 32 inputs: the tiny random model turns the kernel's ~5e-3 per matrix into 2-10% of
-    the logit scale a step (one step 30%), so: the top token of >= 75% of the forced steps
-    (measured 0.875) and a median step error <= 0.1 (measured 0.035)."""
+    matrices run the exact fp32 product with their dequantized matrices. Both formats' rows round
+    the activations to int8 per 32 inputs: the tiny random model turns the kernel's ~5e-3 per
+    matrix into 2-10% of the logit scale a step (one step 30%), so: the top token of >= 75% of the
+    forced steps (measured int8 0.875, int4 0.917) and a median step error <= 0.1 (measured int8 0.035,
+    int4 0.043)."""
     model, _ = load_model(tiny46_dir, "auto", "cpu", progress=False, weights=fmt)
     quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert quant and all((m.native is not None) == USABLE for m in quant)
@@ -394,9 +423,6 @@ def test_a_quantized_model_decodes_through_them(tiny46_dir, fmt):
     exact = forced_logits(model, prompt, tokens)
     steps = (fast - exact).abs().amax(-1) / exact.abs().max()
     print(f"{fmt}: logit error per step {steps.median():.2e} median, {steps.max():.2e} max of the logit scale")
-    if fmt == "int4":
-        assert greedy(model, prompt, 24) == tokens
-        assert steps.max() <= 5e-3
-    else:
-        assert (fast.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.75
-        assert steps.median() <= 0.1
+    print(f"{fmt}: top token agreement {(fast.argmax(-1) == exact.argmax(-1)).float().mean():.3f}")
+    assert (fast.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.75
+    assert steps.median() <= 0.1

@@ -23,6 +23,8 @@ from .plan import BF16, FP16_PACKED, INT4_GROUP, KernelPlan
 
 def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes: tuple[str, ...]) -> None:
     kernels = native.quant_kernels(plan.cpu) if plan.native_kernels else None
+    if kernels is not None:
+        kernels.set_prefetch(plan.prefetch)
     for module in model.modules():
         if plan.fused_norm and isinstance(module, (RMSNorm, ZeroCenteredRMSNorm, GatedRMSNorm)):
             module.fused = True

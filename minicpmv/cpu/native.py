@@ -3,10 +3,10 @@ on first use.
 
 Decode multiplies one row (a few, batched) by every per-token matrix, so it streams the weights:
 torch's int8/int4 CPU kernels are compute-bound there and its bf16 GEMV leaves bandwidth unused
-(docs/performance.md); this extension reads the same stored bytes faster (software prefetch; VNNI
-for int8 with the activations rounded to int8 per 32 inputs, and for int4 with them rounded to int16
-per group; bf16 exact on fp32 activations, or on vdpbf16ps with them rounded to bf16 where the
-plan says so: cpu/csrc/bf16_dot.cpp). It is compiled with torch's
+(docs/performance.md); this extension reads the same stored bytes faster (software prefetch where
+the plan says so; VNNI for int8 and int4 with the activations rounded to int8 per 32 inputs; bf16
+exact on fp32 activations, or on vdpbf16ps with them rounded to bf16 where the plan says so:
+cpu/csrc/bf16_dot.cpp). It is compiled with torch's
 cpp_extension (a C++ compiler is needed once, ~30 s) into
 `<cache>/native-<hash>/`, keyed by the source, torch's version and the CPU's flags, and reused
 by every later load. Where it cannot be used (no AVX-512, no compiler, a failed build,

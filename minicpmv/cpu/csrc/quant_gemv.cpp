@@ -9,9 +9,13 @@
 // int4: torch's `_convert_weight_to_int4pack_for_cpu` layout: per block of 64 rows, K x 32 bytes,
 //   byte (k, j) holding row j (low nibble) and row j + 32 (high nibble); scale/offset pairs
 //   [K / group, n_pad, 2] bf16; w = (q - 8) s + z, so per group
-//   sum_k w x = s * sum_k q x + (z - 8 s) * sum_k x.
-//   sum_k q x runs on VNNI in int32 with x rounded to int16 per group (max|x| / 32767), sum_k x
-//   in fp32: the fp32 product with the dequantized matrix within ~1e-4 of its scale.
+//   sum_k w x = s * sum_k (q - 8) x + z * sum_k x.
+//   sum_k (q - 8) x runs on VNNI (vpdpbusd: the codes are unsigned bytes) in int32 with x rounded to int8
+//   per block of 32 inputs, as the int8 rows round it; sum_k x in fp32. The rounding of x is the
+//   error against the fp32 product with the dequantized matrix: within ~1% of the product's scale,
+//   far below what 4-bit weights themselves change. (Until 2026-12 x was rounded to int16 and
+//   multiplied by vpdpwssd, two pairs per lane instead of four: within ~1e-4, and on a Zen 4 about
+//   1.5x slower per weight.)
 #include <type_traits>
 #include "kernels.h"
 #include <ATen/Parallel.h>
@@ -30,9 +34,12 @@ namespace {
 
 // Software prefetch distances (bytes ahead in each weight stream): one core's hardware
 // prefetcher alone left these streams at ~10 GB/s on the AMX Xeon; 8-16 KB ahead reached
-// 17-20 GB/s (1 KB: ~8, 32 KB: no better).
+// 17-20 GB/s (1 KB: ~8, 32 KB: no better). The single-stream walks (int8_walk, int4_block) prefetch
+// only while `walk_prefetch` is on (set_prefetch, from the plan): on a Zen 4 the hardware
+// prefetcher alone streamed them faster (int4 24 vs 18 GB/s with 4-16 KB ahead).
 constexpr int64_t PF_ROWS = 8192;  // per row, 4 rows at a time (int8, bf16)
 constexpr int64_t PF_INT4 = 16384;  // one stream per 64-row block
+bool walk_prefetch = true;
 
 inline float bf16_to_float(uint16_t b) {
   uint32_t u = static_cast<uint32_t>(b) << 16;
@@ -173,13 +180,16 @@ void int8_tile(const int8_t* q, const uint16_t* scale, const Int8Activations& a,
 
 // One activation row (the usual decode step): each weight row read front to back, one after
 // another, so a thread walks one sequential stream (on a Zen 4 two interleaved row streams ran at
-// about half the rate, and software prefetch did not help this walk); the same sums as int8_tile's,
-// bit for bit.
+// about half the rate); the same sums as int8_tile's, bit for bit.
 void int8_walk(const int8_t* q, const uint16_t* scale, const Int8Activations& a, float* y, int64_t K,
                int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 64) acc = int8_step(acc, int8_unsigned(q + n * K + k), a, k);
+    const int8_t* row = q + n * K;
+    for (int64_t k = 0; k < K; k += 64) {
+      if (walk_prefetch) _mm_prefetch(reinterpret_cast<const char*>(row + k) + PF_ROWS, _MM_HINT_T0);
+      acc = int8_step(acc, int8_unsigned(row + k), a, k);
+    }
     y[n] = _mm512_reduce_add_ps(acc) * bf16_to_float(scale[n]);
   }
 }
@@ -277,41 +287,40 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_blocks(const uint16_t* w, 
   _tile_release();
 }
 
-// Activations for the int4 kernel: per row and per group of the matrix, x ~ xq * dx with xq int16
-// (round to nearest on max|x| / 32767: a relative error of ~1e-5 of the group's largest input),
-// stored as the pairs vpdpwssd reads (inputs k, k+2 and k+1, k+3 of every 4), plus the exact sum of x.
+// Activations for the int4 kernel: per row and block of 32 inputs x ~ a d, a int8 (round to nearest
+// on d = max|x| / 127, as llama.cpp's Q8_0 / Q8_K dot products round them) and -8 sum a (the codes
+// q are multiplied as q - 8, centred, so the rounding of x is not scaled by the codes' mean), plus
+// the exact fp32 sum of x per group of the matrix (for its offsets).
 struct Int4Activations {
-  std::vector<int32_t> even, odd;  // [M, K / 4]: (xq[k], xq[k+2]) and (xq[k+1], xq[k+3]) as int16 pairs
-  std::vector<float> dx;           // [M, G]
-  std::vector<float> sum;          // [M, G]
+  std::vector<int8_t> q;     // [M, K]
+  std::vector<float> d;      // [M, K / 32]
+  std::vector<int32_t> off;  // [M, K / 32]
+  std::vector<float> sum;    // [M, G]
 };
-
-inline uint32_t pair16(float a, float b, double inv) {
-  const int32_t lo = static_cast<int32_t>(std::nearbyint(a * inv)), hi = static_cast<int32_t>(std::nearbyint(b * inv));
-  return (static_cast<uint32_t>(lo) & 0xffffu) | (static_cast<uint32_t>(hi) << 16);
-}
 
 Int4Activations quantize_activations(const float* x, int64_t M, int64_t K, int64_t group) {
   const int64_t G = K / group;
-  Int4Activations a{std::vector<int32_t>(M * K / 4), std::vector<int32_t>(M * K / 4), std::vector<float>(M * G),
+  Int4Activations a{std::vector<int8_t>(M * K), std::vector<float>(M * K / 32), std::vector<int32_t>(M * K / 32),
                     std::vector<float>(M * G)};
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t g = 0; g < G; ++g) {
-      const float* xg = x + m * K + g * group;
-      float amax = 0.f, sum = 0.f;
-      for (int64_t k = 0; k < group; ++k) {
-        amax = std::max(amax, std::fabs(xg[k]));
-        sum += xg[k];
-      }
-      // double: 32767 / amax overflows float for tiny groups; a non-finite group gives NaN outputs
+    for (int64_t k = 0; k < K; k += 32) {
+      const float* xb = x + m * K + k;
+      float amax = 0.f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      // double: 127 / amax overflows float for tiny blocks; a non-finite block gives NaN outputs
       const bool finite = std::isfinite(amax);
-      const double inv = finite && amax > 0.f ? 32767.0 / amax : 0.0;
-      for (int64_t k = 0; k < group; k += 4) {
-        const int64_t j = (m * K + g * group + k) / 4;
-        a.even[j] = static_cast<int32_t>(pair16(xg[k], xg[k + 2], inv));
-        a.odd[j] = static_cast<int32_t>(pair16(xg[k + 1], xg[k + 3], inv));
+      const double inv = finite && amax > 0.f ? 127.0 / amax : 0.0;
+      int32_t sum_a = 0;
+      for (int i = 0; i < 32; ++i) {
+        a.q[m * K + k + i] = static_cast<int8_t>(std::nearbyint(std::min(127.0, std::max(-127.0, xb[i] * inv))));
+        sum_a += a.q[m * K + k + i];
       }
-      a.dx[m * G + g] = finite ? amax / 32767.f : std::numeric_limits<float>::quiet_NaN();
+      a.d[(m * K + k) / 32] = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+      a.off[(m * K + k) / 32] = -8 * sum_a;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < group; ++k) sum += x[m * K + g * group + k];
       a.sum[m * G + g] = sum;
     }
   }
@@ -319,61 +328,60 @@ Int4Activations quantize_activations(const float* x, int64_t M, int64_t K, int64
 }
 
 // One block of 64 rows against MR activation rows, 4 inputs at a time with VNNI: two byte
-// permutes gather, for each row, the codes of 4 consecutive inputs into one 32-bit lane; masks
-// and shifts split them into the int16 pairs (k, k+2), (k+1, k+3) that vpdpwssd multiplies by
-// the int16 activations, summing into the row's int32 lane.
+// permutes gather, for each row, the codes of 4 consecutive inputs into one 32-bit lane (low
+// nibbles: rows 0-31, high: 32-63); a mask (and a shift) leave them as the unsigned bytes vpdpbusd
+// multiplies by 4 int8 activations, summing into the row's int32 lane, which starts at -8 sum a: per
+// block of 32 inputs sum (q - 8) a, converted and scaled by the block's d times the group's s; per
+// group the offsets add z sum x. Every (row, activation row) pair takes the same steps whatever MR is.
 template <int MR>
 void int4_block(const uint8_t* w, const uint32_t* sz, const Int4Activations& a, float* y,
                 int64_t K, int64_t group, int64_t n_pad, int64_t nb, int64_t m0) {
   const int64_t G = K / group;
-  const __m512i nib = _mm512_set1_epi32(0x000f000f);
+  const __m512i nib = _mm512_set1_epi8(0x0f);
   const __m512i hi16 = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-  const __m512 eight = _mm512_set1_ps(8.0f);
   alignas(64) uint8_t i0[64], i1[64];
   for (int r = 0; r < 16; ++r) {  // lane r: A[r], A[32 + r], B[r], B[32 + r] (A = inputs k, k+1; B = k+2, k+3)
     i0[4 * r] = r; i0[4 * r + 1] = 32 + r; i0[4 * r + 2] = 64 + r; i0[4 * r + 3] = 96 + r;
     i1[4 * r] = 16 + r; i1[4 * r + 1] = 48 + r; i1[4 * r + 2] = 80 + r; i1[4 * r + 3] = 112 + r;
   }
   const __m512i idx0 = _mm512_load_si512(i0), idx1 = _mm512_load_si512(i1);
+  const int32_t* a4 = reinterpret_cast<const int32_t*>(a.q.data());  // 4 activation codes at a time
   __m512 tot[MR][4];
   for (int m = 0; m < MR; ++m)
     for (int i = 0; i < 4; ++i) tot[m][i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512i acc[MR][4];
-    for (int m = 0; m < MR; ++m)
-      for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_setzero_si512();
-    for (int64_t k = g * group; k < (g + 1) * group; k += 4) {
-      const uint8_t* p = w + k * 32;
-      _mm_prefetch(reinterpret_cast<const char*>(p + PF_INT4), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p + PF_INT4 + 64), _MM_HINT_T0);
-      const __m512i A = _mm512_loadu_si512(p), B = _mm512_loadu_si512(p + 64);
-      __m512i c[2][4];
-      for (int h = 0; h < 2; ++h) {  // h = 0: rows 0-15 (low) and 32-47 (high); h = 1: rows 16-31 and 48-63
-        const __m512i v = _mm512_permutex2var_epi8(A, h ? idx1 : idx0, B);
-        c[h][0] = _mm512_and_si512(v, nib);                          // low nibbles, inputs k, k+2
-        c[h][1] = _mm512_and_si512(_mm512_srli_epi32(v, 8), nib);   // low nibbles, inputs k+1, k+3
-        c[h][2] = _mm512_and_si512(_mm512_srli_epi32(v, 4), nib);   // high nibbles, k, k+2
-        c[h][3] = _mm512_and_si512(_mm512_srli_epi32(v, 12), nib);  // high nibbles, k+1, k+3
+    __m512 s[4];
+    for (int i = 0; i < 4; ++i)
+      s[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(sz + g * n_pad + nb + 16 * i), 16));
+    for (int64_t kb = g * group; kb < (g + 1) * group; kb += 32) {
+      __m512i acc[MR][4];
+      for (int m = 0; m < MR; ++m)
+        for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_set1_epi32(a.off[((m0 + m) * K + kb) / 32]);
+      for (int64_t k = kb; k < kb + 32; k += 4) {
+        const uint8_t* p = w + k * 32;
+        if (walk_prefetch) {
+          _mm_prefetch(reinterpret_cast<const char*>(p + PF_INT4), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p + PF_INT4 + 64), _MM_HINT_T0);
+        }
+        const __m512i A = _mm512_loadu_si512(p), B = _mm512_loadu_si512(p + 64);
+        const __m512i v0 = _mm512_permutex2var_epi8(A, idx0, B), v1 = _mm512_permutex2var_epi8(A, idx1, B);
+        const __m512i c[4] = {_mm512_and_si512(v0, nib), _mm512_and_si512(v1, nib),  // rows 0-15, 16-31
+                              _mm512_and_si512(_mm512_srli_epi16(v0, 4), nib),       // rows 32-47
+                              _mm512_and_si512(_mm512_srli_epi16(v1, 4), nib)};      // rows 48-63
+        for (int m = 0; m < MR; ++m) {
+          const __m512i xa = _mm512_set1_epi32(a4[((m0 + m) * K + k) / 4]);
+          for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_dpbusd_epi32(acc[m][i], c[i], xa);
+        }
       }
       for (int m = 0; m < MR; ++m) {
-        const int64_t j = ((m0 + m) * K + k) / 4;
-        const __m512i xe = _mm512_set1_epi32(a.even[j]), xo = _mm512_set1_epi32(a.odd[j]);
-        acc[m][0] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc[m][0], c[0][0], xe), c[0][1], xo);
-        acc[m][1] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc[m][1], c[1][0], xe), c[1][1], xo);
-        acc[m][2] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc[m][2], c[0][2], xe), c[0][3], xo);
-        acc[m][3] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc[m][3], c[1][2], xe), c[1][3], xo);
+        const __m512 d = _mm512_set1_ps(a.d[((m0 + m) * K + kb) / 32]);
+        for (int i = 0; i < 4; ++i)
+          tot[m][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][i]), _mm512_mul_ps(s[i], d), tot[m][i]);
       }
     }
     for (int i = 0; i < 4; ++i) {
-      const __m512i d = _mm512_loadu_si512(sz + g * n_pad + nb + 16 * i);
-      const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(d, 16));
-      const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(d, hi16));
-      const __m512 base = _mm512_fnmadd_ps(eight, s, z);  // z - 8 s
-      for (int m = 0; m < MR; ++m) {
-        const __m512 sd = _mm512_mul_ps(s, _mm512_set1_ps(a.dx[(m0 + m) * G + g]));
-        tot[m][i] = _mm512_fmadd_ps(sd, _mm512_cvtepi32_ps(acc[m][i]), tot[m][i]);
-        tot[m][i] = _mm512_fmadd_ps(base, _mm512_set1_ps(a.sum[(m0 + m) * G + g]), tot[m][i]);
-      }
+      const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(sz + g * n_pad + nb + 16 * i), hi16));
+      for (int m = 0; m < MR; ++m) tot[m][i] = _mm512_fmadd_ps(z, _mm512_set1_ps(a.sum[(m0 + m) * G + g]), tot[m][i]);
     }
   }
   for (int m = 0; m < MR; ++m)
@@ -381,6 +389,8 @@ void int4_block(const uint8_t* w, const uint32_t* sz, const Int4Activations& a, 
 }
 
 }  // namespace
+
+void set_prefetch(bool on) { walk_prefetch = on; }
 
 void check_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
@@ -457,7 +467,7 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, i
   const int64_t G = K / group;
   TORCH_CHECK(sz.scalar_type() == torch::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 &&
               sz.size(0) == G && sz.size(1) == n_pad && sz.size(2) == 2, "scale_zero: [K / group, n_pad, 2] bf16");
-  TORCH_CHECK(group % 4 == 0, "group must be a multiple of 4");
+  TORCH_CHECK(group % 32 == 0, "group must be a multiple of 32");
   const Int4Activations act = quantize_activations(x.data_ptr<float>(), M, K, group);
   auto y = torch::empty({M, n_pad}, x.options());
   const uint8_t* wp = packed.data_ptr<uint8_t>();
@@ -466,8 +476,7 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, i
   at::parallel_for(0, n_pad / 64, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* w = wp + b * 64 * (K / 2);
-      int64_t m0 = 0;  // 4 rows per pass over the block where there are 4: the unpacking is shared by more rows
-      for (; m0 + 4 <= M; m0 += 4) int4_block<4>(w, szp, act, yp, K, group, n_pad, b * 64, m0);
+      int64_t m0 = 0;  // 2 rows per pass over the block where there are 2: the unpacking is shared (more spill)
       for (; m0 + 2 <= M; m0 += 2) int4_block<2>(w, szp, act, yp, K, group, n_pad, b * 64, m0);
       if (m0 < M) int4_block<1>(w, szp, act, yp, K, group, n_pad, b * 64, m0);
     }
@@ -841,5 +850,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul_bf16", &silu_mul_bf16, "gate_up [.., 2I] bf16 -> silu(gate) * up [.., I] bf16 (fp32 math)");
   m.def("gelu_tanh_bf16_", &gelu_tanh_bf16_, "tanh GELU of a bf16 tensor in place (fp32 math)");
   m.def("conv_prompt", &conv_prompt, "a prompt's causal conv + silu: x [B, T, C], past [B, K-1, C], w_t [K, C] -> fp32");
+  m.def("set_prefetch", &set_prefetch, "software prefetch in the single-stream int8 / int4 weight walks on or off");
   m.def("int4_mm", &int4_mm, "x [M, K] fp32 @ int4pack(packed, scale_zero, group)^T -> [M, n_pad] fp32");
 }
