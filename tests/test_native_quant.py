@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from format_accuracy import forced_logits, greedy
 from minicpmv.cpu import native
 from minicpmv.cpu.isa import CpuInfo, detect
-from minicpmv.cpu.plan import BF16, rule_plan
+from minicpmv.cpu.plan import BF16, PREFETCH, rule_plan
 from minicpmv.layers.gated_delta import chunk_gated_delta_rule, l2_normalize, recurrent_gated_delta_step
 from minicpmv.layers.weight_formats import Bf16Linear, Int4Linear, Int8Linear, QuantLinear
 from minicpmv.loading import load_model
@@ -125,14 +125,16 @@ def test_kernels_give_the_fp32_product_with_the_dequantized_matrix(n, k):
         for i in range(7):
             assert torch.equal(whole[i:i + 1], mod.int4_mm(x[i:i + 1], l4.qweight, l4.scale_zero, l4.group))
             assert torch.equal(whole8[i:i + 1], mod.int8_mm(x[i:i + 1], l8.qweight, l8.scale))
-    if mod is not None:  # software prefetch in the one-row walks changes no bit
+    if mod is not None:  # software prefetch in the one-row walks (off, into L1, into L2) changes no bit
         x = torch.randn(1, k, generator=g)
         outs = []
-        for on in (False, True):
-            mod.set_prefetch(on)
+        for mode in (0, 1, 2):
+            mod.set_prefetch(mode)
             outs.append((mod.int4_mm(x, l4.qweight, l4.scale_zero, l4.group), mod.int8_mm(x, l8.qweight, l8.scale)))
-        mod.set_prefetch(rule_plan(HERE).prefetch)
-        assert all(torch.equal(a, b) for a, b in zip(*outs))
+        mod.set_prefetch(PREFETCH[rule_plan(HERE).prefetch][0])
+        assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(outs[0], o))
+        with pytest.raises(RuntimeError, match="prefetch mode"):
+            mod.set_prefetch(3)
     if mod is not None:  # prompts: the int4 matrix widened to W^T, bit for bit the tensor-op widening
         blocks = l4.qweight.shape[0] // 64
         for bf16 in (False, True):

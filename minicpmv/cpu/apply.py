@@ -18,13 +18,13 @@ from ..layers.prepacked import PrepackedBf16Linear
 from ..layers.weight_formats import (Bf16Linear, Int4Linear, Int8Linear, QuantEmbedding, QuantLinear,
                                      TiedQuantEmbedding, int4_group, int4_layout_ok, swap_linears)
 from . import denormals, native
-from .plan import BF16, FP16_PACKED, INT4_GROUP, KernelPlan
+from .plan import BF16, FP16_PACKED, INT4_GROUP, PREFETCH, KernelPlan
 
 
 def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes: tuple[str, ...]) -> None:
     kernels = native.quant_kernels(plan.cpu) if plan.native_kernels else None
     if kernels is not None:
-        kernels.set_prefetch(plan.prefetch)
+        kernels.set_prefetch(PREFETCH[plan.prefetch][0])
     for module in model.modules():
         if plan.fused_norm and isinstance(module, (RMSNorm, ZeroCenteredRMSNorm, GatedRMSNorm)):
             module.fused = True

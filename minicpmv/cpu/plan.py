@@ -37,6 +37,9 @@ FP16_PACKED, BF16, WIDENED = "fp16-packed", "bf16", "bf16-widened"
 WEIGHT_FORMATS = ("int8", "int4")
 INT4_GROUP = 64
 EMBEDDING_NOTE = "; a tied embedding reads it, an untied one is stored int8"
+# the extension's set_prefetch modes for its int8 / int4 decode walks, and how `minicpmv info` says them
+PREFETCH = {"off": (0, "on the hardware prefetcher alone"), "l1": (1, "with software prefetch into L1"),
+            "l2": (2, "with software prefetch into L2")}
 
 
 @dataclass(frozen=True)
@@ -62,9 +65,10 @@ class KernelPlan:
     # bf16 decode rows on the extension's vdpbf16ps kernel, activations rounded to bf16 (AVX512-BF16
     # without AMX); else its FMA rows on exact fp32 activations
     bf16_dot: bool = False
-    # software prefetch ahead of the extension's single-stream int8 / int4 decode walks: it lifted the
-    # AMX Xeon's streams (10 -> 17-20 GB/s) and slowed the Zen 4's (int4 24 -> 18 GB/s)
-    prefetch: bool = True
+    # software prefetch ahead of the extension's single-stream int8 / int4 decode walks (PREFETCH):
+    # into L1 lifted the AMX Xeon's streams (10 -> 17-20 GB/s) and slowed the Zen 4's, where into L2
+    # made int8 / int4 decode 1.16-1.24x faster than none
+    prefetch: str = "l1"
 
     @property
     def prepacks_vision(self) -> bool:
@@ -131,7 +135,7 @@ class KernelPlan:
             rows.append(("MoE experts", f"{weights}, quantized while loading, kernels as above; the router 16-bit"))
         why = native.unusable(self.cpu)
         extension = (f"{native.describe()}; int8 / int4 decode walks "
-                     f"{'with software prefetch' if self.prefetch else 'on the hardware prefetcher alone'}"
+                     f"{PREFETCH[self.prefetch][1]}"
                      if self.native_kernels else f"off ({why or 'not chosen for this plan'})")
         rows += [("RMSNorms", norms), ("C++ extension", extension)]
         return rows + [("denormals", denormals.describe() if self.flush_denormals else "kept (IEEE)")]
@@ -153,8 +157,8 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
     # vdpbf16ps for one decode row: 1.4x the FMA rows on the Zen 4 (one sequential stream per thread);
     # not on AMX machines, whose FMA rows already stream at the memory's rate (unmeasured there)
     rows["bf16_dot"] = rows["native_kernels"] and cpu.at_least("avx512_bf16") and not cpu.at_least("amx")
-    # the hardware prefetcher alone on AMD (measured on a Zen 4), software prefetch elsewhere (the Xeon)
-    rows["prefetch"] = not cpu.model.upper().startswith("AMD")
+    # prefetch into L2 on AMD (measured on a Zen 4), into L1 elsewhere (measured on the AMX Xeon)
+    rows["prefetch"] = "l2" if cpu.model.upper().startswith("AMD") else "l1"
     if cpu.at_least("amx") or (cpu.fast_bf16 and (not fbgemm or rows["native_kernels"])):
         return KernelPlan(cpu, vision_bf16=True, text16=BF16, gemm_dtype=torch.bfloat16, fused_norm=fused_norm, **rows)
     if cpu.fast_bf16:

@@ -34,12 +34,19 @@ namespace {
 
 // Software prefetch distances (bytes ahead in each weight stream): one core's hardware
 // prefetcher alone left these streams at ~10 GB/s on the AMX Xeon; 8-16 KB ahead reached
-// 17-20 GB/s (1 KB: ~8, 32 KB: no better). The single-stream walks (int8_walk, int4_block) prefetch
-// only while `walk_prefetch` is on (set_prefetch, from the plan): on a Zen 4 the hardware
-// prefetcher alone streamed them faster (int4 24 vs 18 GB/s with 4-16 KB ahead).
+// 17-20 GB/s (1 KB: ~8, 32 KB: no better). The single-stream walks (int8_walk, int4_block: one
+// weight stream per thread) prefetch as the plan says (set_prefetch): into L1 (the Xeon's choice),
+// into L2 only, or none. On a Zen 4, L2 lifted int8 / int4 decode 1.16-1.24x over none, where L1
+// slowed the walks below none (and neither helped bf16_dot.cpp's one-row walk there).
 constexpr int64_t PF_ROWS = 8192;  // per row, 4 rows at a time (int8, bf16)
 constexpr int64_t PF_INT4 = 16384;  // one stream per 64-row block
-bool walk_prefetch = true;
+enum Prefetch : int64_t { PF_OFF = 0, PF_L1 = 1, PF_L2 = 2 };
+int64_t walk_prefetch = PF_L1;
+
+inline void walk_ahead(const void* p) {
+  if (walk_prefetch == PF_L1) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+  else if (walk_prefetch == PF_L2) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
+}
 
 inline float bf16_to_float(uint16_t b) {
   uint32_t u = static_cast<uint32_t>(b) << 16;
@@ -187,7 +194,7 @@ void int8_walk(const int8_t* q, const uint16_t* scale, const Int8Activations& a,
     __m512 acc = _mm512_setzero_ps();
     const int8_t* row = q + n * K;
     for (int64_t k = 0; k < K; k += 64) {
-      if (walk_prefetch) _mm_prefetch(reinterpret_cast<const char*>(row + k) + PF_ROWS, _MM_HINT_T0);
+      walk_ahead(row + k + PF_ROWS);
       acc = int8_step(acc, int8_unsigned(row + k), a, k);
     }
     y[n] = _mm512_reduce_add_ps(acc) * bf16_to_float(scale[n]);
@@ -359,10 +366,8 @@ void int4_block(const uint8_t* w, const uint32_t* sz, const Int4Activations& a, 
         for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_set1_epi32(a.off[((m0 + m) * K + kb) / 32]);
       for (int64_t k = kb; k < kb + 32; k += 4) {
         const uint8_t* p = w + k * 32;
-        if (walk_prefetch) {
-          _mm_prefetch(reinterpret_cast<const char*>(p + PF_INT4), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(p + PF_INT4 + 64), _MM_HINT_T0);
-        }
+        walk_ahead(p + PF_INT4);
+        walk_ahead(p + PF_INT4 + 64);
         const __m512i A = _mm512_loadu_si512(p), B = _mm512_loadu_si512(p + 64);
         const __m512i v0 = _mm512_permutex2var_epi8(A, idx0, B), v1 = _mm512_permutex2var_epi8(A, idx1, B);
         const __m512i c[4] = {_mm512_and_si512(v0, nib), _mm512_and_si512(v1, nib),  // rows 0-15, 16-31
@@ -390,7 +395,10 @@ void int4_block(const uint8_t* w, const uint32_t* sz, const Int4Activations& a, 
 
 }  // namespace
 
-void set_prefetch(bool on) { walk_prefetch = on; }
+void set_prefetch(int64_t mode) {
+  TORCH_CHECK(mode >= PF_OFF && mode <= PF_L2, "prefetch mode: 0 off, 1 into L1, 2 into L2");
+  walk_prefetch = mode;
+}
 
 void check_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
@@ -850,6 +858,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul_bf16", &silu_mul_bf16, "gate_up [.., 2I] bf16 -> silu(gate) * up [.., I] bf16 (fp32 math)");
   m.def("gelu_tanh_bf16_", &gelu_tanh_bf16_, "tanh GELU of a bf16 tensor in place (fp32 math)");
   m.def("conv_prompt", &conv_prompt, "a prompt's causal conv + silu: x [B, T, C], past [B, K-1, C], w_t [K, C] -> fp32");
-  m.def("set_prefetch", &set_prefetch, "software prefetch in the single-stream int8 / int4 weight walks on or off");
+  m.def("set_prefetch", &set_prefetch, "software prefetch in the single-stream int8 / int4 weight walks: 0 off, 1 into L1, 2 into L2");
   m.def("int4_mm", &int4_mm, "x [M, K] fp32 @ int4pack(packed, scale_zero, group)^T -> [M, n_pad] fp32");
 }
