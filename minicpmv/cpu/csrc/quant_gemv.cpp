@@ -484,7 +484,7 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, i
   at::parallel_for(0, n_pad / 64, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* w = wp + b * 64 * (K / 2);
-      int64_t m0 = 0;  // 2 rows per pass over the block where there are 2: the unpacking is shared (more spill)
+      int64_t m0 = 0;  // 2 rows per pass where there are 2, sharing the unpacking (4 per pass: 0.93x on a Zen 4)
       for (; m0 + 2 <= M; m0 += 2) int4_block<2>(w, szp, act, yp, K, group, n_pad, b * 64, m0);
       if (m0 < M) int4_block<1>(w, szp, act, yp, K, group, n_pad, b * 64, m0);
     }
