@@ -116,6 +116,27 @@ void rows_mm(const T* q, const uint16_t* scale, const float* x, float* y, int64_
   });
 }
 
+// One block of 32 activations as int8 codes for the VNNI rows (int8 and int4): a = round(x / d)
+// clamped to [-127, 127], d = max|x| / 127 (llama.cpp's Q8_0 rounding); returns d, NaN for a block
+// holding a non-finite value (its outputs go NaN). 127 / max|x| overflows float below ~4e-37: such a
+// block takes its inverse in double.
+inline float round_block32(const float* x, int8_t* a) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int i = 0; i < 32; ++i) {
+    finite &= std::isfinite(x[i]);
+    amax = std::max(amax, std::fabs(x[i]));
+  }
+  const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
+  if (std::isfinite(inv)) {
+    for (int i = 0; i < 32; ++i) a[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(x[i] * inv))));
+  } else {
+    const double dinv = 127.0 / amax;
+    for (int i = 0; i < 32; ++i) a[i] = static_cast<int8_t>(std::min(127.0, std::max(-127.0, std::nearbyint(x[i] * dinv))));
+  }
+  return finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+}
+
 // Activations of the int8 rows: per row and block of 32 inputs a = round(x / d), d = max|x| / 127,
 // signed; d spread over the 8 int32 lanes its block's products land in (lanes 0-7: inputs 0-31 of
 // every 64, lanes 8-15: 32-63), and per lane o = -128 (the sum of its 4 codes). vpdpbusd multiplies
@@ -131,19 +152,10 @@ Int8Activations int8_activations(const float* x, int64_t M, int64_t K) {
   Int8Activations a{std::vector<int8_t>(M * K), std::vector<float>(M * K / 4), std::vector<int32_t>(M * K / 4)};
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k = 0; k < K; k += 32) {
-      const float* xb = x + m * K + k;
-      float amax = 0.f;
-      bool finite = true;
-      for (int i = 0; i < 32; ++i) {
-        finite &= std::isfinite(xb[i]);
-        amax = std::max(amax, std::fabs(xb[i]));
-      }
-      const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;  // a non-finite block gives NaN outputs
       int8_t* qb = a.q.data() + m * K + k;
-      for (int i = 0; i < 32; ++i)
-        qb[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(xb[i] * inv))));
+      const float d = round_block32(x + m * K + k, qb);
       const int64_t lane = (m * K + k) / 4;  // 8 lanes of the block's 64-input group
-      std::fill(a.d.data() + lane, a.d.data() + lane + 8, finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN());
+      std::fill(a.d.data() + lane, a.d.data() + lane + 8, d);
       for (int l = 0; l < 8; ++l) a.o[lane + l] = -128 * (qb[4 * l] + qb[4 * l + 1] + qb[4 * l + 2] + qb[4 * l + 3]);
     }
   }
@@ -311,18 +323,10 @@ Int4Activations quantize_activations(const float* x, int64_t M, int64_t K, int64
                     std::vector<float>(M * G)};
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k = 0; k < K; k += 32) {
-      const float* xb = x + m * K + k;
-      float amax = 0.f;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      // double: 127 / amax overflows float for tiny blocks; a non-finite block gives NaN outputs
-      const bool finite = std::isfinite(amax);
-      const double inv = finite && amax > 0.f ? 127.0 / amax : 0.0;
+      int8_t* qb = a.q.data() + m * K + k;
+      a.d[(m * K + k) / 32] = round_block32(x + m * K + k, qb);
       int32_t sum_a = 0;
-      for (int i = 0; i < 32; ++i) {
-        a.q[m * K + k + i] = static_cast<int8_t>(std::nearbyint(std::min(127.0, std::max(-127.0, xb[i] * inv))));
-        sum_a += a.q[m * K + k + i];
-      }
-      a.d[(m * K + k) / 32] = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+      for (int i = 0; i < 32; ++i) sum_a += qb[i];
       a.off[(m * K + k) / 32] = -8 * sum_a;
     }
     for (int64_t g = 0; g < G; ++g) {
