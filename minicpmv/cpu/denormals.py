@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from contextlib import contextmanager
 
 import torch
+
+from .openmp import libgomp
 
 _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _ON = _CALLBACK(lambda _: torch.set_flush_denormal(True))
@@ -29,23 +30,13 @@ _OFF = _CALLBACK(lambda _: torch.set_flush_denormal(False))
 @functools.lru_cache(maxsize=None)
 def _team_call():
     """libgomp's GOMP_parallel(fn, data, num_threads, flags) from the libgomp torch loaded, or None."""
-    if "OpenMP" not in torch.__config__.parallel_info():
+    lib = libgomp()
+    if lib is None:
         return None
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "libgomp" in line}
-    except OSError:
-        return None
-    for path in sorted(paths):
-        if os.path.basename(path).startswith("libgomp"):
-            try:
-                fn = ctypes.CDLL(path).GOMP_parallel
-            except (OSError, AttributeError):
-                continue
-            fn.argtypes = [_CALLBACK, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-            fn.restype = None
-            return fn
-    return None
+    fn = lib.GOMP_parallel
+    fn.argtypes = [_CALLBACK, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    fn.restype = None
+    return fn
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..cpu.openmp import confine_thread
 from .access_log import AccessLogMiddleware
 from .completions import Completion
 from .config import ServeConfig
@@ -53,7 +54,10 @@ class Server:
                                   config.media_fetch_timeout_s)
         self.pixels = PixelBudget(config.media_limits.max_inflight_pixels)
         self.grammars = _grammar_factory(model)
-        self.pool = ThreadPoolExecutor(config.prepare_threads, thread_name_prefix="minicpmv-prepare")
+        # confined: a torch op on one of these threads would give it an OpenMP team of its own, and two
+        # teams on few cores slow every engine step (cpu/openmp.py)
+        self.pool = ThreadPoolExecutor(config.prepare_threads, thread_name_prefix="minicpmv-prepare",
+                                       initializer=confine_thread)
         self.started = int(time.time())
 
     # -- routes -----------------------------------------------------------------------------

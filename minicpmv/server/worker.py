@@ -1,9 +1,10 @@
 """The engine loop: one thread alone touches the Engine (and so torch), the event loop never does.
 
-`minicpmv serve` runs this loop on the process's main thread and the HTTP event loop on another
-(`run_here`): on a quiet machine torch's OpenMP kernels ran up to ~25% slower from a thread other
-than the one that first used them (docs/performance.md). Embedded servers (tests, `create_app` in
-a program) get a thread of their own (`start`).
+`minicpmv serve` runs this loop on the process's main thread, the one that loaded the model, and
+the HTTP event loop on another (`run_here`): a second thread running torch's parallel kernels gets
+an OpenMP team of its own, and two teams on few cores make every engine step slower (cpu/openmp.py;
+the same reason the prepare threads are confined). Embedded servers (tests, `create_app` in a
+program) get a thread of their own (`start`).
 
 The event loop hands over work and cancellations through a thread-safe inbox; between two
 engine steps the thread takes everything waiting there, so a new request joins the running
