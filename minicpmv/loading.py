@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .cpu import heap, openmp
+from .cpu import heap
 from .cpu.apply import apply_plan, quantize_experts_while_loading, quantize_per_token
 from .cpu.plan import check_weights, choose
 from .hub import DEFAULT_MODEL, resolve_model_path
@@ -129,7 +129,6 @@ def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_pe
         quant.finish(model, "fp16_weight" if dtype == torch.float32 else "auto", isa=isa)
     if device.type == "cpu":
         log.info("heap: %s", heap.keep_warm())  # after the load, so its staging copies were unmapped
-        openmp.release_team()  # the engine may run on another thread: leave it the only OpenMP team
     return model.eval(), config
 
 

@@ -67,36 +67,3 @@ def test_the_server_prepare_threads_are_confined(tiny46_dir, two_threads):
     finally:
         pool.shutdown()
     assert counts == ({1} if openmp.libgomp() is not None else {2})
-
-
-def test_release_team_lets_the_loading_threads_workers_go(two_threads):
-    x = torch.randn(1 << 22)
-
-    def load_then_release():
-        (x * 2).sum()  # this thread now has a team (a worker thread beside it)
-        before = os_threads()
-        released = openmp.release_team()
-        after = os_threads()
-        (x * 2).sum()  # a later parallel op forms a team again
-        return released, before - after, os_threads() - after
-
-    if openmp.libgomp() is None:
-        assert in_thread(openmp.release_team) is False
-        return
-    assert in_thread(load_then_release) == (True, 1, 1)
-    assert torch.get_num_threads() == 2
-
-
-def test_a_loaded_model_leaves_no_team_on_the_loading_thread(tiny46_dir, two_threads):
-    import minicpmv
-
-    minicpmv.load(tiny46_dir, dtype="float32", device="cpu", progress=False)  # first-load threads (imports) start here
-
-    def load():
-        (torch.randn(1 << 22) * 2).sum()  # a team that the load must let go
-        before = os_threads()
-        minicpmv.load(tiny46_dir, dtype="float32", device="cpu", progress=False)
-        return os_threads() - before
-
-    expected = -1 if openmp.libgomp() is not None else 0
-    assert in_thread(load) == expected

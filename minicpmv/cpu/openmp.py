@@ -13,11 +13,7 @@ and normalise images with torch, batch-1 decode ran 10.6 tok/s after an image re
 
 `confine_thread()` makes the calling thread run torch's ops on itself alone (it never forms a
 team); the server's prepare threads call it when they start. The engine's thread keeps the
-process's thread count (`--threads`). `release_team()` lets the calling thread's team go (its
-workers exit; its next parallel op forms a new one): the loader calls it, since the thread that
-loaded a model is not always the one that runs it (an embedded server's engine thread, a Ray
-replica). Measured there (engine on a second thread, decode batch 1 of the real-size 4.6, two
-alternated pairs): 15.1 -> 15.8 and 15.1 -> 16.3 tok/s with the loading thread's team released."""
+process's thread count (`--threads`)."""
 from __future__ import annotations
 
 import ctypes
@@ -60,14 +56,3 @@ def confine_thread() -> bool:
     torch.get_num_threads()  # torch sets a thread's OpenMP count on its first call: let it happen first
     lib.omp_set_num_threads(1)  # this thread's own setting (an OpenMP ICV), not the process's
     return torch.get_num_threads() == 1
-
-
-def release_team() -> bool:
-    """Let the calling thread's OpenMP team go (OpenMP 5's omp_pause_resource_all, soft: its worker
-    threads exit, settings stay). True when released; False where the runtime is not libgomp or has
-    no pause (then nothing changes)."""
-    lib = libgomp()
-    pause = getattr(lib, "omp_pause_resource_all", None) if lib is not None else None
-    if pause is None:
-        return False
-    return pause(1) == 0  # 1 = omp_pause_soft; fails (nonzero) inside a parallel region
