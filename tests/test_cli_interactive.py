@@ -29,6 +29,8 @@ class Terminal:
             os.environ["PYTHONFAULTHANDLER"] = "1"  # a hang dumps every thread's stack on SIGABRT
             os.execv(sys.executable, [sys.executable, "-m", "minicpmv", *argv])
         self.buffer = ""
+        self.transcript = ""  # all the output, for a failure's message
+        self.at_interrupt = ""  # the program's signal state when Ctrl-C was last sent
 
     def expect(self, pattern, timeout=120) -> re.Match:
         regex = re.compile(pattern)
@@ -40,7 +42,7 @@ class Terminal:
                 return m
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"no {pattern!r} in {self.buffer[-2000:]!r}; stacks:\n{self.stacks()}")
+                raise AssertionError(f"no {pattern!r} in {self.buffer[-2000:]!r}; {self.diagnosis()}")
             ready, _, _ = select.select([self.fd], [], [], left)
             if ready:
                 try:
@@ -48,8 +50,25 @@ class Terminal:
                 except OSError:  # the child closed the terminal
                     data = b""
                 if not data:
-                    raise AssertionError(f"the program ended; no {pattern!r} in {self.buffer[-2000:]!r}")
-                self.buffer += data.decode(errors="replace").replace("\r\n", "\n")
+                    raise AssertionError(f"the program ended; no {pattern!r} in {self.buffer[-2000:]!r}; "
+                                     f"error lines: {[x for x in self.transcript.splitlines() if 'Error' in x][:20]!r}")
+                text = data.decode(errors="replace").replace("\r\n", "\n")
+                self.buffer += text
+                self.transcript += text
+
+    def signal_state(self) -> str:
+        """The program's SIGINT disposition as the kernel sees it (ignored, blocked, caught, pending)."""
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                return " ".join(line.strip() for line in f if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")))
+        except OSError as e:
+            return f"unreadable ({e})"
+
+    def diagnosis(self) -> str:
+        notes = [line for line in self.transcript.splitlines() if "Traceback" in line or "Exception ignored" in line
+                 or "Error" in line or "Interrupt" in line]
+        return (f"signal state at the last Ctrl-C: {self.at_interrupt}; now: {self.signal_state()}; "
+                f"error lines in the output: {notes[:20]!r}; stacks:\n{self.stacks()}")
 
     def stacks(self) -> str:
         """What the program is doing: faulthandler's dump of every thread (SIGABRT)."""
@@ -79,6 +98,7 @@ class Terminal:
         self.type(text)
         self.expect(re.escape(text) + r"\n[^>\n]")  # the echo, then streamed answer text
         self.send("\x03")
+        self.at_interrupt = self.signal_state()
         return int(self.expect(STOPPED).group(1))
 
     def wait(self, timeout=60) -> int:
