@@ -125,6 +125,46 @@ def test_fused_layers_decode_like_the_modules(case, tol, tiny46_dir, bf16_dir, m
     assert err <= tol
 
 
+def test_a_layers_decode_call_follows_its_weights(tiny46_dir, monkeypatch):
+    """Each layer's decode call reads its modules once (fused_decode.LayerCall); a norm weight written
+    in place, a parameter or a matrix replaced, or a kernel switched off by hand (then
+    `invalidate()`), each after decoding, is what the next decode runs: fused logits within 1e-5 of
+    the modules' on the changed model, and the change moved them."""
+    if not USABLE:
+        return
+    model, _ = load_model(tiny46_dir, "auto", "cpu", progress=False, weights="int8")
+    spy = Spy(monkeypatch)
+    layers = model.language_model.layers
+    tokens = greedy(model, PROMPT, 8)
+    before = forced_logits(model, PROMPT, tokens)
+
+    def changed():
+        spy.off = False
+        now = forced_logits(model, PROMPT, tokens)
+        spy.off = True
+        modules = forced_logits(model, PROMPT, tokens)
+        assert ((now - modules).abs().max() / modules.abs().max()).item() <= 1e-5
+        assert not torch.allclose(now, before)
+        return now
+
+    with torch.no_grad():
+        layers[0].input_layernorm.weight.add_(0.5)  # in place: its derived scale (1 + w) follows
+    before = changed()
+    norm = layers[1].post_attention_layernorm
+    norm.weight = nn.Parameter(norm.weight.detach() + 0.5, requires_grad=False)  # replaced
+    before = changed()
+    old = layers[2].mlp.down_proj
+    new = Int8Linear(torch.randn(old.out_features, old.in_features) * 0.05, None)
+    new.native, new.native_rows = old.native, old.native_rows
+    layers[2].mlp.down_proj = new  # a matrix replaced
+    before = changed()
+    spy.off, spy.rows = False, []
+    layers[0].mlp.native = None  # a plain attribute set by hand
+    fused_decode.invalidate()
+    greedy(model, PROMPT, 3)
+    assert len(spy.rows) == 2 * (len(layers) - 1)  # layer 0 now runs its modules
+
+
 def test_an_attention_layer_that_does_not_qualify_keeps_its_mlp_in_one_call(tiny46_dir, monkeypatch):
     """Attention through its modules (as with a 16-bit KV pool), its MLP still one call: same tokens,
     logits within 1e-5 (int8)."""

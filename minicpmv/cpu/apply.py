@@ -9,7 +9,7 @@ from collections.abc import Collection
 import torch
 from torch import nn
 
-from ..layers import fp16_packed
+from ..layers import fp16_packed, fused_decode
 from ..layers.mixed import MixedLinear
 from ..layers.moe import Experts
 from ..layers.moe_quant import QuantExperts
@@ -22,6 +22,7 @@ from .plan import BF16, FP16_PACKED, INT4_GROUP, PREFETCH, KernelPlan
 
 
 def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes: tuple[str, ...]) -> None:
+    fused_decode.invalidate()  # the modules' kernels change below: decode calls read them again
     kernels = native.quant_kernels(plan.cpu) if plan.native_kernels else None
     if kernels is not None:
         kernels.set_prefetch(PREFETCH[plan.prefetch][0])

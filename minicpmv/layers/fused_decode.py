@@ -72,62 +72,133 @@ def _int4(t) -> bool:
     return t is Int4Linear or t is GPTQInt4Linear
 
 
+class LayerCall:
+    """One layer's decode call for a row count: the extension function and every argument that does
+    not change from step to step (matrix handles, norm scales, the DeltaNet decay terms, shapes),
+    read from the modules once instead of ~40 attribute lookups a layer every step. It stays valid
+    while no parameter, buffer or submodule anywhere was assigned since (torch's registration hooks
+    bump EPOCH; cpu/apply.py bumps it after a plan) and every tensor it was read from keeps its
+    memory and version (in-place writes: loading, tests copying weights in). A plain attribute set
+    on a live model by hand (e.g. a module's `native`) needs `invalidate()`."""
+
+    __slots__ = ("kind", "static", "epoch", "tensors", "marks")
+
+    def __init__(self, kind: str | None, static: tuple, tensors: list[torch.Tensor]):
+        self.kind, self.static, self.epoch, self.tensors = kind, static, EPOCH[0], tensors
+        self.marks = [(t.data_ptr(), t._version) for t in tensors]
+
+    def current(self) -> bool:
+        return self.epoch == EPOCH[0] and [(t.data_ptr(), t._version) for t in self.tensors] == self.marks
+
+
+EPOCH = [0]
+
+
+def invalidate(*_) -> None:
+    """Every LayerCall is rebuilt at its next step."""
+    EPOCH[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(invalidate)
+torch.nn.modules.module.register_module_buffer_registration_hook(invalidate)
+torch.nn.modules.module.register_module_module_registration_hook(invalidate)
+
+
 def layer_step(layer, x: torch.Tensor, batch, layer_idx: int, rope):
     """A Qwen3.5 decoder layer (models/qwen3_5.py) for a decode batch x [B, 1, D] fp32 through
     the extension, or None where it does not qualify."""
-    mlp = layer.mlp
-    if (type(mlp) is not GatedMLP or mlp.native is None or x.shape[1] != 1 or x.dtype != torch.float32
-            or type(batch) is not ForwardBatch or batch.keep is not None):
+    if x.shape[1] != 1 or x.dtype != torch.float32 or type(batch) is not ForwardBatch or batch.keep is not None:
         return None
     rows = x.shape[0]
+    calls = layer.__dict__.setdefault("_decode_calls", {})
+    call = calls.get(rows)
+    if call is None or not call.current():
+        call = calls[rows] = _layer_call(layer, rows)
+    if call.kind == "delta":
+        return _delta_step(call.static, x, batch, layer_idx)
+    if call.kind == "attn":
+        y = _attn_layer(call.static, x, batch, layer_idx, rope)
+        if y is not None:
+            return y
+    if call.kind in ("attn", "attn_modules"):  # its attention as modules, its MLP as one call
+        mlp_block, post, eps, gate_up, down = call.static[-1]
+        h = layer.self_attn(layer.input_layernorm(x), batch, layer_idx, rope)
+        return mlp_block((x + h)[:, 0].contiguous(), post, eps, gate_up, down)[:, None]
+    return None
+
+
+def _layer_call(layer, rows: int) -> LayerCall:
+    tensors = list(layer.parameters()) + [b for b in layer.buffers() if b is not None]
+    mlp = layer.mlp
+    if type(mlp) is not GatedMLP or mlp.native is None:
+        return LayerCall(None, (), tensors)
     gate_up, down = native_projection(mlp, "gate_up_proj", rows), native_matrix(mlp.down_proj, rows)
     post = _norm_scale(layer.post_attention_layernorm)
     if gate_up is None or down is None or post is None:
-        return None
+        return LayerCall(None, (), tensors)
+    tensors.append(post)
     if layer.layer_type == "full_attention":
-        y = _attn_layer(layer, x, batch, layer_idx, rows, rope, post, gate_up, down)
-        if y is not None:
-            return y
-        h = layer.self_attn(layer.input_layernorm(x), batch, layer_idx, rope)  # its attention as modules
-        eps = layer.post_attention_layernorm.eps
-        return mlp.native.mlp_block((x + h)[:, 0].contiguous(), post, eps, gate_up, down)[:, None]
-    return _delta_layer(layer, x, batch, layer_idx, rows, post, gate_up, down)
+        block = (mlp.native.mlp_block, post, layer.post_attention_layernorm.eps, gate_up, down)
+        static = _attn_static(layer, rows, post, gate_up, down)
+        if static is None:
+            return LayerCall("attn_modules", (block,), tensors)
+        tensors += static[-1]
+        return LayerCall("attn", (*static[:-1], block), tensors)
+    static = _delta_static(layer, rows, post, gate_up, down)
+    if static is None:
+        return LayerCall(None, (), tensors)
+    tensors += static[-1]
+    return LayerCall("delta", static[:-1], tensors)
 
 
-def _attn_layer(layer, x, batch, layer_idx, rows, rope, post, gate_up, down):
+def _attn_static(layer, rows, post, gate_up, down):
     attn = layer.self_attn
     pre, qs, ks = _norm_scale(layer.input_layernorm), _norm_scale(attn.q_norm), _norm_scale(attn.k_norm)
     if pre is None or qs is None or ks is None or attn.q_norm.eps != attn.k_norm.eps:
         return None
     qkv, o_proj = native_projection(attn, "qkv_proj", rows), native_matrix(attn.o_proj, rows)
+    if qkv is None or o_proj is None:
+        return None
+    return (layer.mlp.native.attn_layer, pre, post, layer.input_layernorm.eps, qkv, o_proj, gate_up, down, qs, ks,
+            attn.q_norm.eps, attn.num_heads, attn.head_dim ** -0.5, [pre, qs, ks])
+
+
+def _attn_layer(static, x, batch, layer_idx, rope):
+    fn, pre, post, eps, qkv, o_proj, gate_up, down, qs, ks, qk_eps, heads, scale, _ = static
     keys, values = batch.pool.keys[layer_idx], batch.pool.values[layer_idx]
     cos, sin = rope
-    if (qkv is None or o_proj is None or keys.dtype != torch.float32 or values.dtype != torch.float32
-            or not keys.is_contiguous() or not values.is_contiguous() or cos.dtype != torch.float32):
+    if (keys.dtype != torch.float32 or values.dtype != torch.float32 or not keys.is_contiguous()
+            or not values.is_contiguous() or cos.dtype != torch.float32):
         return None
-    return layer.mlp.native.attn_layer(
-        x[:, 0].contiguous(), pre, post, layer.input_layernorm.eps, qkv, o_proj, gate_up, down, qs, ks,
-        attn.q_norm.eps, cos[:, 0].contiguous(), sin[:, 0].contiguous(), keys, values, batch.write_rows,
-        batch.read_rows, [c + 1 for c in batch.context_lens], attn.num_heads, attn.head_dim ** -0.5)[:, None]
+    return fn(x[:, 0].contiguous(), pre, post, eps, qkv, o_proj, gate_up, down, qs, ks, qk_eps,
+              cos[:, 0].contiguous(), sin[:, 0].contiguous(), keys, values, batch.write_rows, batch.read_rows,
+              [c + 1 for c in batch.context_lens], heads, scale)[:, None]
 
 
-def _delta_layer(layer, x, batch, layer_idx, rows, post, gate_up, down):
+def _delta_static(layer, rows, post, gate_up, down):
     mixer = layer.linear_attn
     pre = _norm_scale(layer.input_layernorm)
     if mixer.native is None or pre is None or mixer.v_dim % 16:
         return None  # (the extension's delta rule walks value rows 16 floats at a time)
     in_proj, out_proj = native_projection(mixer, "in_proj", rows), native_matrix(mixer.out_proj, rows)
-    conv, rec = batch.pool.conv[layer_idx], batch.pool.recurrent[layer_idx]
     conv_w = mixer.conv1d.weight
-    if (in_proj is None or out_proj is None or conv.dtype != torch.float32 or rec.dtype != torch.float32
-            or conv_w.dtype != torch.float32 or mixer.norm.weight.dtype != torch.float32
-            or not conv.is_contiguous() or not rec.is_contiguous()):
+    if (in_proj is None or out_proj is None or conv_w.dtype != torch.float32
+            or mixer.norm.weight.dtype != torch.float32):
         return None
-    return mixer.native.delta_layer(
-        x[:, 0].contiguous(), pre, post, layer.input_layernorm.eps, in_proj, out_proj, gate_up, down,
-        conv, conv_w.reshape(mixer.conv_dim, -1).contiguous(), rec, batch.slots,
-        mixer.neg_A(mixer.A_log), mixer.dt_bias.float().contiguous(), mixer.norm.weight, mixer.norm.eps,
-        mixer.num_k_heads, mixer.k_dim ** -0.5, 1e-6)[:, None]
+    conv_w = conv_w.reshape(mixer.conv_dim, -1).contiguous()
+    neg_a, dt_bias = mixer.neg_A(mixer.A_log), mixer.dt_bias.float().contiguous()
+    return (mixer.native.delta_layer, pre, post, layer.input_layernorm.eps, in_proj, out_proj, gate_up, down, conv_w,
+            neg_a, dt_bias, mixer.norm.weight, mixer.norm.eps, mixer.num_k_heads, mixer.k_dim ** -0.5,
+            [pre, conv_w, neg_a, dt_bias])
+
+
+def _delta_step(static, x, batch, layer_idx):
+    fn, pre, post, eps, in_proj, out_proj, gate_up, down, conv_w, neg_a, dt_bias, norm_w, norm_eps, heads, scale = static
+    conv, rec = batch.pool.conv[layer_idx], batch.pool.recurrent[layer_idx]
+    if conv.dtype != torch.float32 or rec.dtype != torch.float32 or not conv.is_contiguous() or not rec.is_contiguous():
+        return None
+    return fn(x[:, 0].contiguous(), pre, post, eps, in_proj, out_proj, gate_up, down, conv, conv_w, rec, batch.slots,
+              neg_a, dt_bias, norm_w, norm_eps, heads, scale, 1e-6)[:, None]
 
 
 def _norm_scale(norm):
