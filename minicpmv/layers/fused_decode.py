@@ -77,9 +77,10 @@ class LayerCall:
     not change from step to step (matrix handles, norm scales, the DeltaNet decay terms, shapes),
     read from the modules once instead of ~40 attribute lookups a layer every step. It stays valid
     while no parameter, buffer or submodule anywhere was assigned since (torch's registration hooks
-    bump EPOCH; cpu/apply.py bumps it after a plan) and every tensor it was read from keeps its
-    memory and version (in-place writes: loading, tests copying weights in). A plain attribute set
-    on a live model by hand (e.g. a module's `native`) needs `invalidate()`."""
+    bump EPOCH; so does cpu/apply.py as it applies a plan) and every parameter and buffer of the
+    layer keeps its memory and version (in-place writes: loading, tests copying weights in); the
+    terms derived from them (norm scales, decay rates) are read again whenever one changes. A plain
+    attribute set on a live model by hand (e.g. a module's `native`) needs `invalidate()`."""
 
     __slots__ = ("kind", "static", "epoch", "tensors", "marks")
 
@@ -136,19 +137,14 @@ def _layer_call(layer, rows: int) -> LayerCall:
     post = _norm_scale(layer.post_attention_layernorm)
     if gate_up is None or down is None or post is None:
         return LayerCall(None, (), tensors)
-    tensors.append(post)
     if layer.layer_type == "full_attention":
         block = (mlp.native.mlp_block, post, layer.post_attention_layernorm.eps, gate_up, down)
         static = _attn_static(layer, rows, post, gate_up, down)
         if static is None:
             return LayerCall("attn_modules", (block,), tensors)
-        tensors += static[-1]
-        return LayerCall("attn", (*static[:-1], block), tensors)
+        return LayerCall("attn", (*static, block), tensors)
     static = _delta_static(layer, rows, post, gate_up, down)
-    if static is None:
-        return LayerCall(None, (), tensors)
-    tensors += static[-1]
-    return LayerCall("delta", static[:-1], tensors)
+    return LayerCall(None if static is None else "delta", static or (), tensors)
 
 
 def _attn_static(layer, rows, post, gate_up, down):
@@ -160,11 +156,11 @@ def _attn_static(layer, rows, post, gate_up, down):
     if qkv is None or o_proj is None:
         return None
     return (layer.mlp.native.attn_layer, pre, post, layer.input_layernorm.eps, qkv, o_proj, gate_up, down, qs, ks,
-            attn.q_norm.eps, attn.num_heads, attn.head_dim ** -0.5, [pre, qs, ks])
+            attn.q_norm.eps, attn.num_heads, attn.head_dim ** -0.5)
 
 
 def _attn_layer(static, x, batch, layer_idx, rope):
-    fn, pre, post, eps, qkv, o_proj, gate_up, down, qs, ks, qk_eps, heads, scale, _ = static
+    fn, pre, post, eps, qkv, o_proj, gate_up, down, qs, ks, qk_eps, heads, scale, _ = static  # _: the MLP block
     keys, values = batch.pool.keys[layer_idx], batch.pool.values[layer_idx]
     cos, sin = rope
     if (keys.dtype != torch.float32 or values.dtype != torch.float32 or not keys.is_contiguous()
@@ -188,8 +184,7 @@ def _delta_static(layer, rows, post, gate_up, down):
     conv_w = conv_w.reshape(mixer.conv_dim, -1).contiguous()
     neg_a, dt_bias = mixer.neg_A(mixer.A_log), mixer.dt_bias.float().contiguous()
     return (mixer.native.delta_layer, pre, post, layer.input_layernorm.eps, in_proj, out_proj, gate_up, down, conv_w,
-            neg_a, dt_bias, mixer.norm.weight, mixer.norm.eps, mixer.num_k_heads, mixer.k_dim ** -0.5,
-            [pre, conv_w, neg_a, dt_bias])
+            neg_a, dt_bias, mixer.norm.weight, mixer.norm.eps, mixer.num_k_heads, mixer.k_dim ** -0.5)
 
 
 def _delta_step(static, x, batch, layer_idx):
