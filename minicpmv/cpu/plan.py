@@ -37,7 +37,7 @@ FP16_PACKED, BF16, WIDENED = "fp16-packed", "bf16", "bf16-widened"
 WEIGHT_FORMATS = ("int8", "int4")
 INT4_GROUP = 64
 EMBEDDING_NOTE = "; a tied embedding reads it, an untied one is stored int8"
-# the extension's set_prefetch modes for its int8 / int4 decode walks, and how `minicpmv info` says them
+# the extension's set_prefetch modes for its decode products' weight streams, and how `minicpmv info` says them
 PREFETCH = {"off": (0, "on the hardware prefetcher alone"), "l1": (1, "with software prefetch into L1"),
             "l2": (2, "with software prefetch into L2")}
 
@@ -65,9 +65,10 @@ class KernelPlan:
     # bf16 decode rows on the extension's vdpbf16ps kernel, activations rounded to bf16 (AVX512-BF16
     # without AMX); else its FMA rows on exact fp32 activations
     bf16_dot: bool = False
-    # software prefetch ahead of the extension's single-stream int8 / int4 decode walks (PREFETCH):
-    # into L1 lifted the AMX Xeon's streams (10 -> 17-20 GB/s) and slowed the Zen 4's, where into L2
-    # made int8 / int4 decode 1.16-1.24x faster than none
+    # software prefetch ahead of the extension's decode streams (PREFETCH): the int8 / int4 one-row
+    # walks and the int8 / vdpbf16ps tiles of several rows. Into L1 lifted the AMX Xeon's streams
+    # (10 -> 17-20 GB/s) and slowed the Zen 4's, where into L2 made int8 / int4 decode 1.16-1.24x
+    # faster than none and batched 16-bit decode 1.45x faster than into L1
     prefetch: str = "l1"
 
     @property

@@ -30,7 +30,7 @@ __attribute__((target("avx512bf16"))) void dot_tile(const uint16_t* w, const uin
     for (int m = 0; m < MR; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(xb + (m0 + m) * K + k);
     for (int r = 0; r < R; ++r) {
       const uint16_t* row = w + (n0 + r) * K + k;
-      _mm_prefetch(reinterpret_cast<const char*>(row) + PF_DOT, _MM_HINT_T0);
+      walk_ahead(reinterpret_cast<const char*>(row) + PF_DOT);
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(row);
       for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
     }

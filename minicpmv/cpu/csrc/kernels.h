@@ -19,6 +19,15 @@ bool bf16_dot_ok();
 torch::Tensor int4_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, int64_t group);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, c10::optional<torch::Tensor> gate);
 
+// Software prefetch ahead of a decode product's weight streams, as the CPU plan says (set_prefetch):
+// into L1 (the AMX Xeon's choice), into L2 only (a Zen 4's: into L1 slowed its streams), or none.
+enum Prefetch : int64_t { PF_OFF = 0, PF_L1 = 1, PF_L2 = 2 };
+extern int64_t walk_prefetch;
+inline void walk_ahead(const void* p) {
+  if (walk_prefetch == PF_L1) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+  else if (walk_prefetch == PF_L2) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
+}
+
 // ---- one decode token on raw rows ----
 // y[c] = silu(sum_j window[c, j] w[c, j] + x[c] w[c, K-1]) for C channels; the window [C, K-1] moves
 // on by x into `next` (which may be `window` itself).

@@ -35,18 +35,13 @@ namespace {
 // Software prefetch distances (bytes ahead in each weight stream): one core's hardware
 // prefetcher alone left these streams at ~10 GB/s on the AMX Xeon; 8-16 KB ahead reached
 // 17-20 GB/s (1 KB: ~8, 32 KB: no better). The single-stream walks (int8_walk, int4_block: one
-// weight stream per thread) prefetch as the plan says (set_prefetch): into L1 (the Xeon's choice),
-// into L2 only, or none. On a Zen 4, L2 lifted int8 / int4 decode 1.16-1.24x over none, where L1
-// slowed the walks below none (and neither helped bf16_dot.cpp's one-row walk there).
+// weight stream per thread) and the int8 / vdpbf16ps tiles of several activation rows prefetch as
+// the plan says (walk_ahead): into L1 (the Xeon's choice), into L2 only, or none. On a Zen 4, L2
+// lifted int8 / int4 decode 1.16-1.24x over none, where L1 slowed the walks below none (and neither
+// helped bf16_dot.cpp's one-row walk there); the tiles' L1 prefetch cost that CPU a third of
+// batched decode (16-bit 8 rows 76 -> 110 tok/s with L2).
 constexpr int64_t PF_ROWS = 8192;  // per row, 4 rows at a time (int8, bf16)
 constexpr int64_t PF_INT4 = 16384;  // one stream per 64-row block
-enum Prefetch : int64_t { PF_OFF = 0, PF_L1 = 1, PF_L2 = 2 };
-int64_t walk_prefetch = PF_L1;
-
-inline void walk_ahead(const void* p) {
-  if (walk_prefetch == PF_L1) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
-  else if (walk_prefetch == PF_L2) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
-}
 
 inline float bf16_to_float(uint16_t b) {
   uint32_t u = static_cast<uint32_t>(b) << 16;
@@ -185,7 +180,7 @@ void int8_tile(const int8_t* q, const uint16_t* scale, const Int8Activations& a,
     __m512i u[R];
     for (int r = 0; r < R; ++r) {
       const int8_t* p = q + (n0 + r) * K + k;
-      _mm_prefetch(reinterpret_cast<const char*>(p) + PF_ROWS, _MM_HINT_T0);
+      walk_ahead(reinterpret_cast<const char*>(p) + PF_ROWS);
       u[r] = int8_unsigned(p);
     }
     for (int m = 0; m < MR; ++m)
@@ -398,6 +393,8 @@ void int4_block(const uint8_t* w, const uint32_t* sz, const Int4Activations& a, 
 }
 
 }  // namespace
+
+int64_t walk_prefetch = PF_L1;
 
 void set_prefetch(int64_t mode) {
   TORCH_CHECK(mode >= PF_OFF && mode <= PF_L2, "prefetch mode: 0 off, 1 into L1, 2 into L2");
