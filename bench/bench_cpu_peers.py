@@ -333,7 +333,8 @@ def takes(c: "Contender", metric: str) -> bool:
 
 # ---------------------------------------------------------------- the run
 
-def machine_line(threads: int) -> str:
+def machine_line(threads: int) -> tuple[str, float]:
+    """The machine as the tables' header says it, and its bf16 GEMM rate (GFLOP/s: the TTFT floor's)."""
     from minicpmv.cpu.isa import detect
 
     cpu = detect()
@@ -342,7 +343,7 @@ def machine_line(threads: int) -> str:
     bf16 = gemm_gflops(threads, torch.bfloat16, 512, 2048, 2048)
     return (f"{cpu.model}, level {cpu.level} ({cpu.feature_line()}), torch {torch.__version__}, {threads} threads; "
             f"fp32 GEMM {gemm_gflops(threads):.0f} GFLOP/s, bf16 GEMM {bf16:.0f} GFLOP/s, "
-            f"read {read_bandwidth_gbs(threads):.1f} GB/s")
+            f"read {read_bandwidth_gbs(threads):.1f} GB/s"), bf16
 
 
 def run_group(name: str, group: list[Contender], args, tokenizer, client, logdir: Path) -> dict:
@@ -375,7 +376,7 @@ def run_group(name: str, group: list[Contender], args, tokenizer, client, logdir
     return res
 
 
-def report(name: str, group: list[Contender], res: dict, bw_gbs: float, body_params: float):
+def report(name: str, group: list[Contender], res: dict, bw_gbs: float, body_params: float, floor_s: float):
     print(f"\n-- {name}")
     names = [c.name for c in group]
     print(f"{'metric':32s}" + "".join(f"{n:>20s}" for n in names))
@@ -407,6 +408,11 @@ def report(name: str, group: list[Contender], res: dict, bw_gbs: float, body_par
             d1 = median([s["value"] for s in res[c.name]["decode1"]])
             print(f"  {c.name}: decode batch 1 = {100 * d1 / limit:.0f}% of the bandwidth limit of its bytes "
                   f"({body_params * FORMAT_BYTES[c.fmt] / 1e9:.2f} GB/token -> {limit:.1f} tok/s)")
+    if res[ours].get("image_ttft"):  # the issue's floor: the image's matrix FLOPs at this run's bf16 GEMM rate
+        print(f"  448x448 TTFT bf16 compute floor {floor_s:.2f} s (matrix FLOPs of its vision tower, mergers, "
+              f"prefill and one lm_head row at the probe's bf16 GEMM rate): " + ", ".join(
+                  f"{n} {median([s['value'] for s in res[n]['image_ttft']]) / floor_s:.2f}x" for n in names
+                  if res[n].get("image_ttft")))
     busiest = max(s["busy"] for n in names for m in METRICS if m in res[n] for s in res[n][m])
     print(f"  busiest sample: {busiest:.2f} of the machine's CPU")
 
@@ -418,6 +424,13 @@ def per_token_params(folder: Path) -> float:
     cfg = json.loads((folder / "config.json").read_text())
     t = cfg["text_config"]
     return text_matrix_params(cfg) + t["vocab_size"] * t["hidden_size"]
+
+
+def floor_448(folder: Path, prompt_tokens: int) -> float:
+    """Matrix FLOPs of a 448x448 image's first token (bench46.py's count) for this checkpoint."""
+    from bench46 import flops_448_ttft
+
+    return flops_448_ttft(json.loads((folder / "config.json").read_text()), prompt_tokens)
 
 
 def main():
@@ -457,7 +470,8 @@ def main():
         if args.setup_vllm:
             print(setup_vllm())
         return
-    print("machine:", machine_line(args.threads), flush=True)
+    line, bf16_gflops = machine_line(args.threads)
+    print("machine:", line, flush=True)
     bw = read_bandwidth_gbs(args.threads)
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     logdir = Path(tempfile.mkdtemp(prefix="bench-peers-"))
@@ -466,7 +480,9 @@ def main():
     with httpx.Client() as client:
         for name, group in contenders(args, folder, args.threads).items():
             all_res[name] = run_group(name, group, args, tokenizer, client, logdir)
-            report(name, group, all_res[name], bw, params)
+            prompt = next((s.get("prompt_tokens") for c in group if c.engine == "ours"
+                           for s in all_res[name][c.name].get("image_ttft", [])), None) or 86
+            report(name, group, all_res[name], bw, params, floor_448(folder, prompt) / (bf16_gflops * 1e9))
     if args.llama_bench and "llama.cpp" in args.only:
         for q, gguf in setup_llama(folder, args.threads).items():
             if q != "mmproj":
