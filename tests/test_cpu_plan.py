@@ -96,8 +96,9 @@ def test_avx512_bf16_without_amx_takes_bf16_text_matrices_where_the_extension_bu
 
 
 def test_software_prefetch_in_the_decode_walks_follows_the_vendor():
-    """The extension's int8 / int4 one-row walks prefetch into L1 on Intel (measured on the AMX Xeon)
-    and into L2 on AMD (measured on a Zen 4, where L1 slowed them); the info table says which."""
+    """The extension's decode streams (int8 / int4 one-row walks, int8 / vdpbf16ps tiles of several
+    rows) prefetch into L1 on Intel (measured on the AMX Xeon) and into L2 on AMD (measured on a Zen 4,
+    where L1 slowed them); the info table says which."""
     from minicpmv.cpu import native
 
     flags = frozenset(native.NEEDS) | {"avx2", "avx512_bf16"}
