@@ -127,17 +127,18 @@ def test_kernels_give_the_fp32_product_with_the_dequantized_matrix(n, k):
             assert torch.equal(whole[i:i + 1], mod.int4_mm(x[i:i + 1], l4.qweight, l4.scale_zero, l4.group))
             assert torch.equal(whole8[i:i + 1], mod.int8_mm(x[i:i + 1], l8.qweight, l8.scale))
     if mod is not None:  # software prefetch (off, into L1, into L2) changes no bit: one-row walks, tiles
-        wb = w.bfloat16()
+        wb, xs = w.bfloat16(), [torch.randn(m, k, generator=g) for m in (1, 5)]
+
+        def products(x):
+            got = [mod.int4_mm(x, l4.qweight, l4.scale_zero, l4.group), mod.int8_mm(x, l8.qweight, l8.scale)]
+            return got + [mod.bf16_dot_mm(x, wb)] if mod.bf16_dot_ok() else got
+
         outs = []
         for mode in (0, 1, 2):
             mod.set_prefetch(mode)
-            for m in (1, 5):
-                x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-                outs.append((mod.int4_mm(x, l4.qweight, l4.scale_zero, l4.group), mod.int8_mm(x, l8.qweight, l8.scale),
-                             mod.bf16_dot_mm(x, wb) if mod.bf16_dot_ok() else x))
-        outs = [outs[0::2], outs[1::2]]  # per row count
+            outs.append([p for x in xs for p in products(x)])
         mod.set_prefetch(PREFETCH[rule_plan(HERE).prefetch][0])
-        assert all(torch.equal(a, b) for per in outs for o in per[1:] for a, b in zip(per[0], o))
+        assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(outs[0], o))
         with pytest.raises(RuntimeError, match="prefetch mode"):
             mod.set_prefetch(3)
     if mod is not None:  # prompts: the int4 matrix widened to W^T, bit for bit the tensor-op widening
