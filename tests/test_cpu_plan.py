@@ -67,17 +67,20 @@ def test_rules_per_level():
     arm = rule_plan(cpu("neon_bf16", arch="aarch64"))
     assert arm.vision_bf16 and arm.text16 == BF16
     rows = dict(avx2.rows("int4"))
-    assert set(rows) == {"vision GEMMs", "prefill GEMMs", "decode GEMVs", "lm_head", "MoE experts", "RMSNorms",
+    assert set(rows) == {"vision GEMMs", "vision attention", "prefill GEMMs", "decode GEMVs", "lm_head", "MoE experts", "RMSNorms",
                          "decode layers", "prompt DeltaNet", "C++ extension", "denormals"}
     assert "MoE experts" not in dict(avx2.rows())
+    assert dict(avx2.rows())["vision attention"] == "torch's SDPA in fp32" and not avx2.vision_flash
     assert amx.fused_norm and bf16.fused_norm and not avx2.fused_norm
     assert "int4" in rows["decode GEMVs"] and "tied embedding" in rows["lm_head"]
 
 
 def test_avx512_bf16_without_amx_takes_bf16_text_matrices_where_the_extension_builds():
     """With the extension (its flags on the described CPU and on this host), an AVX512-BF16 CPU without
-    AMX keeps its text matrices bf16, one decode row on vdpbf16ps (`bf16_dot`) and the layers fused;
-    without it, fbgemm's fp16-packed GEMV (no fused layers). AMX machines keep the exact FMA rows."""
+    AMX keeps its text matrices bf16, one decode row on vdpbf16ps (`bf16_dot`), the vision tower's
+    attention on the extension's vdpbf16ps kernel (`vision_flash`) and the layers fused; without it,
+    fbgemm's fp16-packed GEMV (no fused layers) and torch's SDPA. AMX machines keep the exact FMA rows
+    and torch's SDPA (its bf16 products on the tiles)."""
     from minicpmv.cpu import native
 
     flags = frozenset(native.NEEDS) | {"avx2", "avx512_bf16"}
@@ -85,6 +88,8 @@ def test_avx512_bf16_without_amx_takes_bf16_text_matrices_where_the_extension_bu
     amx = rule_plan(cpu("amx", flags=flags | {"amx_tile", "amx_bf16"}))
     plain = rule_plan(cpu("avx512_bf16"))  # no flags: the extension is out
     assert not amx.bf16_dot and not plain.bf16_dot and not plain.native_kernels
+    assert not amx.vision_flash and not plain.vision_flash
+    assert dict(amx.rows())["vision attention"] == dict(plain.rows())["vision attention"] == "torch's SDPA in bf16"
     if fp16_packed.available():
         assert plain.text16 == FP16_PACKED
         assert dict(plain.rows())["decode layers"] == "tensor ops"
@@ -93,6 +98,7 @@ def test_avx512_bf16_without_amx_takes_bf16_text_matrices_where_the_extension_bu
         assert bf16.text16 == BF16 and bf16.bf16_dot and bf16.gemm_dtype == torch.bfloat16
         rows = dict(bf16.rows())
         assert "vdpbf16ps" in rows["decode GEMVs"] and rows["decode layers"].startswith("one extension call")
+        assert bf16.vision_flash and rows["vision attention"].startswith("the extension's vdpbf16ps kernel")
 
 
 def test_software_prefetch_in_the_decode_walks_follows_the_vendor():

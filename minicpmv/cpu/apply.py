@@ -39,6 +39,8 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
         for name, module in model.named_modules():
             if hasattr(module, "sdpa_dtype") and not name.startswith(prefixes):
                 module.sdpa_dtype = torch.bfloat16
+                if plan.vision_flash and kernels is not None and kernels.bf16_dot_ok():
+                    module.flash = kernels
         if plan.prepacks_vision:  # many rows a call, never a decode row: oneDNN's layout, the only copy
             for name, module in list(model.named_modules()):
                 if type(module) is Bf16Linear and not name.startswith(prefixes) and module.weight.device.type == "cpu":

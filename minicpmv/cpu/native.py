@@ -31,13 +31,16 @@ log = logging.getLogger("minicpmv.cpu")
 
 ENV = "MINICPMV_NATIVE"  # "0" keeps torch's kernels
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "quant_gemv.cpp", CSRC / "decode_layers.cpp", CSRC / "bf16_dot.cpp")  # + kernels.h, which both include
+SOURCES = (CSRC / "quant_gemv.cpp", CSRC / "decode_layers.cpp", CSRC / "bf16_dot.cpp", CSRC / "flash_attn.cpp")  # + kernels.h, which both include
 NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi", "-mfma",
          "-fopenmp"]
 # Up to this many rows the extension runs; beyond, torch's kernels (up to the plan's kernel rows),
 # then dequantize + GEMM. On the AMX Xeon, 2 threads: 1.2-1.7x torch's at 1 row, 1.1-1.4x at 8.
 ROWS = 8
+# The vision tower's attention runs the extension's kernel from this many keys (cpu/plan.py:
+# `vision_flash`); it works in blocks of 64 keys, so the 2x2 windows of 4.6's merger stay on SDPA
+FLASH_MIN_KEYS = 64
 
 _module = None
 _status = "not built yet"

@@ -70,6 +70,9 @@ class KernelPlan:
     # (10 -> 17-20 GB/s) and slowed the Zen 4's, where into L2 made int8 / int4 decode 1.16-1.24x
     # faster than none and batched 16-bit decode 1.45x faster than into L1
     prefetch: str = "l1"
+    # the vision tower's attention on the extension's vdpbf16ps kernel (cpu/csrc/flash_attn.cpp;
+    # AVX512-BF16 without AMX: ~2x torch's bf16 SDPA on 1,024 patches on the Zen 4); else torch's SDPA
+    vision_flash: bool = False
 
     @property
     def prepacks_vision(self) -> bool:
@@ -81,6 +84,9 @@ class KernelPlan:
     def rows(self, weights: str | None = None, gptq: bool = False) -> list[tuple[str, str]]:
         """(op class, kernel) lines describing what a model loaded with `weights` (from a GPTQ
         checkpoint when `gptq`) runs."""
+        attention = ("the extension's vdpbf16ps kernel (bf16 in, fp32 softmax and sums; torch's SDPA for "
+                     f"fewer than {native.FLASH_MIN_KEYS} keys)" if self.vision_bf16 and self.vision_flash else
+                     "torch's SDPA in bf16" if self.vision_bf16 else "torch's SDPA in fp32")
         vision = ("fp32 GEMM on the bf16 weights widened per call" if not self.vision_bf16 else
                   "bf16 GEMM, fp32 accumulation (bf16 weights in oneDNN's blocked layout, reordered at load)"
                   if self.prepacks_vision else "bf16 GEMM, fp32 accumulation (bf16 weights)")
@@ -123,7 +129,7 @@ class KernelPlan:
                  "F.rms_norm, one call each" if self.fused_norm else "five tensor ops each")
         # the fused layers multiply the extension's formats only: bf16, int8, int4 (GPTQ moves to int4)
         fused = self.native_kernels and (weights in WEIGHT_FORMATS or gptq or self.text16 == BF16)
-        rows = [("vision GEMMs", vision), ("prefill GEMMs", prefill), ("decode GEMVs", decode), ("lm_head", head),
+        rows = [("vision GEMMs", vision), ("vision attention", attention), ("prefill GEMMs", prefill), ("decode GEMVs", decode), ("lm_head", head),
                 ("decode layers", "one extension call per layer (norms, projections, conv + gated delta rule or "
                  "attention over the KV pool, MLP) for plain decode batches" if fused else "tensor ops"),
                 ("prompt DeltaNet", "the gated delta rule token by token in the extension, heads in parallel"
@@ -158,6 +164,9 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
     # vdpbf16ps for one decode row: 1.4x the FMA rows on the Zen 4 (one sequential stream per thread);
     # not on AMX machines, whose FMA rows already stream at the memory's rate (unmeasured there)
     rows["bf16_dot"] = rows["native_kernels"] and cpu.at_least("avx512_bf16") and not cpu.at_least("amx")
+    # the same unit for the vision tower's attention (torch's bf16 SDPA leaves it idle there); AMX
+    # machines keep torch's SDPA, whose bf16 products run on the tiles (~2.7x its fp32 on the Xeon)
+    rows["vision_flash"] = rows["bf16_dot"]
     # prefetch into L2 on AMD (measured on a Zen 4), into L1 elsewhere (measured on the AMX Xeon)
     rows["prefetch"] = "l2" if cpu.model.upper().startswith("AMD") else "l1"
     if cpu.at_least("amx") or (cpu.fast_bf16 and (not fbgemm or rows["native_kernels"])):
@@ -171,7 +180,7 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
     return KernelPlan(cpu, vision_bf16=False, text16=WIDENED, gemm_dtype=torch.float32,
                       native_kernels=rows["native_kernels"], flush_denormals=rows["flush_denormals"],
                       amx_rows=rows["amx_rows"], vision_prepacked=rows["vision_prepacked"], bf16_dot=rows["bf16_dot"],
-                      prefetch=rows["prefetch"])
+                      prefetch=rows["prefetch"], vision_flash=rows["vision_flash"])
 
 
 def choose(isa: str | None = None, calibrate: bool | None = None) -> KernelPlan:

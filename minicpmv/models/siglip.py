@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cpu.native import FLASH_MIN_KEYS
 from ..layers.mlp import gelu_mlp
 
 
@@ -72,6 +73,7 @@ class SiglipAttention(nn.Module):
     # itself in bf16 (fp32 accumulation; ~2.7x the fp32 kernel on 1,024 patches on the AMX Xeon)
     packed_fusions = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
     sdpa_dtype = None
+    flash = None  # the extension (cpu/native.py) where the plan runs bf16 attention on it (`vision_flash`)
 
     def __init__(self, hidden: int, num_heads: int):
         super().__init__()
@@ -88,11 +90,27 @@ class SiglipAttention(nn.Module):
         if self.qkv_proj is not None:  # bf16 attention: q/k/v straight out of their bf16 GEMM
             qkv = (self.qkv_proj(x) if self.sdpa_dtype is None else self.qkv_proj.bf16_product(x)).split(D, dim=-1)
         else:
-            qkv = (p(x) for p in (self.q_proj, self.k_proj, self.v_proj))
+            qkv = [p(x) for p in (self.q_proj, self.k_proj, self.v_proj)]
+        lengths = key_lengths(key_mask, N, L) if self.flash is not None and L >= FLASH_MIN_KEYS else None
+        if lengths is not None and self.head_dim % 2 == 0 and self.head_dim <= 128:
+            q, k, v = (t.reshape(N, L, self.num_heads, self.head_dim).to(torch.bfloat16) for t in qkv)
+            return self.out_proj(self.flash.bf16_attention(q, k, v, lengths, self.head_dim ** -0.5)).to(x.dtype)
         q, k, v = (t.reshape(N, L, self.num_heads, self.head_dim).transpose(1, 2).to(self.sdpa_dtype or x.dtype)
                    for t in qkv)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # out_proj takes it as it is
         return self.out_proj(o.transpose(1, 2).reshape(N, L, D)).to(x.dtype)
+
+
+def key_lengths(key_mask: torch.Tensor | None, N: int, L: int) -> list[int] | None:
+    """The real keys of each sequence when key_mask [N, 1, 1, L] marks a prefix of each (as padded
+    crops do): [] for no mask, None for a mask of another shape."""
+    if key_mask is None:
+        return []
+    mask = key_mask.reshape(N, L)
+    lengths = mask.sum(1)
+    if not bool((lengths > 0).all()) or not torch.equal(mask, torch.arange(L, device=mask.device) < lengths[:, None]):
+        return None
+    return lengths.tolist()
 
 
 class SiglipMLP(nn.Module):

@@ -16,6 +16,10 @@ torch::Tensor bf16_amx_mm(torch::Tensor x, torch::Tensor w);
 // x rounded to bf16, vdpbf16ps rows (bf16_dot.cpp); bf16_dot_ok(): whether this CPU has AVX512-BF16
 torch::Tensor bf16_dot_mm(torch::Tensor x, torch::Tensor w);
 bool bf16_dot_ok();
+// q, k, v [N, L, H, d] bf16 (head dims contiguous), keys past lengths[n] left out -> [N, L, H d] bf16
+// (flash_attn.cpp: vdpbf16ps, fp32 softmax and sums)
+torch::Tensor bf16_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<int64_t> lengths,
+                             double scale);
 torch::Tensor int4_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, int64_t group);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, c10::optional<torch::Tensor> gate);
 
