@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .weight_formats import Bf16Linear
+from .weight_formats import Bf16Linear, plus_bias
 
 
 def available() -> bool:
@@ -51,8 +51,7 @@ class PrepackedBf16Linear(Bf16Linear):
         return _product(x, self.packed, self.bias_bf16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _product(x, self.packed, None).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return plus_bias(_product(x, self.packed, None).to(x.dtype), self.bias)
 
     # oneDNN's blocked tensors have no storage to copy or pickle: travel as the plain matrix
     def __getstate__(self):

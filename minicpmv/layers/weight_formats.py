@@ -312,6 +312,16 @@ def int4_grid(g: torch.Tensor, ranges=INT4_RANGES) -> tuple[torch.Tensor, torch.
     return q, best_s, best_z
 
 
+def plus_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y + bias in their promoted dtype, the same numbers as torch's add: that add of a bf16 product
+    and an fp32 bias takes torch's casting path, ~30x slower than a cast and an add of one dtype
+    (1,024 x 1,152 on a Zen 4: 4.4 ms against 0.14 + 0.08; the vision tower's out_proj and fc2)."""
+    if bias is None:
+        return y
+    z = y.to(torch.promote_types(y.dtype, bias.dtype))
+    return z.add_(bias) if z is not y else y + bias
+
+
 class Bf16Linear(nn.Linear):
     """bf16 weight, bf16 matmul accumulating in fp32 (oneDNN), fp32 in and out. Built by class
     swap from a loaded MixedLinear/nn.Linear whose weight is bf16, or from a weight (fusions)."""
@@ -353,14 +363,13 @@ class Bf16Linear(nn.Linear):
             product = (self.native.bf16_amx_mm if amx else self.native.bf16_dot_mm if self.bf16_dot else
                        self.native.bf16_mm)
             y = product(x.reshape(rows, -1).float().contiguous(), self.weight)
-            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
-            return y if self.bias is None else y + self.bias
+            return plus_bias(y.reshape(*x.shape[:-1], -1).to(x.dtype), self.bias)
         xb = x.to(torch.bfloat16)
         if rows <= GEMV_ROWS and x.device.type == "cpu":
             y = _weight_major(self.weight, xb.reshape(rows, -1)).reshape(*x.shape[:-1], -1).to(x.dtype)
         else:
             y = F.linear(xb, self.weight).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return plus_bias(y, self.bias)
 
 
 # Up to this many rows (decode steps) a bf16 product runs weight-major: torch.mv for one row, W @ X^T
