@@ -320,3 +320,27 @@ def test_sequences_take_low_slots_and_snapshots_high_ones():
     snap = slots.allocate(high=True)
     slots.release(a)
     assert (a, b, snap, slots.allocate()) == (0, 1, 5, 0)
+
+
+def test_idle_writes_the_next_snapshot_slot_once_and_keeps_the_output(request):
+    """Engine.idle (the server's engine thread, queue empty) writes the slot the next prefix snapshot
+    takes (the highest free) when it was never written, so that snapshot copies into committed pages;
+    nothing when that slot was written before or no prefix cache is kept; outputs unchanged."""
+    e = track(request, engine_for())
+    pool, slots = e.manager.pool, e.manager.slots
+    top = slots.peek(high=True)
+    assert top == e.plan.num_slots - 1 and not pool.touched[top]
+    pool.recurrent[1][top].fill_(float("nan"))  # whatever an unwritten slot holds
+    e.idle()
+    assert pool.touched[top] and torch.equal(pool.recurrent[1][top], torch.zeros_like(pool.recurrent[1][top]))
+    assert e.manager.warm_snapshot_slot() is None  # written already
+    first = seq(prompt(5, 10), n=4)
+    run(e, [first])
+    assert first.output_ids == reference_tokens(first.prompt_ids, 4)
+    kept = [entry.slot for entry in e.manager.prefix.entries.values() if entry.slot is not None]
+    assert top in kept  # the snapshot took the slot idle wrote
+    nxt = slots.peek(high=True)
+    assert not pool.touched[nxt] and e.manager.warm_snapshot_slot() == nxt and pool.touched[nxt]
+    off = track(request, engine_for(enable_prefix_caching=False))
+    assert off.manager.warm_snapshot_slot() is None
+    assert not any(off.manager.pool.touched)

@@ -107,6 +107,12 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    @torch.inference_mode()
+    def idle(self) -> None:
+        """Work for a moment with nothing to run (the server's engine thread calls it when the queue
+        empties): the next prefix snapshot's state slot is written once, off any request's path."""
+        self.manager.warm_snapshot_slot()
+
     # -- the loop -------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:

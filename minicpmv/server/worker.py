@@ -155,6 +155,7 @@ class Worker:
             self._fail_everything(ApiError(503, "the server is shutting down"))
 
     def _loop_forever(self) -> None:
+        self._guarded(self.engine.idle)
         was_busy = False
         while True:
             messages = [self._inbox.get()] if not self.engine.has_work() else []
@@ -171,6 +172,7 @@ class Worker:
             if not self.engine.has_work():
                 if was_busy:
                     heap.release()  # what the busiest step kept mapped (cpu/heap.py)
+                    self._guarded(self.engine.idle)
                 was_busy = False
                 continue
             was_busy = True

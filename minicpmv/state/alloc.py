@@ -59,6 +59,10 @@ class SlotAllocator:
         self.used[s] = True
         return s
 
+    def peek(self, high: bool = False) -> int | None:
+        """The slot allocate(high) would hand out next, or None when none is free."""
+        return None if not self._free else self._free[-1] if high else self._free[0]
+
     def release(self, slot: int) -> None:
         assert self.used[slot], f"slot {slot} released twice"
         self.used[slot] = False

@@ -76,6 +76,20 @@ class StateManager:
             if self.pool is not None:
                 self.pool.zero_slot(st.slot)
 
+    def warm_snapshot_slot(self) -> int | None:
+        """Write once, while the engine idles, the slot the next prefix snapshot will take, when it has
+        never been written: the snapshot at the end of the next prompt then copies into committed
+        pages instead of faulting them in on the way to its first token (a 19 MB slot of the real-size
+        4.6: 100-150 ms on first write in the Firecracker VM of 2026-12-03, 1-2 ms after). Returns the
+        slot, or None when there was nothing to do."""
+        if self.prefix is None or self.pool is None or not self.uses_slots:
+            return None
+        slot = self.slots.peek(high=True)
+        if slot is None or self.pool.touched[slot]:
+            return None
+        self.pool.zero_slot(slot)
+        return slot
+
     def free(self, st: SeqState) -> None:
         self.blocks.release(st.blocks)
         st.blocks = []

@@ -77,17 +77,22 @@ class StatePool:
                                                 dtype=torch.float32, device=device)
             elif s is not None:  # None: a layer left out on purpose (one layer run alone)
                 raise TypeError(f"unknown state spec {s!r}")
+        # slots written at least once: their pages are committed (an empty pool's are not, and the
+        # first write to one pays a page fault per 4 KB; StateManager.warm_snapshot_slot)
+        self.touched = [False] * plan.num_slots
 
     # copies the state manager asks for (prefix snapshots, copy-on-write of a shared last block)
     def copy_slot(self, src: int, dst: int) -> None:
         for i in self.conv:
             self.conv[i][dst].copy_(self.conv[i][src])
             self.recurrent[i][dst].copy_(self.recurrent[i][src])
+        self.touched[dst] = True
 
     def zero_slot(self, slot: int) -> None:
         for i in self.conv:
             self.conv[i][slot].zero_()
             self.recurrent[i][slot].zero_()
+        self.touched[slot] = True
 
     def copy_block(self, src: int, dst: int) -> None:
         bs = self.block_size
