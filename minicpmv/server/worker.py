@@ -25,6 +25,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 
 from ..cpu import heap
 from ..engine.sequence import Sequence
@@ -154,11 +155,24 @@ class Worker:
             self._running = False
             self._fail_everything(ApiError(503, "the server is shutting down"))
 
+    def _wait(self, release_at: float | None) -> tuple[list, float | None]:
+        """The next message, blocking while the engine is idle; at `release_at` (monotonic) with none
+        come, the heap's free pages go back to the OS first (heap.idle_release_s: a burst's memory
+        returns, while the next request of a steady stream does not fault it all back in).
+        -> (messages, the release still due or None)."""
+        while True:
+            timeout = None if release_at is None else max(0.0, release_at - time.monotonic())
+            try:
+                return [self._inbox.get(timeout=timeout)], release_at
+            except queue.Empty:
+                heap.release()  # what the busiest step kept mapped (cpu/heap.py)
+                release_at = None
+
     def _loop_forever(self) -> None:
         self._guarded(self.engine.idle)
-        was_busy = False
+        was_busy, release_at = False, None
         while True:
-            messages = [self._inbox.get()] if not self.engine.has_work() else []
+            messages, release_at = self._wait(release_at) if not self.engine.has_work() else ([], release_at)
             while True:
                 try:
                     messages.append(self._inbox.get_nowait())
@@ -171,11 +185,11 @@ class Worker:
             self._snapshot = self.engine.metrics()
             if not self.engine.has_work():
                 if was_busy:
-                    heap.release()  # what the busiest step kept mapped (cpu/heap.py)
                     self._guarded(self.engine.idle)
+                    release_at = time.monotonic() + heap.idle_release_s()
                 was_busy = False
                 continue
-            was_busy = True
+            was_busy, release_at = True, None
             try:
                 outputs = self.engine.step()
             except Exception as e:  # noqa: BLE001 - a fault the engine could not pin on one request
