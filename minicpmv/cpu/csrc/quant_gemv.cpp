@@ -169,7 +169,9 @@ inline __m512i int8_unsigned(const int8_t* p) {  // 64 codes w as w + 128
   return _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_set1_epi8(static_cast<char>(0x80)));
 }
 
-// R weight rows against MR activation rows (several activation rows: batched decode).
+// R weight rows against MR activation rows (several activation rows: batched decode). Tiles of 4 x 4:
+// per activation row and 64 inputs its codes, offsets and scales are loaded once for 4 weight rows
+// (2 x 8 tiles loaded them for 2: on a Zen 4 the 4 x 4 tiles ran 1.2-1.5x faster at 4 and 8 rows).
 template <int R, int MR>
 void int8_tile(const int8_t* q, const uint16_t* scale, const Int8Activations& a, float* y,
                int64_t K, int64_t N, int64_t n0, int64_t m0) {
@@ -212,12 +214,8 @@ template <int R>
 void int8_rows(const int8_t* q, const uint16_t* scale, const Int8Activations& a, float* y,
                int64_t K, int64_t N, int64_t M, int64_t n0) {
   int64_t m0 = 0;
-  for (; m0 + 8 <= M; m0 += 8) int8_tile<R, 8>(q, scale, a, y, K, N, n0, m0);
+  for (; m0 + 4 <= M; m0 += 4) int8_tile<R, 4>(q, scale, a, y, K, N, n0, m0);
   switch (M - m0) {
-    case 7: int8_tile<R, 7>(q, scale, a, y, K, N, n0, m0); break;
-    case 6: int8_tile<R, 6>(q, scale, a, y, K, N, n0, m0); break;
-    case 5: int8_tile<R, 5>(q, scale, a, y, K, N, n0, m0); break;
-    case 4: int8_tile<R, 4>(q, scale, a, y, K, N, n0, m0); break;
     case 3: int8_tile<R, 3>(q, scale, a, y, K, N, n0, m0); break;
     case 2: int8_tile<R, 2>(q, scale, a, y, K, N, n0, m0); break;
     case 1: int8_tile<R, 1>(q, scale, a, y, K, N, n0, m0); break;
@@ -232,11 +230,11 @@ void int8_vnni_mm(const int8_t* q, const uint16_t* scale, const float* x, float*
     at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { int8_walk(q, scale, a, y, K, n0, n1); });
     return;
   }
-  at::parallel_for(0, (N + 1) / 2, 32, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * 2;
-      if (n0 + 2 <= N) int8_rows<2>(q, scale, a, y, K, N, M, n0);
-      else int8_rows<1>(q, scale, a, y, K, N, M, n0);
+      const int64_t n0 = b * 4;
+      if (n0 + 4 <= N) int8_rows<4>(q, scale, a, y, K, N, M, n0);
+      else for (int64_t n = n0; n < N; ++n) int8_rows<1>(q, scale, a, y, K, N, M, n);
     }
   });
 }
