@@ -83,12 +83,18 @@ def test_bad_shapes_are_refused_with_a_message():
     with pytest.raises(RuntimeError, match="key lengths must be in 1..L"):
         mod.bf16_attention(q, k, v, [9], 0.1)
     with pytest.raises(RuntimeError, match="even and at most 128"):
+        big = torch.zeros(1, 8, 2, 130, dtype=torch.bfloat16)
+        mod.bf16_attention(big, big, big, [], 0.1)
+    with pytest.raises(RuntimeError, match="strides must be even"):
         odd = torch.zeros(1, 8, 2, 71, dtype=torch.bfloat16)
         mod.bf16_attention(odd, odd, odd, [], 0.1)
     with pytest.raises(RuntimeError, match="bf16"):
         mod.bf16_attention(q.float(), k.float(), v.float(), [], 0.1)
     with pytest.raises(RuntimeError, match="one shape"):
         mod.bf16_attention(q, k[:, :4], v, [], 0.1)
+    wide = torch.zeros(1, 8, 2 * 72 + 1, dtype=torch.bfloat16)[..., :144].reshape(1, 8, 2, 72)  # rows 145 apart
+    with pytest.raises(RuntimeError, match="strides must be even"):
+        mod.bf16_attention(wide, wide, wide, [], 0.1)
 
 
 def test_key_lengths_only_for_prefix_masks():

@@ -2,13 +2,13 @@
 // AMX (cpu/plan.py: `vision_flash`). torch's bf16 SDPA ran a 1,024-patch layer (16 heads of 72) at
 // ~127 GFLOP/s on a Zen 4 where vdpbf16ps GEMMs reach ~370: its products there are not on the unit.
 //
-// Per (sequence, head) the keys are laid out once as the instruction's B operand (pairs of head
-// dims of 16 keys: Kp[d/2][L64][2]) and the values as pairs of keys (Vp[L64/2][16 ND][2]). Four
-// queries at a time walk the keys in blocks of 64: scores for 4 x 64 in 16 fp32 registers (each
-// instruction: a query's broadcast pair of dims against 16 keys), the running max and sum of an
-// online softmax in fp32, the block's probabilities rounded to bf16 once (round to nearest even, as
-// a bf16 GEMM rounds its inputs), then out += P V in fp32 registers (a broadcast pair of keys
-// against 16 head dims). The output is out / sum rounded to bf16, written as [N, L, H d] (what
+// Per (sequence, head) the keys are laid out once as the instruction's B operand, one block of 64
+// keys after another (Kp[L64 / 64][d/2][64][2]: pairs of head dims), and the values as pairs of keys
+// (Vp[L64/2][16 ND][2]). Four queries at a time walk the keys in blocks of 64: scores for 4 x 64 in
+// 16 fp32 registers (each instruction: a query's broadcast pair of dims against 16 keys), the
+// running max and sum of an online softmax in fp32, the block's probabilities rounded to bf16 once
+// (round to nearest even, as a bf16 GEMM rounds its inputs), then out += P V in fp32 registers
+// (a broadcast pair of keys against 16 head dims; out waits in L1 between blocks). The output is out / sum rounded to bf16, written as [N, L, H d] (what
 // out_proj reads). Keys at or past a sequence's length are left out; every query row is computed.
 #include "kernels.h"
 
@@ -47,7 +47,7 @@ inline __m512 all_max(__m512 v) {
 }
 
 struct Heads {  // one (sequence, head)'s operands, packed
-  const uint32_t* kp;  // [d/2][Lp] pairs of head dims
+  const uint32_t* kp;  // [Lp/64][d/2][64] pairs of head dims
   const uint32_t* vp;  // [Lp/2][DP] pairs of keys
   int64_t len;         // keys taken
 };
@@ -55,7 +55,7 @@ struct Heads {  // one (sequence, head)'s operands, packed
 // QB query rows (rows clamped to the sequence; results of the copies are not stored)
 template <int QB, int ND>
 __attribute__((target("avx512bf16"))) void query_block(const uint16_t* const* qrow, uint16_t* const* orow,
-                                                      const Heads& hd, int64_t d, int64_t Lp, float scale) {
+                                                      const Heads& hd, int64_t d, float scale) {
   constexpr int DP = ND * 16;
   const int64_t pairs = d / 2;
   // per query, in every lane: the running max (log2 units; a finite floor so that the first
@@ -141,7 +141,7 @@ __attribute__((target("avx512bf16"))) void query_block(const uint16_t* const* qr
 
 template <int QB, int ND>
 void attend(const uint16_t* q, const int64_t* qs, const std::vector<Heads>& heads, uint16_t* out, int64_t N,
-            int64_t L, int64_t H, int64_t d, int64_t Lp, float scale) {
+            int64_t L, int64_t H, int64_t d, float scale) {
   const int64_t per_head = (L + QB - 1) / QB;
   at::parallel_for(0, N * H * per_head, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -153,7 +153,7 @@ void attend(const uint16_t* q, const int64_t* qs, const std::vector<Heads>& head
         qrow[r] = q + n * qs[0] + i * qs[1] + h * qs[2];
         orow[r] = i0 + r < L ? out + ((n * L + i) * H + h) * d : nullptr;
       }
-      query_block<QB, ND>(qrow, orow, heads[nh], d, Lp, scale);
+      query_block<QB, ND>(qrow, orow, heads[nh], d, scale);
     }
   });
 }
@@ -199,6 +199,8 @@ void pack_values(const uint16_t* v, int64_t row, int64_t len, int64_t d, int64_t
 void check_qkv(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 4 && t.scalar_type() == torch::kBFloat16 && t.stride(3) == 1, name,
               ": [N, L, H, d] bf16 with contiguous head dims");
+  TORCH_CHECK(t.stride(0) % 2 == 0 && t.stride(1) % 2 == 0 && t.stride(2) % 2 == 0, name,
+              ": strides must be even (the kernel reads head dims in pairs)");
 }
 
 }  // namespace
@@ -236,14 +238,14 @@ torch::Tensor bf16_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
   const float sc = static_cast<float>(scale);
   switch (ND) {  // 4 queries a block up to 80 head dims (20 output registers), 2 beyond
-    case 1: attend<4, 1>(qp, qs, heads, op, N, L, H, d, Lp, sc); break;
-    case 2: attend<4, 2>(qp, qs, heads, op, N, L, H, d, Lp, sc); break;
-    case 3: attend<4, 3>(qp, qs, heads, op, N, L, H, d, Lp, sc); break;
-    case 4: attend<4, 4>(qp, qs, heads, op, N, L, H, d, Lp, sc); break;
-    case 5: attend<4, 5>(qp, qs, heads, op, N, L, H, d, Lp, sc); break;
-    case 6: attend<2, 6>(qp, qs, heads, op, N, L, H, d, Lp, sc); break;
-    case 7: attend<2, 7>(qp, qs, heads, op, N, L, H, d, Lp, sc); break;
-    default: attend<2, 8>(qp, qs, heads, op, N, L, H, d, Lp, sc); break;
+    case 1: attend<4, 1>(qp, qs, heads, op, N, L, H, d, sc); break;
+    case 2: attend<4, 2>(qp, qs, heads, op, N, L, H, d, sc); break;
+    case 3: attend<4, 3>(qp, qs, heads, op, N, L, H, d, sc); break;
+    case 4: attend<4, 4>(qp, qs, heads, op, N, L, H, d, sc); break;
+    case 5: attend<4, 5>(qp, qs, heads, op, N, L, H, d, sc); break;
+    case 6: attend<2, 6>(qp, qs, heads, op, N, L, H, d, sc); break;
+    case 7: attend<2, 7>(qp, qs, heads, op, N, L, H, d, sc); break;
+    default: attend<2, 8>(qp, qs, heads, op, N, L, H, d, sc); break;
   }
   return out;
 }
