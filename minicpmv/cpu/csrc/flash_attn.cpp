@@ -8,8 +8,9 @@
 // 16 fp32 registers (each instruction: a query's broadcast pair of dims against 16 keys), the
 // running max and sum of an online softmax in fp32, the block's probabilities rounded to bf16 once
 // (round to nearest even, as a bf16 GEMM rounds its inputs), then out += P V in fp32 registers
-// (a broadcast pair of keys against 16 head dims; out waits in L1 between blocks). The output is out / sum rounded to bf16, written as [N, L, H d] (what
-// out_proj reads). Keys at or past a sequence's length are left out; every query row is computed.
+// (a broadcast pair of keys against 16 head dims; out waits in L1 between blocks). The output is
+// out / sum rounded to bf16, written as [N, L, H d] (what out_proj reads). Keys at or past a
+// sequence's length are left out; every query row is computed.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -221,17 +222,17 @@ torch::Tensor bf16_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   std::unique_ptr<uint32_t[]> kp(new uint32_t[N * H * pairs * Lp]), vp(new uint32_t[N * H * (Lp / 2) * DP]);
   const uint16_t* kptr = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
   const uint16_t* vptr = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  std::vector<Heads> heads(N * H);
+  for (int64_t nh = 0; nh < N * H; ++nh)
+    heads[nh] = {kp.get() + nh * pairs * Lp, vp.get() + nh * (Lp / 2) * DP, lengths.empty() ? L : lengths[nh / H]};
   at::parallel_for(0, N * H, 1, [&](int64_t a, int64_t b) {
     for (int64_t nh = a; nh < b; ++nh) {
       const int64_t n = nh / H, h = nh % H;
       pack_keys(kptr + n * k.stride(0) + h * k.stride(2), k.stride(1), L, pairs, Lp, kp.get() + nh * pairs * Lp);
-      pack_values(vptr + n * v.stride(0) + h * v.stride(2), v.stride(1), lengths.empty() ? L : lengths[n], d, Lp, DP,
+      pack_values(vptr + n * v.stride(0) + h * v.stride(2), v.stride(1), heads[nh].len, d, Lp, DP,
                   reinterpret_cast<uint16_t*>(vp.get() + nh * (Lp / 2) * DP));
     }
   });
-  std::vector<Heads> heads(N * H);
-  for (int64_t nh = 0; nh < N * H; ++nh)
-    heads[nh] = {kp.get() + nh * pairs * Lp, vp.get() + nh * (Lp / 2) * DP, lengths.empty() ? L : lengths[nh / H]};
   auto out = torch::empty({N, L, H * d}, q.options().memory_format(at::MemoryFormat::Contiguous));
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
