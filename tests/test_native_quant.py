@@ -380,6 +380,47 @@ def test_bf16_dot_rows_give_the_product_of_the_bf16_rounded_activations():
         assert torch.equal(lin(x[:2]), mod.bf16_dot_mm(x[:2].contiguous(), w))
 
 
+def test_short_prompts_and_batched_decode_run_the_bf16_dot_rows_up_to_the_plans_bound():
+    """On the bf16_dot plan, 9 to `bf16_dot_rows` rows (a short prompt, a decode batch of more than
+    8) multiply through the same vdpbf16ps rows as one decode row, in forward and in bf16_product
+    (bias added to the fp32 sums, then rounded once), within 1e-5 of max|y| of that arithmetic in
+    float64; past the bound, and off that plan, oneDNN's GEMM as before."""
+    from minicpmv.cpu.apply import tune_bf16
+
+    plan = rule_plan(HERE)
+    assert plan.bf16_dot_rows == (96 if plan.bf16_dot else 0)
+    mod = kernels()
+    if mod is None or not plan.bf16_dot:
+        return
+    g = torch.Generator().manual_seed(7)
+    w, b = (torch.randn(70, 64, generator=g) * 0.1).bfloat16(), torch.randn(70, generator=g)
+    lin = Bf16Linear.of(w, b)
+    tune_bf16(lin, plan, mod)
+    assert lin.dot_rows == 96
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(mod, name)
+
+        def bf16_dot_mm(self, a, wt):
+            seen.append(a.shape[0])
+            return mod.bf16_dot_mm(a, wt)
+    lin.native = Spy()
+    for rows in (9, 40, 96):
+        x = torch.randn(1, rows, 64, generator=g)
+        ref = x[0].bfloat16().double() @ w.double().t() + b.double()
+        y, yb = lin(x), lin.bf16_product(x)
+        assert y.shape == yb.shape == (1, rows, 70) and y.dtype == torch.float32 and yb.dtype == torch.bfloat16
+        assert (y[0].double() - ref).abs().max() <= 1e-5 * ref.abs().max(), rows
+        assert torch.equal(yb, y.bfloat16())
+    assert seen == [9, 9, 40, 40, 96, 96]
+    seen.clear()
+    lin(torch.randn(97, 64))
+    lin.bf16_product(torch.randn(97, 64))
+    assert seen == []
+
+
 def test_bad_inputs_are_refused_with_a_message():
     mod = kernels()
     if mod is None:

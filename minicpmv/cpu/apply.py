@@ -70,6 +70,7 @@ def tune_bf16(m: Bf16Linear, plan: KernelPlan, kernels) -> None:
     m.native = kernels
     if m.in_features % 32 == 0:
         m.bf16_dot = plan.bf16_dot and kernels.bf16_dot_ok()
+        m.dot_rows = plan.bf16_dot_rows if m.bf16_dot else 0
         if plan.amx_rows and kernels.amx_rows_ok():
             m.amx_rows = plan.amx_rows
 

@@ -65,6 +65,9 @@ class KernelPlan:
     # bf16 decode rows on the extension's vdpbf16ps kernel, activations rounded to bf16 (AVX512-BF16
     # without AMX); else its FMA rows on exact fp32 activations
     bf16_dot: bool = False
+    # with bf16_dot: bf16 products of up to this many rows (prompt chunks, batched decode) on those
+    # vdpbf16ps rows instead of oneDNN (which reorders the plain weight inside every call)
+    bf16_dot_rows: int = 0
     # software prefetch ahead of the extension's decode streams (PREFETCH): the int8 / int4 one-row
     # walks and the int8 / vdpbf16ps tiles of several rows. Into L1 lifted the AMX Xeon's streams
     # (10 -> 17-20 GB/s) and slowed the Zen 4's, where into L2 made int8 / int4 decode 1.16-1.24x
@@ -113,10 +116,12 @@ class KernelPlan:
             head = decode
         elif self.text16 == BF16:
             prefill = "bf16 GEMM, fp32 accumulation"
+            if self.native_kernels and self.bf16_dot and self.bf16_dot_rows:
+                prefill += f" (up to {self.bf16_dot_rows} rows the decode GEMV's vdpbf16ps rows)"
             fma_rows = self.amx_rows - 1 if self.amx_rows else native.ROWS
             decode = ("bf16 GEMV, fp32 accumulation" if not self.native_kernels else
-                      f"bf16 GEMV: {native.describe()} up to {fma_rows} rows, activations rounded to bf16 "
-                      "(AVX512-BF16 vdpbf16ps)" if self.bf16_dot else
+                      f"bf16 GEMV: {native.describe()} up to {max(fma_rows, self.bf16_dot_rows)} rows, activations "
+                      "rounded to bf16 (AVX512-BF16 vdpbf16ps)" if self.bf16_dot else
                       f"bf16 GEMV: {native.describe()} up to {fma_rows} rows")
             if self.native_kernels and self.amx_rows:
                 decode += f"; {self.amx_rows}-16 rows on its AMX tiles (bf16 activations)"
@@ -164,6 +169,9 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
     # vdpbf16ps for one decode row: 1.4x the FMA rows on the Zen 4 (one sequential stream per thread);
     # not on AMX machines, whose FMA rows already stream at the memory's rate (unmeasured there)
     rows["bf16_dot"] = rows["native_kernels"] and cpu.at_least("avx512_bf16") and not cpu.at_least("amx")
+    # ...and for up to 96 rows: the 4.6 text matrices streamed from memory, 2 threads, Zen 5: 1.7x
+    # F.linear at 16 rows, 1.56x at 32, 1.18x at 85, even at 128 (docs/performance.md)
+    rows["bf16_dot_rows"] = 96 if rows["bf16_dot"] else 0
     # the same unit for the vision tower's attention (torch's bf16 SDPA leaves it idle there); AMX
     # machines keep torch's SDPA, whose bf16 products run on the tiles (~2.7x its fp32 on the Xeon)
     rows["vision_flash"] = rows["bf16_dot"]
@@ -180,7 +188,7 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
     return KernelPlan(cpu, vision_bf16=False, text16=WIDENED, gemm_dtype=torch.float32,
                       native_kernels=rows["native_kernels"], flush_denormals=rows["flush_denormals"],
                       amx_rows=rows["amx_rows"], vision_prepacked=rows["vision_prepacked"], bf16_dot=rows["bf16_dot"],
-                      prefetch=rows["prefetch"], vision_flash=rows["vision_flash"])
+                      bf16_dot_rows=rows["bf16_dot_rows"], prefetch=rows["prefetch"], vision_flash=rows["vision_flash"])
 
 
 def choose(isa: str | None = None, calibrate: bool | None = None) -> KernelPlan:

@@ -342,19 +342,27 @@ class Bf16Linear(nn.Linear):
     # the extension's rows on vdpbf16ps with the activations rounded to bf16 (AVX512-BF16 without
     # AMX; in_features % 32 == 0), else its FMA rows on exact fp32 activations
     bf16_dot = False
+    # with bf16_dot, up to this many rows (short prompts, batched decode) run those vdpbf16ps rows
+    # instead of oneDNN, which reorders the plain weight inside every call (the plan's bf16_dot_rows)
+    dot_rows = 0
 
     def bf16_product(self, x: torch.Tensor) -> torch.Tensor:
-        """x W^T + b as one bf16 GEMM (bias added in its fp32 accumulator), bf16 out: for a
+        """x W^T + b with bf16 operands and fp32 sums (bias added to them), bf16 out: for a
         consumer that reads bf16 anyway (the prompt paths of the MLPs, the vision attention's
         fused q/k/v, DeltaNet's input projection)."""
+        rows = x.numel() // x.shape[-1]
+        if self.native is not None and self.bf16_dot and rows <= self.dot_rows:
+            y = self.native.bf16_dot_mm(x.reshape(rows, -1).float().contiguous(), self.weight)
+            return plus_bias(y, self.bias).to(torch.bfloat16).reshape(*x.shape[:-1], -1)
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
         return F.linear(x.to(torch.bfloat16), self.weight, bias)
 
     def on_extension(self, rows: int) -> bool:
         """Whether `rows` activation rows run the extension: its AMX tiles from `amx_rows` up to
-        AMX_ROWS, else its FMA rows up to GEMV_ROWS (also what layers/fused_decode.py follows)."""
+        AMX_ROWS, its vdpbf16ps rows up to `dot_rows`, else its rows up to GEMV_ROWS (also what
+        layers/fused_decode.py follows)."""
         return self.native is not None and (bool(self.amx_rows) and self.amx_rows <= rows <= AMX_ROWS
-                                            or rows <= GEMV_ROWS)
+                                            or self.bf16_dot and rows <= self.dot_rows or rows <= GEMV_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
