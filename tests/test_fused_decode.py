@@ -14,7 +14,8 @@ modules one by one:
     inputs as the int8 kernel does, and those ulps can move a rounding step, which the tiny random
     model amplifies);
   * a batch of sequences in non-consecutive pool slots, and of different lengths (the attention
-    layers' rows per sequence), decodes to the same tokens;
+    layers' rows per sequence), decodes to the same tokens; on the bf16_dot plan a batch of 12
+    (past 8 rows) runs fused and decodes what each sequence decodes alone;
   * whatever does not qualify (a prompt, a CPU without the extension) takes the modules' path.
 """
 import pytest
@@ -237,6 +238,33 @@ def test_a_batch_in_scattered_slots_decodes_like_the_modules(weights, bf16_dir, 
     if USABLE and (weights or any(type(m) is Bf16Linear for m in model.modules())):
         assert {2, 3} <= set(spy.rows)
     assert decode_batch(model, True, spy) == fused
+
+
+def test_a_batch_past_8_rows_decodes_fused_within_the_plans_vdpbf16ps_rows(bf16_dir, monkeypatch):
+    """On the bf16_dot plan (AVX512-BF16 without AMX) a decode batch of 12 sequences, past the 8 rows
+    of the FMA kernel and within the plan's bf16_dot_rows, runs the fused layers, and each sequence
+    decodes the tokens it decodes alone: the vdpbf16ps rows sum each row alike whatever shares the
+    call, and with one model call per prompt chunk its prompt is computed alike too. (Against the
+    modules one by one only a tolerance holds at 12 rows: there the MLP takes its prompt path, whose
+    gate/up products are rounded to bf16 before silu.)"""
+    model, _ = load_model(bf16_dir, "auto", "cpu", progress=False)
+    spy = Spy(monkeypatch)
+    prompts = [PROMPT + [i + 1, 3 * i + 2, 5] for i in range(12)]  # 9 tokens: the MLP's prompt path alone too
+
+    def run(batch: list[list[int]]) -> list[list[int]]:
+        spy.rows = []
+        engine = Engine(model, max_context=512, mixed_steps=False)
+        seqs = [engine.add(Sequence(p, SamplingParams(max_new_tokens=6, do_sample=False), [])) for p in batch]
+        while engine.has_work():
+            engine.step()
+        return [s.output_ids for s in seqs]
+
+    together = run(prompts)
+    plan = model.kernel_plan
+    if USABLE and plan.bf16_dot and any(type(m) is Bf16Linear and m.bf16_dot for m in model.modules()):
+        assert plan.bf16_dot_rows >= 12 and 12 in spy.rows
+    assert all(len(t) == 6 for t in together)
+    assert [run([p])[0] for p in prompts] == together
 
 
 def test_a_prompt_and_bad_state_take_no_fused_path(tiny46_dir):
