@@ -419,6 +419,10 @@ def test_short_prompts_and_batched_decode_run_the_bf16_dot_rows_up_to_the_plans_
     lin(torch.randn(97, 64))
     lin.bf16_product(torch.randn(97, 64))
     assert seen == []
+    lin.bf16_dot = False  # off the plan (the FMA rows' CPUs): 40 rows back on oneDNN
+    lin(torch.randn(40, 64))
+    lin.bf16_product(torch.randn(40, 64))
+    assert seen == []
 
 
 def test_bad_inputs_are_refused_with_a_message():

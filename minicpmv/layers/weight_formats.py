@@ -351,18 +351,22 @@ class Bf16Linear(nn.Linear):
         consumer that reads bf16 anyway (the prompt paths of the MLPs, the vision attention's
         fused q/k/v, DeltaNet's input projection)."""
         rows = x.numel() // x.shape[-1]
-        if self.native is not None and self.bf16_dot and rows <= self.dot_rows:
+        if self.on_dot_rows(rows):
             y = self.native.bf16_dot_mm(x.reshape(rows, -1).float().contiguous(), self.weight)
             return plus_bias(y, self.bias).to(torch.bfloat16).reshape(*x.shape[:-1], -1)
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
         return F.linear(x.to(torch.bfloat16), self.weight, bias)
+
+    def on_dot_rows(self, rows: int) -> bool:
+        """Whether `rows` rows take the extension's vdpbf16ps rows under the `dot_rows` bound."""
+        return self.native is not None and self.bf16_dot and rows <= self.dot_rows
 
     def on_extension(self, rows: int) -> bool:
         """Whether `rows` activation rows run the extension: its AMX tiles from `amx_rows` up to
         AMX_ROWS, its vdpbf16ps rows up to `dot_rows`, else its rows up to GEMV_ROWS (also what
         layers/fused_decode.py follows)."""
         return self.native is not None and (bool(self.amx_rows) and self.amx_rows <= rows <= AMX_ROWS
-                                            or self.bf16_dot and rows <= self.dot_rows or rows <= GEMV_ROWS)
+                                            or self.on_dot_rows(rows) or rows <= GEMV_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
