@@ -235,6 +235,28 @@ def test_prompt_delta_rule_token_by_token_matches_the_chunked_form(B, T):
         mod.delta_rule_tokens(torch.randn(B, T, H, 2 * dk)[..., :dk], k, v, g, beta, work)
 
 
+@pytest.mark.parametrize("dv", [48, 96, 128])
+def test_prompt_delta_rule_is_the_decode_steps_arithmetic_token_after_token(dv):
+    """The prompt rule sums the next token's S^T k while it writes the state (value columns in
+    blocks of 16, 32 or 64): a prompt of T tokens gives the same outputs and state, bit for bit,
+    as T calls of one token each, whose S^T k is a fresh pass over the state (the decode step's)."""
+    mod = kernels()
+    if mod is None:
+        return
+    torch.manual_seed(dv)
+    B, T, H, dk = 2, 9, 3, 32
+    q = l2_normalize(torch.randn(B, T, H, dk)) * dk ** -0.5
+    k = l2_normalize(torch.randn(B, T, H, dk))
+    v, beta, g = torch.randn(B, T, H, dv), torch.rand(B, T, H), -torch.rand(B, T, H) * 3
+    state = torch.randn(B, H, dk, dv)
+    whole = state.clone()
+    out = mod.delta_rule_tokens(q, k, v, g, beta, whole)
+    steps = state.clone()
+    one = [mod.delta_rule_tokens(*(x[:, t:t + 1].contiguous() for x in (q, k, v, g, beta)), steps) for t in range(T)]
+    assert torch.equal(out, torch.cat(one, 1)) and torch.equal(whole, steps)
+    assert not torch.equal(whole, state)
+
+
 def test_prompt_activations_round_once_to_bf16():
     """silu(gate) * up and the tanh GELU on bf16 hidden tensors: fp32 math, one rounding. silu_mul
     is bit for bit torch's fp32 product rounded (what down_proj received before); the GELU is

@@ -665,9 +665,63 @@ torch::Tensor delta_step(torch::Tensor y, torch::Tensor g, torch::Tensor beta, t
   return o;
 }
 
-// The rule over the T tokens of a prompt, token by token (the decode step's arithmetic), heads in
-// parallel: q, k [B, T, H, dk] already l2-normalised (q scaled), v [B, T, H, dv], g, beta [B, T, H];
-// state [B, H, dk, dv] advanced in place -> o [B, T, H, dv]. All fp32, contiguous.
+// The rule over the T tokens of a prompt, token by token with the decode step's arithmetic (each
+// value is the same fma chain as delta_token's, bit for bit): q, k [B, T, H, dk] already
+// l2-normalised (q scaled), v [B, T, H, dv], g, beta [B, T, H]; state [B, H, dk, dv] advanced in
+// place -> o [B, T, H, dv]. All fp32, contiguous. The value columns of a head are independent, so
+// each task holds a block of NZ x 16 columns (dk x 64 floats, 32 KB: in L1 across all T tokens,
+// where delta_token walks the whole 64 KB head from L2 twice per token), and the update pass of
+// token t also sums S^T k for token t + 1 (the first pass of the next token, on the values just
+// written): one walk over the block per token.
+template <int NZ>
+void delta_block(const float* q, const float* k, const float* v, const float* g, const float* beta, float* S,
+                 float* o, int64_t T, int64_t H, int64_t dk, int64_t dv) {
+  __m512 kv[NZ], nx[NZ], acc[NZ];
+  for (int z = 0; z < NZ; ++z) kv[z] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dk; ++d) {  // S^T k of the first token
+    const __m512 kd = _mm512_set1_ps(k[d]);
+    for (int z = 0; z < NZ; ++z) kv[z] = _mm512_fmadd_ps(kd, _mm512_loadu_ps(S + d * dv + 16 * z), kv[z]);
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t r = t * H;  // this token's row of this head (the pointers start at head h, batch b)
+    const float* qt = q + r * dk;
+    const float* kt = k + r * dk;
+    const float* kn = k + (r + H) * dk;  // the next token's key (read only when t + 1 < T)
+    const __m512 dec = _mm512_set1_ps(std::exp(g[r])), btv = _mm512_set1_ps(beta[r]);
+    for (int z = 0; z < NZ; ++z) {
+      kv[z] = _mm512_mul_ps(btv, _mm512_fnmadd_ps(dec, kv[z], _mm512_loadu_ps(v + r * dv + 16 * z)));  // delta
+      acc[z] = _mm512_setzero_ps();
+      nx[z] = _mm512_setzero_ps();
+    }
+    if (t + 1 < T) {
+      for (int64_t d = 0; d < dk; ++d) {
+        const __m512 kd = _mm512_set1_ps(kt[d]), qd = _mm512_set1_ps(qt[d]), nd = _mm512_set1_ps(kn[d]);
+        float* row = S + d * dv;
+        for (int z = 0; z < NZ; ++z) {
+          const __m512 s = _mm512_fmadd_ps(kd, kv[z], _mm512_mul_ps(dec, _mm512_loadu_ps(row + 16 * z)));
+          _mm512_storeu_ps(row + 16 * z, s);
+          acc[z] = _mm512_fmadd_ps(qd, s, acc[z]);
+          nx[z] = _mm512_fmadd_ps(nd, s, nx[z]);
+        }
+      }
+    } else {
+      for (int64_t d = 0; d < dk; ++d) {
+        const __m512 kd = _mm512_set1_ps(kt[d]), qd = _mm512_set1_ps(qt[d]);
+        float* row = S + d * dv;
+        for (int z = 0; z < NZ; ++z) {
+          const __m512 s = _mm512_fmadd_ps(kd, kv[z], _mm512_mul_ps(dec, _mm512_loadu_ps(row + 16 * z)));
+          _mm512_storeu_ps(row + 16 * z, s);
+          acc[z] = _mm512_fmadd_ps(qd, s, acc[z]);
+        }
+      }
+    }
+    for (int z = 0; z < NZ; ++z) {
+      _mm512_storeu_ps(o + r * dv + 16 * z, acc[z]);
+      kv[z] = nx[z];
+    }
+  }
+}
+
 torch::Tensor delta_rule_tokens(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor g,
                                 torch::Tensor beta, torch::Tensor state) {
   for (const auto* t : {&q, &k, &v, &g, &beta, &state})
@@ -678,19 +732,21 @@ torch::Tensor delta_rule_tokens(torch::Tensor q, torch::Tensor k, torch::Tensor 
   TORCH_CHECK(state.size(0) == B && state.size(1) == H && state.size(2) == dk && state.size(3) == dv,
               "state: [B, H, dk, dv]");
   TORCH_CHECK(g.numel() == B * T * H && beta.numel() == B * T * H, "g, beta: [B, T, H]");
-  TORCH_CHECK(dv % 16 == 0 && dv <= 1024, "dv must be a multiple of 16, at most 1024");
+  TORCH_CHECK(dv % 16 == 0, "dv must be a multiple of 16");
   auto o = torch::empty({B, T, H, dv}, q.options());
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float *gp = g.data_ptr<float>(), *bp = beta.data_ptr<float>();
   float *sp = state.data_ptr<float>(), *op = o.data_ptr<float>();
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+  const int nz = dv % 64 == 0 ? 4 : dv % 32 == 0 ? 2 : 1;
+  const int64_t blocks = dv / (16 * nz);
+  at::parallel_for(0, B * H * blocks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H;
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t r = (b * T + t) * H + h;  // this token's row of this head
-        delta_token(qp + r * dk, kp + r * dk, vp + r * dv, gp[r], bp[r], 1.0f, 1.0f, sp + i * dk * dv,
-                    op + r * dv, dk, dv);
-      }
+      const int64_t head = i / blocks, c = (i % blocks) * 16 * nz, b = head / H, h = head % H;
+      const int64_t r = b * T * H + h;  // row (b, t = 0, h)
+      auto run = nz == 4 ? delta_block<4> : nz == 2 ? delta_block<2> : delta_block<1>;
+      if (T > 0)
+        run(qp + r * dk, kp + r * dk, vp + r * dv + c, gp + r, bp + r, sp + head * dk * dv + c, op + r * dv + c, T, H,
+            dk, dv);
     }
   });
   return o;
