@@ -202,12 +202,14 @@ class GatedDeltaNet(nn.Module):
             first, mid = rule(q[:, :j], k[:, :j], v[:, :j], g[:, :j], beta[:, :j], state)
             batch.keep_linear(layer_idx, keep_conv[0], mid[0])
             rest, final = rule(q[:, j:], k[:, j:], v[:, j:], g[:, j:], beta[:, j:], mid)
-            state.copy_(final)
+            if final is not state:
+                state.copy_(final)
             return torch.cat([first, rest], dim=1)
         outs = []
         for r, state in views:
             o, final = rule(q[r], k[r], v[r], g[r], beta[r], state)
-            state.copy_(final)
+            if final is not state:  # (the extension's rule advances a contiguous state in place)
+                state.copy_(final)
             outs.append(o)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -251,8 +253,10 @@ def _prefill_rule(q, k, v, g, beta, state):
 def _native_rule(native, q, k, v, g, beta, state):
     """The rule token by token in cpu/native.py's extension, the decode step's arithmetic (a CPU
     plan's prompts; the chunked form above stays the fp32 and GPU path) -> (o [B, T, H, dv], final
-    state). A 512-token prompt of the real-size 4.6: see docs/performance.md."""
-    final = state.clone(memory_format=torch.contiguous_format)
+    state). The state advances in place where it is contiguous (a run of pool slots): a fresh 1 MB
+    copy per layer cost more in page faults than the copy (~1.7 ms a layer, 512-token prompt of the
+    real-size 4.6; docs/performance.md)."""
+    final = state if state.is_contiguous() else state.contiguous()
     o = native.delta_rule_tokens(q.float().contiguous(), k.float().contiguous(), v.float().contiguous(),
                                  g.float().contiguous(), beta.float().contiguous(), final)
     return o, final
