@@ -125,16 +125,21 @@ torch::Tensor delta_layer(torch::Tensor x, torch::Tensor in_norm_w, torch::Tenso
   float *yp = y.data_ptr<float>(), *gbp = gb.data_ptr<float>();
   const float *na = neg_a.data_ptr<float>(), *dt = dt_bias.data_ptr<float>();
   float* cp = conv_pool.data_ptr<float>();
-  for (int64_t r = 0; r < B; ++r) {
-    float* win = cp + slots[r] * C * (K - 1);
-    conv_token(win, win, pp + r * ps, conv_w.data_ptr<float>(), yp + r * C, C, K);
-    const float* bv = pp + r * ps + C + V;
-    for (int64_t h = 0; h < Hv; ++h) {
-      const float u = bv[Hv + h] + dt[h];
-      gbp[(r * 2) * Hv + h] = na[h] * (u > 20.f ? u : std::log1p(std::exp(u)));  // torch's softplus threshold
-      gbp[(r * 2 + 1) * Hv + h] = 1.0f / (1.0f + std::exp(-bv[h]));
+  const float* cw = conv_w.data_ptr<float>();
+  // rows in parallel: each reads its cold conv window from the pool (8 rows of the real-size 4.6,
+  // 18 layers: 2.6 ms a step on one thread)
+  at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* win = cp + slots[r] * C * (K - 1);
+      conv_token(win, win, pp + r * ps, cw, yp + r * C, C, K);
+      const float* bv = pp + r * ps + C + V;
+      for (int64_t h = 0; h < Hv; ++h) {
+        const float u = bv[Hv + h] + dt[h];
+        gbp[(r * 2) * Hv + h] = na[h] * (u > 20.f ? u : std::log1p(std::exp(u)));  // torch's softplus threshold
+        gbp[(r * 2 + 1) * Hv + h] = 1.0f / (1.0f + std::exp(-bv[h]));
+      }
     }
-  }
+  });
   auto o = torch::empty({B, V}, x.options());
   float *op = o.data_ptr<float>(), *sp = rec_pool.data_ptr<float>();
   const int64_t rep = Hv / Hk;
