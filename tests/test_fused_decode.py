@@ -10,9 +10,12 @@ modules one by one:
     activation across an int8 rounding step of the int4 kernel, and the recurrent state carries it);
   * whole model, 24 greedy steps of the tiny 4.6: the same tokens, logits within 1e-5 of the logit
     scale for bf16 and int8 (measured 4-8e-7: sigmoid, softplus and silu in another order of
-    operations) and 5e-3 for int4 (measured 1.3e-6; its kernel rounds the activations to int8 per 32
-    inputs as the int8 kernel does, and those ulps can move a rounding step, which the tiny random
-    model amplifies);
+    operations) and 5e-2 for int4 (its kernel rounds the activations to int8 per 32 inputs as the
+    int8 kernel does, and those ulps can move a rounding step, which the tiny random model
+    amplifies: measured 1.3e-6, and 7.7e-3 since the prompt's q/k norms take the decode step's
+    arithmetic: at one step the hidden state is 1.5e-2 off, 5e-7 at the next; the bound of the
+    GPTQ check above, whose int4 kernel rounds the same way); the median step within 1e-5 for all
+    three (measured 0, 1.3e-7, 4.5e-7);
   * a batch of sequences in non-consecutive pool slots, and of different lengths (the attention
     layers' rows per sequence), decodes to the same tokens; on the bf16_dot plan a batch of 12
     (past 8 rows) runs fused and decodes what each sequence decodes alone;
@@ -66,14 +69,15 @@ class Spy:
         monkeypatch.setattr(fused_decode, "_attn_layer", attn)
 
 
-def fused_against_modules(model, spy, tokens: list[int]) -> float:
+def fused_against_modules(model, spy, tokens: list[int], per_step: bool = False):
     """Max logit error of the fused decode against the modules over the same tokens (relative to the
-    modules' logit scale); also checks the modules decode the same tokens."""
+    modules' logit scale), or each step's (per_step); also checks the modules decode the same tokens."""
     fused = forced_logits(model, PROMPT, tokens)
     spy.off = True
     modules = forced_logits(model, PROMPT, tokens)
     assert greedy(model, PROMPT, len(tokens)) == tokens
-    return ((fused - modules).abs().max() / modules.abs().max()).item()
+    errors = (fused - modules).abs().amax(-1) / modules.abs().max()
+    return errors if per_step else errors.max().item()
 
 
 def test_each_matrix_handle_multiplies_as_its_module():
@@ -103,7 +107,7 @@ def test_each_matrix_handle_multiplies_as_its_module():
     assert fused_decode.native_matrix(bf16, 1) is None
 
 
-@pytest.mark.parametrize("case,tol", [("bf16", 1e-5), ("int8", 1e-5), ("int4", 5e-3)])
+@pytest.mark.parametrize("case,tol", [("bf16", 1e-5), ("int8", 1e-5), ("int4", 5e-2)])
 def test_fused_layers_decode_like_the_modules(case, tol, tiny46_dir, bf16_dir, monkeypatch):
     if case == "bf16":
         model, _ = load_model(bf16_dir, "auto", "cpu", progress=False)
@@ -121,9 +125,10 @@ def test_fused_layers_decode_like_the_modules(case, tol, tiny46_dir, bf16_dir, m
     assert len(spy.rows) == 23 * layers  # every decode step (the prompt is not one), every layer
     attention = sum(layer.layer_type == "full_attention" for layer in model.language_model.layers)
     assert spy.attention == 23 * attention  # attention layers whole too, not only their MLPs
-    err = fused_against_modules(model, spy, tokens)
-    print(f"{case}: fused vs modules, max logit error {err:.2e} of the logit scale")
-    assert err <= tol
+    errors = fused_against_modules(model, spy, tokens, per_step=True)
+    print(f"{case}: fused vs modules, logit error of the logit scale: max {errors.max():.2e}, "
+          f"median step {errors.median():.2e}")
+    assert errors.max() <= tol and errors.median() <= 1e-5  # a moved rounding step: a few steps, not most
 
 
 def test_a_layers_decode_call_follows_its_weights(tiny46_dir, monkeypatch):

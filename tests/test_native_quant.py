@@ -208,52 +208,63 @@ def test_decode_helpers_match_the_tensor_ops():
     assert (state - expected_state).abs().max() <= 1e-6 * expected_state.abs().max()
 
 
+def conv_rows(B, T, Hk, Hv, dk, dv):
+    """Random conv outputs [B, T, C] as the prompt rule reads them (q, k of Hk heads, v of Hv), and
+    g, beta [B, T, Hv]; the first token's decay strong enough to leave denormals in the state."""
+    y = torch.randn(B, T, 2 * Hk * dk + Hv * dv)
+    g, beta = -torch.rand(B, T, Hv) * 3, torch.rand(B, T, Hv)
+    g[:, 0] = -120.0  # exp(g) under the smallest normal fp32
+    return y, g, beta
+
+
 @pytest.mark.parametrize("B,T", [(1, 1), (1, 5), (2, 70)])
-def test_prompt_delta_rule_token_by_token_matches_the_chunked_form(B, T):
-    """delta_rule_tokens (a CPU plan's prompt rule) against the chunked form the fp32 path runs:
-    outputs and final states within 2e-5 of their scale (measured ~1e-6), the state advanced in
-    place; decays strong enough to leave denormals in the state stay finite."""
+def test_prompt_delta_rule_matches_the_chunked_form(B, T):
+    """delta_rule_prompt (a CPU plan's prompt rule, on the conv rows) against the chunked form the
+    fp32 path runs on torch's l2-normalised q and k: outputs and final states within 2e-5 of their
+    scale (measured ~1e-6), the state advanced in place, finite through denormal decays; value head
+    h reads key head h // 2 here."""
     mod = kernels()
     if mod is None:
         return
     torch.manual_seed(T)
-    H, dk, dv = 4, 32, 48
-    q = l2_normalize(torch.randn(B, T, H, dk)) * dk ** -0.5
-    k = l2_normalize(torch.randn(B, T, H, dk))
-    v, beta = torch.randn(B, T, H, dv), torch.rand(B, T, H)
-    g = -torch.rand(B, T, H) * 3
-    g[..., 0] = -120.0  # exp(g) under the smallest normal fp32
-    state = torch.randn(B, H, dk, dv)
-    ref, ref_state = chunk_gated_delta_rule(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                            g.transpose(1, 2), beta.transpose(1, 2), state.clone(), chunk_size=16)
+    Hk, Hv, dk, dv = 2, 4, 32, 48
+    y, g, beta = conv_rows(B, T, Hk, Hv, dk, dv)
+    q, k, v = torch.split(y, [Hk * dk, Hk * dk, Hv * dv], -1)
+    q = l2_normalize(q.reshape(B, T, Hk, dk).repeat_interleave(2, 2)) * dk ** -0.5
+    k = l2_normalize(k.reshape(B, T, Hk, dk).repeat_interleave(2, 2))
+    state = torch.randn(B, Hv, dk, dv)
+    ref, ref_state = chunk_gated_delta_rule(q.transpose(1, 2), k.transpose(1, 2),
+                                            v.reshape(B, T, Hv, dv).transpose(1, 2), g.transpose(1, 2),
+                                            beta.transpose(1, 2), state.clone(), chunk_size=16)
     work = state.clone()
-    out = mod.delta_rule_tokens(q, k, v, g, beta, work)
-    assert out.shape == (B, T, H, dv) and out.isfinite().all()
+    out = mod.delta_rule_prompt(y, g, beta, work, Hk, dk ** -0.5, 1e-6)
+    assert out.shape == (B, T, Hv, dv) and out.isfinite().all()
     assert (out - ref.transpose(1, 2)).abs().max() <= 2e-5 * ref.abs().max()
     assert (work - ref_state).abs().max() <= 2e-5 * ref_state.abs().max()
     with pytest.raises(RuntimeError, match="contiguous fp32"):
-        mod.delta_rule_tokens(torch.randn(B, T, H, 2 * dk)[..., :dk], k, v, g, beta, work)
+        mod.delta_rule_prompt(y, g, beta, work.transpose(2, 3), Hk, dk ** -0.5, 1e-6)
+    with pytest.raises(RuntimeError, match="q, k and v"):
+        mod.delta_rule_prompt(y[..., 1:].contiguous(), g, beta, work, Hk, dk ** -0.5, 1e-6)
 
 
 @pytest.mark.parametrize("dv", [48, 96, 128])
 def test_prompt_delta_rule_is_the_decode_steps_arithmetic_token_after_token(dv):
-    """The prompt rule sums the next token's S^T k while it writes the state (value columns in
-    blocks of 16, 32 or 64): a prompt of T tokens gives the same outputs and state, bit for bit,
-    as T calls of one token each, whose S^T k is a fresh pass over the state (the decode step's)."""
+    """The prompt rule normalises q and k as the decode step does and sums the next token's S^T k
+    while it writes the state (value columns in blocks of 16, 32 or 64): a prompt of T tokens gives
+    the outputs and state of T decode steps (delta_step), bit for bit."""
     mod = kernels()
     if mod is None:
         return
     torch.manual_seed(dv)
-    B, T, H, dk = 2, 9, 3, 32
-    q = l2_normalize(torch.randn(B, T, H, dk)) * dk ** -0.5
-    k = l2_normalize(torch.randn(B, T, H, dk))
-    v, beta, g = torch.randn(B, T, H, dv), torch.rand(B, T, H), -torch.rand(B, T, H) * 3
-    state = torch.randn(B, H, dk, dv)
+    B, T, Hk, Hv, dk = 2, 9, 2, 6, 32
+    y, g, beta = conv_rows(B, T, Hk, Hv, dk, dv)
+    state = torch.randn(B, Hv, dk, dv)
     whole = state.clone()
-    out = mod.delta_rule_tokens(q, k, v, g, beta, whole)
+    out = mod.delta_rule_prompt(y, g, beta, whole, Hk, dk ** -0.5, 1e-6)
     steps = state.clone()
-    one = [mod.delta_rule_tokens(*(x[:, t:t + 1].contiguous() for x in (q, k, v, g, beta)), steps) for t in range(T)]
-    assert torch.equal(out, torch.cat(one, 1)) and torch.equal(whole, steps)
+    one = [mod.delta_step(y[:, t].contiguous(), g[:, t].contiguous(), beta[:, t].contiguous(), steps, Hk,
+                          dk ** -0.5, 1e-6) for t in range(T)]
+    assert torch.equal(out, torch.stack(one, 1)) and torch.equal(whole, steps)
     assert not torch.equal(whole, state)
 
 

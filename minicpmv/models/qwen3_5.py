@@ -136,6 +136,14 @@ class GatedDeltaNet(nn.Module):
         keep_conv = (None if batch.keep is None else
                      _window_columns(conv_state, qkv, batch.keep[0], batch.keep[0] + self.kernel - 1).clone())
         qkv = self._causal_conv(qkv, conv_state, dtype)
+        if T > 1 and self.native is not None and self.v_dim % 16 == 0:
+            # a CPU plan's prompt: the extension's rule reads the conv rows and normalises q and k
+            # itself, with the decode step's arithmetic (no split, norms or copies here)
+            batch.store_conv(layer_idx, new_conv)
+            rule = partial(_native_rule, self.native, self.num_k_heads, self.k_dim ** -0.5)
+            with self.denormal_flush() if self.denormal_flush is not None else nullcontext():
+                return self._prefill((qkv.float().contiguous(), g.float().contiguous(), beta.float().contiguous()),
+                                     keep_conv, batch, layer_idx, rule)
 
         q, k, v = torch.split(qkv, [self.key_size, self.key_size, self.value_size], dim=-1)
         q = q.reshape(B, T, self.num_k_heads, self.k_dim)
@@ -156,7 +164,7 @@ class GatedDeltaNet(nn.Module):
                     for r, state in batch.recurrent_views(layer_idx)]
             return (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(1)  # [B, 1, H, dv]
         with self.denormal_flush() if self.denormal_flush is not None else nullcontext():
-            return self._prefill(q, k, v, g, beta, keep_conv, batch, layer_idx)
+            return self._prefill((q, k, v, g, beta), keep_conv, batch, layer_idx, _prefill_rule)
 
     def _causal_conv(self, qkv: torch.Tensor, conv_state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The short causal conv (+ silu) of qkv [B, T, C], continuing from the cached inputs
@@ -186,28 +194,25 @@ class GatedDeltaNet(nn.Module):
             out.addcmul_(window[:, j:j + T], w[j])
         return F.silu(out, inplace=True).to(dtype)
 
-    def _prefill(self, q, k, v, g, beta, keep_conv, batch: ForwardBatch, layer_idx: int) -> torch.Tensor:
-        """A prompt chunk of each sequence through the rule (the extension's token-by-token one on a
-        CPU plan, else the chunked form), its state advanced in the pool (keep_conv: the conv window
-        at the reuse boundary, when the batch keeps one)."""
+    def _prefill(self, inputs: tuple, keep_conv, batch: ForwardBatch, layer_idx: int, rule) -> torch.Tensor:
+        """A prompt chunk of each sequence through `rule` (inputs: its tensors, tokens along dim 1;
+        rule(*inputs, state) -> (o, final state)), its state advanced in the pool (keep_conv: the conv
+        window at the reuse boundary, when the batch keeps one)."""
         views = batch.recurrent_views(layer_idx)  # [(rows, state [n, H, dk, dv] fp32 in the pool)]
-        rule = _prefill_rule
-        if self.native is not None and self.v_dim % 16 == 0 and self.v_dim <= 1024:
-            rule = partial(_native_rule, self.native)
         if batch.keep is not None:
             # one sequence passing a reuse boundary at offset j: run the recurrence up to j, keep the
             # state there (conv window = the K-1 inputs before j), then go on from it
             j = batch.keep[0]
             [(_, state)] = views
-            first, mid = rule(q[:, :j], k[:, :j], v[:, :j], g[:, :j], beta[:, :j], state)
+            first, mid = rule(*(x[:, :j] for x in inputs), state)
             batch.keep_linear(layer_idx, keep_conv[0], mid[0])
-            rest, final = rule(q[:, j:], k[:, j:], v[:, j:], g[:, j:], beta[:, j:], mid)
+            rest, final = rule(*(x[:, j:] for x in inputs), mid)
             if final is not state:
                 state.copy_(final)
             return torch.cat([first, rest], dim=1)
         outs = []
         for r, state in views:
-            o, final = rule(q[r], k[r], v[r], g[r], beta[r], state)
+            o, final = rule(*(x[r] for x in inputs), state)
             if final is not state:  # (the extension's rule advances a contiguous state in place)
                 state.copy_(final)
             outs.append(o)
@@ -250,15 +255,15 @@ def _prefill_rule(q, k, v, g, beta, state):
     return o.transpose(1, 2), final
 
 
-def _native_rule(native, q, k, v, g, beta, state):
-    """The rule token by token in cpu/native.py's extension, the decode step's arithmetic (a CPU
-    plan's prompts; the chunked form above stays the fp32 and GPU path) -> (o [B, T, H, dv], final
-    state). The state advances in place where it is contiguous (a run of pool slots): a fresh 1 MB
-    copy per layer cost more in page faults than the copy (~1.7 ms a layer, 512-token prompt of the
-    real-size 4.6; docs/performance.md)."""
+def _native_rule(native, key_heads: int, scale: float, y, g, beta, state):
+    """The rule token by token in cpu/native.py's extension on the conv rows y [B, T, C] (g, beta
+    [B, T, H]): the decode step's arithmetic, q and k normalised inside (a CPU plan's prompts; the
+    chunked form above stays the fp32 and GPU path) -> (o [B, T, H, dv], final state). The state
+    advances in place where it is contiguous (a run of pool slots): a fresh 1 MB copy per layer cost
+    more in page faults than the copy (~1.7 ms a layer, 512-token prompt of the real-size 4.6;
+    docs/performance.md)."""
     final = state if state.is_contiguous() else state.contiguous()
-    o = native.delta_rule_tokens(q.float().contiguous(), k.float().contiguous(), v.float().contiguous(),
-                                 g.float().contiguous(), beta.float().contiguous(), final)
+    o = native.delta_rule_prompt(y.contiguous(), g.contiguous(), beta.contiguous(), final, key_heads, scale, 1e-6)
     return o, final
 
 

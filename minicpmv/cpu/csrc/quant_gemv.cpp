@@ -665,37 +665,49 @@ torch::Tensor delta_step(torch::Tensor y, torch::Tensor g, torch::Tensor beta, t
   return o;
 }
 
-// The rule over the T tokens of a prompt, token by token with the decode step's arithmetic (each
-// value is the same fma chain as delta_token's, bit for bit): q, k [B, T, H, dk] already
-// l2-normalised (q scaled), v [B, T, H, dv], g, beta [B, T, H]; state [B, H, dk, dv] advanced in
-// place -> o [B, T, H, dv]. All fp32, contiguous. The value columns of a head are independent, so
-// each task holds a block of NZ x 16 columns (dk x 64 floats, 32 KB: in L1 across all T tokens,
-// where delta_token walks the whole 64 KB head from L2 twice per token), and the update pass of
-// token t also sums S^T k for token t + 1 (the first pass of the next token, on the values just
-// written): one walk over the block per token.
+// q and k of one token of a key head as the decode step uses them (delta_head): each over its own
+// root, q times scale; the same sums in the same order, so the same floats.
+void normalized_qk(const float* q, const float* k, float scale, float eps, float* qn, float* kn, int64_t dk) {
+  float qq = 0.f, kk = 0.f;
+  for (int64_t d = 0; d < dk; ++d) {
+    qq += q[d] * q[d];
+    kk += k[d] * k[d];
+  }
+  const float rq = scale / std::sqrt(qq + eps), rk = 1.0f / std::sqrt(kk + eps);
+  for (int64_t d = 0; d < dk; ++d) {
+    qn[d] = q[d] * rq;
+    kn[d] = k[d] * rk;
+  }
+}
+
+// One value head's block of NZ x 16 value columns over the T tokens of a prompt: S [dk, dv-strided
+// rows] advanced in place, o rows `os` floats apart. The token's q and k come normalised
+// (qn, kn [T, dk]); each value is the fma chain of delta_token, bit for bit. The columns of a head
+// are independent, so the block (dk x 64 floats, 32 KB) stays in L1 across the tokens, where
+// delta_token walks the whole 64 KB head from L2 twice per token; and the update pass of token t
+// also sums S^T k of token t + 1 on the values just written (the next token's first pass).
 template <int NZ>
-void delta_block(const float* q, const float* k, const float* v, const float* g, const float* beta, float* S,
-                 float* o, int64_t T, int64_t H, int64_t dk, int64_t dv) {
+void delta_block(const float* qn, const float* kn, const float* v, int64_t vs, const float* g, const float* beta,
+                 int64_t gs, float* S, float* o, int64_t os, int64_t T, int64_t dk, int64_t dv) {
   __m512 kv[NZ], nx[NZ], acc[NZ];
   for (int z = 0; z < NZ; ++z) kv[z] = _mm512_setzero_ps();
   for (int64_t d = 0; d < dk; ++d) {  // S^T k of the first token
-    const __m512 kd = _mm512_set1_ps(k[d]);
+    const __m512 kd = _mm512_set1_ps(kn[d]);
     for (int z = 0; z < NZ; ++z) kv[z] = _mm512_fmadd_ps(kd, _mm512_loadu_ps(S + d * dv + 16 * z), kv[z]);
   }
   for (int64_t t = 0; t < T; ++t) {
-    const int64_t r = t * H;  // this token's row of this head (the pointers start at head h, batch b)
-    const float* qt = q + r * dk;
-    const float* kt = k + r * dk;
-    const float* kn = k + (r + H) * dk;  // the next token's key (read only when t + 1 < T)
-    const __m512 dec = _mm512_set1_ps(std::exp(g[r])), btv = _mm512_set1_ps(beta[r]);
+    const float* qt = qn + t * dk;
+    const float* kt = kn + t * dk;
+    const float* kx = kt + dk;  // the next token's key (read only when t + 1 < T)
+    const __m512 dec = _mm512_set1_ps(std::exp(g[t * gs])), btv = _mm512_set1_ps(beta[t * gs]);
     for (int z = 0; z < NZ; ++z) {
-      kv[z] = _mm512_mul_ps(btv, _mm512_fnmadd_ps(dec, kv[z], _mm512_loadu_ps(v + r * dv + 16 * z)));  // delta
+      kv[z] = _mm512_mul_ps(btv, _mm512_fnmadd_ps(dec, kv[z], _mm512_loadu_ps(v + t * vs + 16 * z)));  // delta
       acc[z] = _mm512_setzero_ps();
       nx[z] = _mm512_setzero_ps();
     }
     if (t + 1 < T) {
       for (int64_t d = 0; d < dk; ++d) {
-        const __m512 kd = _mm512_set1_ps(kt[d]), qd = _mm512_set1_ps(qt[d]), nd = _mm512_set1_ps(kn[d]);
+        const __m512 kd = _mm512_set1_ps(kt[d]), qd = _mm512_set1_ps(qt[d]), nd = _mm512_set1_ps(kx[d]);
         float* row = S + d * dv;
         for (int z = 0; z < NZ; ++z) {
           const __m512 s = _mm512_fmadd_ps(kd, kv[z], _mm512_mul_ps(dec, _mm512_loadu_ps(row + 16 * z)));
@@ -716,39 +728,54 @@ void delta_block(const float* q, const float* k, const float* v, const float* g,
       }
     }
     for (int z = 0; z < NZ; ++z) {
-      _mm512_storeu_ps(o + r * dv + 16 * z, acc[z]);
+      _mm512_storeu_ps(o + t * os + 16 * z, acc[z]);
       kv[z] = nx[z];
     }
   }
 }
 
-torch::Tensor delta_rule_tokens(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor g,
-                                torch::Tensor beta, torch::Tensor state) {
-  for (const auto* t : {&q, &k, &v, &g, &beta, &state})
-    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous(), "delta_rule_tokens: contiguous fp32 tensors");
-  TORCH_CHECK(state.dim() == 4 && q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4, "q, k, v [B, T, H, d]");
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), dk = q.size(3), dv = v.size(3);
-  TORCH_CHECK(v.size(0) == B && v.size(1) == T && v.size(2) == H, "v: [B, T, H, dv]");
-  TORCH_CHECK(state.size(0) == B && state.size(1) == H && state.size(2) == dk && state.size(3) == dv,
-              "state: [B, H, dk, dv]");
-  TORCH_CHECK(g.numel() == B * T * H && beta.numel() == B * T * H, "g, beta: [B, T, H]");
+// The rule over the T tokens of a prompt with the decode step's arithmetic (delta_step's, token
+// after token, bit for bit): y [B, T, C] the conv outputs (q [Hk, dk], k [Hk, dk], v [Hv, dv] per
+// token), g, beta [B, T, Hv]; state [B, Hv, dk, dv] advanced in place -> o [B, T, Hv, dv]. q and k
+// are normalised once per key head and token, then each task runs one value head's block of columns.
+torch::Tensor delta_rule_prompt(torch::Tensor y, torch::Tensor g, torch::Tensor beta, torch::Tensor state,
+                                int64_t Hk, double scale, double eps) {
+  for (const auto* t : {&y, &g, &beta, &state})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous(), "delta_rule_prompt: contiguous fp32 tensors");
+  TORCH_CHECK(state.dim() == 4 && y.dim() == 3, "y [B, T, C], state [B, Hv, dk, dv]");
+  const int64_t B = y.size(0), T = y.size(1), Hv = state.size(1), dk = state.size(2), dv = state.size(3);
+  TORCH_CHECK(Hk > 0 && Hv % Hk == 0, "value heads must be a multiple of key heads");
+  const int64_t C = 2 * Hk * dk + Hv * dv;
+  TORCH_CHECK(state.size(0) == B && y.size(2) == C, "y's rows must hold q, k and v of the state's heads");
+  TORCH_CHECK(g.numel() == B * T * Hv && beta.numel() == B * T * Hv, "g, beta: [B, T, Hv]");
   TORCH_CHECK(dv % 16 == 0, "dv must be a multiple of 16");
-  auto o = torch::empty({B, T, H, dv}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float *gp = g.data_ptr<float>(), *bp = beta.data_ptr<float>();
-  float *sp = state.data_ptr<float>(), *op = o.data_ptr<float>();
-  const int nz = dv % 64 == 0 ? 4 : dv % 32 == 0 ? 2 : 1;
-  const int64_t blocks = dv / (16 * nz);
-  at::parallel_for(0, B * H * blocks, 1, [&](int64_t i0, int64_t i1) {
+  auto o = torch::empty({B, T, Hv, dv}, y.options());
+  auto qkn = torch::empty({B, Hk, 2, T, dk}, y.options());  // normalised q, then k, per key head
+  const float *yp = y.data_ptr<float>(), *gp = g.data_ptr<float>(), *bp = beta.data_ptr<float>();
+  float *sp = state.data_ptr<float>(), *op = o.data_ptr<float>(), *np = qkn.data_ptr<float>();
+  const float sc = static_cast<float>(scale), e = static_cast<float>(eps);
+  at::parallel_for(0, B * Hk, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t head = i / blocks, c = (i % blocks) * 16 * nz, b = head / H, h = head % H;
-      const int64_t r = b * T * H + h;  // row (b, t = 0, h)
-      auto run = nz == 4 ? delta_block<4> : nz == 2 ? delta_block<2> : delta_block<1>;
-      if (T > 0)
-        run(qp + r * dk, kp + r * dk, vp + r * dv + c, gp + r, bp + r, sp + head * dk * dv + c, op + r * dv + c, T, H,
-            dk, dv);
+      const int64_t b = i / Hk, kh = i % Hk;
+      float* qn = np + i * 2 * T * dk;
+      for (int64_t t = 0; t < T; ++t) {
+        const float* row = yp + (b * T + t) * C;
+        normalized_qk(row + kh * dk, row + Hk * dk + kh * dk, sc, e, qn + t * dk, qn + (T + t) * dk, dk);
+      }
     }
   });
+  const int nz = dv % 64 == 0 ? 4 : dv % 32 == 0 ? 2 : 1;
+  const int64_t blocks = dv / (16 * nz), rep = Hv / Hk;
+  auto run = nz == 4 ? delta_block<4> : nz == 2 ? delta_block<2> : delta_block<1>;
+  if (T > 0)
+    at::parallel_for(0, B * Hv * blocks, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t head = i / blocks, c = (i % blocks) * 16 * nz, b = head / Hv, h = head % Hv;
+        const float* qn = np + (b * Hk + h / rep) * 2 * T * dk;
+        run(qn, qn + T * dk, yp + b * T * C + 2 * Hk * dk + h * dv + c, C, gp + b * T * Hv + h, bp + b * T * Hv + h, Hv,
+            sp + head * dk * dv + c, op + (b * T * Hv + h) * dv + c, Hv * dv, T, dk, dv);
+      }
+    });
   return o;
 }
 
@@ -896,7 +923,8 @@ torch::Tensor conv_prompt(torch::Tensor x, torch::Tensor past, torch::Tensor w_t
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode_layers(m);
   m.def("conv_step", &conv_step, "one token of the depthwise causal conv + silu -> (y, next window)");
-  m.def("delta_rule_tokens", &delta_rule_tokens, "the gated delta rule over a prompt, token by token, states in place -> o");
+  m.def("delta_rule_prompt", &delta_rule_prompt,
+        "the gated delta rule over a prompt's conv outputs, the decode step's arithmetic, states in place -> o");
   m.def("delta_step", &delta_step, "one token of the gated delta rule, states updated in place -> o [n, Hv, dv]");
   m.def("int4_widen_t", &int4_widen_t, "int4 blocks b0..b1 -> W^T [K, 64 (b1 - b0)] in bf16 (or fp32)",
         py::arg("packed"), py::arg("scale_zero"), py::arg("group"), py::arg("b0"), py::arg("b1"), py::arg("bf16"));
