@@ -137,7 +137,8 @@ class KernelPlan:
         rows = [("vision GEMMs", vision), ("vision attention", attention), ("prefill GEMMs", prefill), ("decode GEMVs", decode), ("lm_head", head),
                 ("decode layers", "one extension call per layer (norms, projections, conv + gated delta rule or "
                  "attention over the KV pool, MLP) for plain decode batches" if fused else "tensor ops"),
-                ("prompt DeltaNet", "the gated delta rule token by token in the extension, heads in parallel"
+                ("prompt DeltaNet", "the gated delta rule token by token in the extension (the decode step's "
+                 "arithmetic), blocks of 64 value columns in parallel"
                  if self.native_kernels else "the chunked gated delta rule (tensor ops)")]
         if gptq:
             rows.append(("GPTQ int4 layers", f"{native.describe()} up to {native.ROWS} rows, else W^T widened by it "
