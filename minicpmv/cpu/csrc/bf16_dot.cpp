@@ -17,7 +17,6 @@
 
 namespace {
 
-
 template <int R, int MR>
 __attribute__((target("avx512bf16"))) void dot_tile(const uint16_t* w, const uint16_t* xb, float* y, int64_t K,
                                                    int64_t N, int64_t n0, int64_t m0) {
@@ -31,7 +30,8 @@ __attribute__((target("avx512bf16"))) void dot_tile(const uint16_t* w, const uin
       const uint16_t* row = w + (n0 + r) * K + k;
       // the same place in the next tile's rows (R rows on): over its k loop a tile asks for the
       // whole next tile, whatever K is (8 KB ahead fell inside this tile for K > 1,024: 8 rows of
-      // the 4.6's out_proj and down_proj streamed at 23-24 GB/s, 27-31 this way)
+      // the 4.6's out_proj and down_proj streamed at 23-24 GB/s, 27-31 this way); past the last
+      // tile it names memory outside w, which a prefetch never faults on
       walk_ahead(row + R * K);
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(row);
       for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
