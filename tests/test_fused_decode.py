@@ -69,15 +69,14 @@ class Spy:
         monkeypatch.setattr(fused_decode, "_attn_layer", attn)
 
 
-def fused_against_modules(model, spy, tokens: list[int], per_step: bool = False):
-    """Max logit error of the fused decode against the modules over the same tokens (relative to the
-    modules' logit scale), or each step's (per_step); also checks the modules decode the same tokens."""
+def fused_against_modules(model, spy, tokens: list[int]) -> torch.Tensor:
+    """Each step's max logit error of the fused decode against the modules over the same tokens
+    (relative to the modules' logit scale); also checks the modules decode the same tokens."""
     fused = forced_logits(model, PROMPT, tokens)
     spy.off = True
     modules = forced_logits(model, PROMPT, tokens)
     assert greedy(model, PROMPT, len(tokens)) == tokens
-    errors = (fused - modules).abs().amax(-1) / modules.abs().max()
-    return errors if per_step else errors.max().item()
+    return (fused - modules).abs().amax(-1) / modules.abs().max()
 
 
 def test_each_matrix_handle_multiplies_as_its_module():
@@ -125,7 +124,7 @@ def test_fused_layers_decode_like_the_modules(case, tol, tiny46_dir, bf16_dir, m
     assert len(spy.rows) == 23 * layers  # every decode step (the prompt is not one), every layer
     attention = sum(layer.layer_type == "full_attention" for layer in model.language_model.layers)
     assert spy.attention == 23 * attention  # attention layers whole too, not only their MLPs
-    errors = fused_against_modules(model, spy, tokens, per_step=True)
+    errors = fused_against_modules(model, spy, tokens)
     print(f"{case}: fused vs modules, logit error of the logit scale: max {errors.max():.2e}, "
           f"median step {errors.median():.2e}")
     assert errors.max() <= tol and errors.median() <= 1e-5  # a moved rounding step: a few steps, not most
@@ -182,7 +181,7 @@ def test_an_attention_layer_that_does_not_qualify_keeps_its_mlp_in_one_call(tiny
         assert not spy.rows
         return
     assert len(spy.rows) == 11 * len(model.language_model.layers)
-    assert fused_against_modules(model, spy, tokens) <= 1e-5
+    assert fused_against_modules(model, spy, tokens).max() <= 1e-5
 
 
 def test_projections_kept_apart_multiply_side_by_side(tiny46_dir):
@@ -219,7 +218,7 @@ def test_a_gptq_checkpoint_decodes_fused(gptq46, monkeypatch):
                    for m in layer.modules()) for layer in layers]
     assert sum(fusable) > 0 and (all(fusable) or model.kernel_plan.text16 != BF16)
     assert len(spy.rows) == 15 * sum(fusable)
-    err = fused_against_modules(model, spy, tokens)
+    err = fused_against_modules(model, spy, tokens).max().item()
     print(f"GPTQ: fused vs modules, max logit error {err:.2e} of the logit scale")
     assert err <= 5e-2
 

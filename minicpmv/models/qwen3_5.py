@@ -136,35 +136,32 @@ class GatedDeltaNet(nn.Module):
         keep_conv = (None if batch.keep is None else
                      _window_columns(conv_state, qkv, batch.keep[0], batch.keep[0] + self.kernel - 1).clone())
         qkv = self._causal_conv(qkv, conv_state, dtype)
+        batch.store_conv(layer_idx, new_conv)
         if T > 1 and self.native is not None and self.v_dim % 16 == 0:
             # a CPU plan's prompt: the extension's rule reads the conv rows and normalises q and k
             # itself, with the decode step's arithmetic (no split, norms or copies here)
-            batch.store_conv(layer_idx, new_conv)
+            inputs = (qkv.float().contiguous(), g.float().contiguous(), beta.float().contiguous())
             rule = partial(_native_rule, self.native, self.num_k_heads, self.k_dim ** -0.5)
-            with self.denormal_flush() if self.denormal_flush is not None else nullcontext():
-                return self._prefill((qkv.float().contiguous(), g.float().contiguous(), beta.float().contiguous()),
-                                     keep_conv, batch, layer_idx, rule)
-
-        q, k, v = torch.split(qkv, [self.key_size, self.key_size, self.value_size], dim=-1)
-        q = q.reshape(B, T, self.num_k_heads, self.k_dim)
-        k = k.reshape(B, T, self.num_k_heads, self.k_dim)
-        v = v.reshape(B, T, self.num_v_heads, self.v_dim)
-        if self.num_v_heads != self.num_k_heads:  # each key head serves consecutive value heads
-            rep = self.num_v_heads // self.num_k_heads
-            q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
-        q = l2_normalize(q.float()) * self.k_dim ** -0.5
-        k = l2_normalize(k.float())
-        v = v.float()
-
-        batch.store_conv(layer_idx, new_conv)
-        if T == 1:
-            # decode: one batched step per run of consecutive slots, each state updated in place
-            beta = beta.float()
-            outs = [recurrent_gated_delta_step(q[r, 0], k[r, 0], v[r, 0], g[r, 0], beta[r, 0], state)
-                    for r, state in batch.recurrent_views(layer_idx)]
-            return (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(1)  # [B, 1, H, dv]
+        else:
+            q, k, v = torch.split(qkv, [self.key_size, self.key_size, self.value_size], dim=-1)
+            q = q.reshape(B, T, self.num_k_heads, self.k_dim)
+            k = k.reshape(B, T, self.num_k_heads, self.k_dim)
+            v = v.reshape(B, T, self.num_v_heads, self.v_dim)
+            if self.num_v_heads != self.num_k_heads:  # each key head serves consecutive value heads
+                rep = self.num_v_heads // self.num_k_heads
+                q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
+            q = l2_normalize(q.float()) * self.k_dim ** -0.5
+            k = l2_normalize(k.float())
+            v = v.float()
+            if T == 1:
+                # decode: one batched step per run of consecutive slots, each state updated in place
+                beta = beta.float()
+                outs = [recurrent_gated_delta_step(q[r, 0], k[r, 0], v[r, 0], g[r, 0], beta[r, 0], state)
+                        for r, state in batch.recurrent_views(layer_idx)]
+                return (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(1)  # [B, 1, H, dv]
+            inputs, rule = (q, k, v, g, beta), _prefill_rule
         with self.denormal_flush() if self.denormal_flush is not None else nullcontext():
-            return self._prefill((q, k, v, g, beta), keep_conv, batch, layer_idx, _prefill_rule)
+            return self._prefill(inputs, keep_conv, batch, layer_idx, rule)
 
     def _causal_conv(self, qkv: torch.Tensor, conv_state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The short causal conv (+ silu) of qkv [B, T, C], continuing from the cached inputs

@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -599,14 +600,25 @@ std::vector<torch::Tensor> conv_step(torch::Tensor window, torch::Tensor x, torc
   return {y, next};
 }
 
-void delta_head(const float* q, const float* k, const float* v, float g, float beta, float scale, float eps,
-                float* S, float* out, int64_t dk, int64_t dv) {
+namespace {
+
+// The factors that l2-normalise a token's q (times scale) and k, eps inside each root: the decode
+// step's and the prompt rule's, one computation so that both take the same floats.
+std::pair<float, float> qk_factors(const float* q, const float* k, float scale, float eps, int64_t dk) {
   float qq = 0.f, kk = 0.f;
   for (int64_t d = 0; d < dk; ++d) {
     qq += q[d] * q[d];
     kk += k[d] * k[d];
   }
-  delta_token(q, k, v, g, beta, scale / std::sqrt(qq + eps), 1.0f / std::sqrt(kk + eps), S, out, dk, dv);
+  return {scale / std::sqrt(qq + eps), 1.0f / std::sqrt(kk + eps)};
+}
+
+}  // namespace
+
+void delta_head(const float* q, const float* k, const float* v, float g, float beta, float scale, float eps,
+                float* S, float* out, int64_t dk, int64_t dv) {
+  const auto [rq, rk] = qk_factors(q, k, scale, eps, dk);
+  delta_token(q, k, v, g, beta, rq, rk, S, out, dk, dv);
 }
 
 void delta_token(const float* q, const float* k, const float* v, float g, float beta, float rq, float rk,
@@ -665,15 +677,9 @@ torch::Tensor delta_step(torch::Tensor y, torch::Tensor g, torch::Tensor beta, t
   return o;
 }
 
-// q and k of one token of a key head as the decode step uses them (delta_head): each over its own
-// root, q times scale; the same sums in the same order, so the same floats.
+// q and k of one token of a key head as the decode step uses them (delta_head, delta_token)
 void normalized_qk(const float* q, const float* k, float scale, float eps, float* qn, float* kn, int64_t dk) {
-  float qq = 0.f, kk = 0.f;
-  for (int64_t d = 0; d < dk; ++d) {
-    qq += q[d] * q[d];
-    kk += k[d] * k[d];
-  }
-  const float rq = scale / std::sqrt(qq + eps), rk = 1.0f / std::sqrt(kk + eps);
+  const auto [rq, rk] = qk_factors(q, k, scale, eps, dk);
   for (int64_t d = 0; d < dk; ++d) {
     qn[d] = q[d] * rq;
     kn[d] = k[d] * rk;
@@ -698,33 +704,22 @@ void delta_block(const float* qn, const float* kn, const float* v, int64_t vs, c
   for (int64_t t = 0; t < T; ++t) {
     const float* qt = qn + t * dk;
     const float* kt = kn + t * dk;
-    const float* kx = kt + dk;  // the next token's key (read only when t + 1 < T)
+    // the next token's key; the last token sums against its own, a result nobody reads
+    const float* kx = t + 1 < T ? kt + dk : kt;
     const __m512 dec = _mm512_set1_ps(std::exp(g[t * gs])), btv = _mm512_set1_ps(beta[t * gs]);
     for (int z = 0; z < NZ; ++z) {
       kv[z] = _mm512_mul_ps(btv, _mm512_fnmadd_ps(dec, kv[z], _mm512_loadu_ps(v + t * vs + 16 * z)));  // delta
       acc[z] = _mm512_setzero_ps();
       nx[z] = _mm512_setzero_ps();
     }
-    if (t + 1 < T) {
-      for (int64_t d = 0; d < dk; ++d) {
-        const __m512 kd = _mm512_set1_ps(kt[d]), qd = _mm512_set1_ps(qt[d]), nd = _mm512_set1_ps(kx[d]);
-        float* row = S + d * dv;
-        for (int z = 0; z < NZ; ++z) {
-          const __m512 s = _mm512_fmadd_ps(kd, kv[z], _mm512_mul_ps(dec, _mm512_loadu_ps(row + 16 * z)));
-          _mm512_storeu_ps(row + 16 * z, s);
-          acc[z] = _mm512_fmadd_ps(qd, s, acc[z]);
-          nx[z] = _mm512_fmadd_ps(nd, s, nx[z]);
-        }
-      }
-    } else {
-      for (int64_t d = 0; d < dk; ++d) {
-        const __m512 kd = _mm512_set1_ps(kt[d]), qd = _mm512_set1_ps(qt[d]);
-        float* row = S + d * dv;
-        for (int z = 0; z < NZ; ++z) {
-          const __m512 s = _mm512_fmadd_ps(kd, kv[z], _mm512_mul_ps(dec, _mm512_loadu_ps(row + 16 * z)));
-          _mm512_storeu_ps(row + 16 * z, s);
-          acc[z] = _mm512_fmadd_ps(qd, s, acc[z]);
-        }
+    for (int64_t d = 0; d < dk; ++d) {
+      const __m512 kd = _mm512_set1_ps(kt[d]), qd = _mm512_set1_ps(qt[d]), nd = _mm512_set1_ps(kx[d]);
+      float* row = S + d * dv;
+      for (int z = 0; z < NZ; ++z) {
+        const __m512 s = _mm512_fmadd_ps(kd, kv[z], _mm512_mul_ps(dec, _mm512_loadu_ps(row + 16 * z)));
+        _mm512_storeu_ps(row + 16 * z, s);
+        acc[z] = _mm512_fmadd_ps(qd, s, acc[z]);
+        nx[z] = _mm512_fmadd_ps(nd, s, nx[z]);
       }
     }
     for (int z = 0; z < NZ; ++z) {
