@@ -21,6 +21,8 @@ matrices run the exact fp32 product with their dequantized matrices, agree on th
 steps with a median logit error within 0.1 of the logit scale (the activations' rounding, which the
 tiny random model amplifies). Where the CPU lacks them, the loader must keep torch's kernels and say why; the
 reasons are checked on made-up CPUs everywhere."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -413,6 +415,46 @@ def test_bf16_dot_rows_give_the_product_of_the_bf16_rounded_activations():
         assert torch.equal(lin(x[:2]), mod.bf16_dot_mm(x[:2].contiguous(), w))
 
 
+def test_a_matrix_in_tiles_gives_the_plain_matrixs_rows_bit_for_bit():
+    """The bf16_dot plan stores its bf16 matrices in the extension's tiles of 4 rows ([N/4, K/32, 4,
+    32], the last N % 4 rows plain): back to plain exactly (into a given tensor too); its vdpbf16ps
+    rows equal the plain matrix's bit for bit at 1-10 rows with 0-3 rows past the last tile; a
+    Bf16Linear the plan tunes holds the tiles and gives its plain twin's products (2 and 9 rows on
+    the tiles, 120 through oneDNN on the untiled copy) and the plain rows as a tied embedding."""
+    from minicpmv.cpu.apply import tune_bf16
+
+    plan = rule_plan(HERE)
+    assert plan.bf16_tiles == plan.bf16_dot
+    mod = kernels()
+    if mod is None or not mod.bf16_dot_ok():
+        return
+    g = torch.Generator().manual_seed(8)
+    for n, k in ((8, 64), (203, 96), (66, 128), (3, 64)):
+        w = (torch.randn(n, k, generator=g) * 0.1).bfloat16()
+        t = mod.bf16_tile(w)
+        if n >= 4:  # tile 0, columns 32..63: rows 0-3 side by side
+            assert torch.equal(t.view(-1)[128:256].view(4, 32), w[:4, 32:64])
+        assert torch.equal(t[n - n % 4:], w[n - n % 4:])
+        assert torch.equal(mod.bf16_untile(t), w)
+        out = torch.zeros_like(w)
+        assert mod.bf16_untile(t, out).data_ptr() == out.data_ptr() and torch.equal(out, w)
+        for m in range(1, 11):
+            x = torch.randn(m, k, generator=g)
+            assert torch.equal(mod.bf16_dot_mm(x, t, True), mod.bf16_dot_mm(x, w)), (n, k, m)
+    with pytest.raises(RuntimeError, match="shape"):
+        mod.bf16_untile(t, torch.empty(n + 1, k, dtype=torch.bfloat16))
+    w, b = (torch.randn(203, 96, generator=g) * 0.1).bfloat16(), torch.randn(203, generator=g)
+    lin, twin = Bf16Linear.of(w, b), Bf16Linear.of(w, b)
+    tune_bf16(lin, plan, mod)
+    tune_bf16(twin, dataclasses.replace(plan, bf16_tiles=False), mod)
+    assert lin.tiles and not twin.tiles and torch.equal(lin.plain_weight(), w) and torch.equal(twin.weight, w)
+    for rows in (2, 9, 120):
+        x = torch.randn(rows, 96, generator=g)
+        assert torch.equal(lin(x), twin(x)) and torch.equal(lin.bf16_product(x), twin.bf16_product(x)), rows
+    ids = torch.tensor([[0, 202], [199, 200], [57, 57]])
+    assert torch.equal(lin.embedding(ids), w[ids].float()) and torch.equal(twin.embedding(ids), w[ids].float())
+
+
 def test_short_prompts_and_batched_decode_run_the_bf16_dot_rows_up_to_the_plans_bound():
     """On the bf16_dot plan, 9 to `bf16_dot_rows` rows (a short prompt, a decode batch of more than
     8) multiply through the same vdpbf16ps rows as one decode row, in forward and in bf16_product
@@ -436,9 +478,9 @@ def test_short_prompts_and_batched_decode_run_the_bf16_dot_rows_up_to_the_plans_
         def __getattr__(self, name):
             return getattr(mod, name)
 
-        def bf16_dot_mm(self, a, wt):
+        def bf16_dot_mm(self, a, wt, tiled=False):
             seen.append(a.shape[0])
-            return mod.bf16_dot_mm(a, wt)
+            return mod.bf16_dot_mm(a, wt, tiled)
     lin.native = Spy()
     for rows in (9, 40, 96):
         x = torch.randn(1, rows, 64, generator=g)
@@ -485,8 +527,49 @@ def test_a_16_bit_model_on_the_bf16_plan_decodes_through_them(tmp_path):
     x = torch.randn(2, bf16[0].in_features)
     fast = bf16[0](x)
     # vdpbf16ps rows (AVX512-BF16 without AMX) multiply the bf16-rounded activations, else exact ones
-    exact = (x.bfloat16().float() if bf16[0].bf16_dot else x) @ bf16[0].weight.float().t()
+    exact = (x.bfloat16().float() if bf16[0].bf16_dot else x) @ bf16[0].plain_weight().float().t()
     assert (fast - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
+def test_a_16_bit_model_in_tiles_reads_one_copy_and_gives_the_plain_models_numbers(tmp_path, monkeypatch):
+    """On the bf16_dot plan the per-token bf16 matrices are stored in tiles and the input embedding
+    tied to the lm_head reads the head's tiles (no second copy): a 120-token prompt (oneDNN on the
+    untiled copies), 16 decode steps of one sequence and 3 sequences decoding together give the
+    numbers of the same plan on plain matrices, bit for bit."""
+    from minicpmv import loading
+    from minicpmv.engine.engine import Engine
+    from minicpmv.engine.sampling import SamplingParams
+    from minicpmv.engine.sequence import Sequence
+    from minicpmv.layers.weight_formats import TiedEmbedding
+
+    plan = rule_plan(HERE)
+    if not (plan.native_kernels and plan.bf16_tiles and plan.text16 == BF16 and kernels() is not None):
+        return
+    folder = build_tiny_46(tmp_path / "bf16", seed=1, dtype=torch.bfloat16)
+    tiled, _ = load_model(folder, "auto", "cpu", progress=False)
+    monkeypatch.setattr(loading, "choose", lambda isa=None: dataclasses.replace(plan, bf16_tiles=False))
+    plain, _ = load_model(folder, "auto", "cpu", progress=False)
+    monkeypatch.undo()
+    head = tiled.lm_head
+    assert head.tiles and not plain.lm_head.tiles and head.out_features % 4 != 0  # the last rows plain
+    assert all(m.tiles for m in tiled.language_model.modules() if type(m) is Bf16Linear)
+    embed = tiled.language_model.embed_tokens
+    assert isinstance(embed, TiedEmbedding) and embed._head[0] is head and not list(embed.parameters())
+    assert torch.equal(head.plain_weight(), plain.lm_head.weight)
+    prompt = [int(t) for t in torch.randint(0, head.out_features, (120,), generator=torch.Generator().manual_seed(3))]
+    prompt[-1] = head.out_features - 1  # a token whose embedding row sits past the last tile
+    tokens = greedy(plain, prompt, 16)
+    assert greedy(tiled, prompt, 16) == tokens
+    assert torch.equal(forced_logits(tiled, prompt, tokens), forced_logits(plain, prompt, tokens))
+
+    def together(model):
+        engine = Engine(model, max_context=4096)
+        seqs = [engine.add(Sequence(prompt[i:i + 20], SamplingParams(max_new_tokens=12, do_sample=False), []))
+                for i in range(3)]
+        while engine.has_work():
+            engine.step()
+        return [s.output_ids for s in seqs]
+    assert together(tiled) == together(plain)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

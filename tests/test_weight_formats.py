@@ -18,7 +18,7 @@ import torch
 
 from format_accuracy import accuracy, first_step_error
 from minicpmv.cpu.apply import format_bytes
-from minicpmv.layers.weight_formats import (INT4_ROW_BLOCK, Int4Linear, Int8Linear, TiedQuantEmbedding,
+from minicpmv.layers.weight_formats import (INT4_ROW_BLOCK, Int4Linear, Int8Linear, TiedEmbedding,
                                             int4_grid, int4_layout_ok)
 from minicpmv.loading import load_model
 from test_golden_v40_v45 import version_dir
@@ -106,7 +106,7 @@ def test_tied_head_and_embedding_keep_one_quantized_copy(tiny46, fmt):
     model, _ = load_model(tiny46, "auto", "cpu", progress=False, weights=fmt)
     head, embed = model.lm_head, model.language_model.embed_tokens
     assert isinstance(head, Int8Linear if fmt == "int8" else Int4Linear)
-    assert isinstance(embed, TiedQuantEmbedding)
+    assert isinstance(embed, TiedEmbedding)
     vocab, dim = head.out_features, head.in_features
     floating = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
                 if t.is_floating_point() and t.shape[0] >= vocab]
@@ -180,7 +180,7 @@ def test_on_a_gptq_checkpoint_the_dense_per_token_matrices_take_the_format(tiny4
     base, _ = load_model(tmp_path, "auto", "cpu", progress=False)
     model, _ = load_model(tmp_path, "auto", "cpu", progress=False, weights="int8")
     layer = model.language_model.layers[0]
-    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.language_model.embed_tokens, TiedQuantEmbedding)
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.language_model.embed_tokens, TiedEmbedding)
     gptq = GPTQInt4Linear if choose().native_kernels else GPTQLinear
     assert isinstance(layer.mlp.down_proj, gptq) and isinstance(layer.linear_attn.in_proj_a, Int8Linear)
     ids = list(range(100, 130))

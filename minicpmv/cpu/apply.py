@@ -16,7 +16,7 @@ from ..layers.moe_quant import QuantExperts
 from ..layers.norm import GatedRMSNorm, RMSNorm, ZeroCenteredRMSNorm
 from ..layers.prepacked import PrepackedBf16Linear
 from ..layers.weight_formats import (Bf16Linear, Int4Linear, Int8Linear, QuantEmbedding, QuantLinear,
-                                     TiedQuantEmbedding, int4_group, int4_layout_ok, swap_linears)
+                                     TiedEmbedding, int4_group, int4_layout_ok, swap_linears)
 from . import denormals, native
 from .plan import BF16, FP16_PACKED, INT4_GROUP, PREFETCH, KernelPlan
 
@@ -50,10 +50,15 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
         quantize_per_token(model, prefixes, weights, plan)
         return
     if plan.text16 == BF16:
+        tied = tied_embeddings(model)
         swap_linears(model, prefixes, Bf16Linear.of, accept=lambda lin: lin.weight.dtype == torch.bfloat16)
-        for name, m in model.named_modules():
+        for name, m in list(model.named_modules()):
             if type(m) is Bf16Linear and name.startswith(prefixes):
+                plain = m.weight.untyped_storage().data_ptr()
                 tune_bf16(m, plan, kernels)
+                if m.tiles:  # an embedding that shared the plain matrix now reads the tiles
+                    for owner, attr in tied.pop(plain, []):
+                        setattr(owner, attr, TiedEmbedding(m))
         if fp16_packed.available():  # what is left: an fp16 checkpoint's matrices (no bf16 copy to run)
             swap_linears(model, prefixes, fp16_packed.PackedFP16Linear,
                          accept=lambda lin: type(lin) is not Bf16Linear and fp16_packed.packable(lin))
@@ -73,6 +78,19 @@ def tune_bf16(m: Bf16Linear, plan: KernelPlan, kernels) -> None:
         m.dot_rows = plan.bf16_dot_rows if m.bf16_dot else 0
         if plan.amx_rows and kernels.amx_rows_ok():
             m.amx_rows = plan.amx_rows
+        if m.bf16_dot and plan.bf16_tiles:
+            m.weight = nn.Parameter(kernels.bf16_tile(m.weight.detach()), requires_grad=False)
+            m.tiles = True
+
+
+def tied_embeddings(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Weight storage -> [(owner, attribute)] of the input embeddings that use it."""
+    tied = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding):
+            parent, _, attr = name.rpartition(".")
+            tied.setdefault(m.weight.untyped_storage().data_ptr(), []).append((model.get_submodule(parent), attr))
+    return tied
 
 
 def tune_format(m, fmt: str, width: int, plan: KernelPlan, kernels) -> None:
@@ -124,11 +142,7 @@ def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str
     other embeddings are stored int8 (all of them, or those named in `embeddings`: while loading,
     the ones known to be untied). Linears and embeddings still on the meta device are left for a
     later call, so the loader can call this as the checkpoint streams in."""
-    tied = {}  # weight storage -> [(owner, attr)] of the embeddings that share it
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Embedding):
-            parent, _, attr = name.rpartition(".")
-            tied.setdefault(m.weight.untyped_storage().data_ptr(), []).append((model.get_submodule(parent), attr))
+    tied = tied_embeddings(model)
     if weights == "int4" and not int4_layout_ok():
         tied = {}  # unknown packing layout: embeddings keep their own copy rather than misread it
 
@@ -146,7 +160,7 @@ def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str
     def make(weight: torch.Tensor, bias):
         q = build(weight, bias)
         for owner, attr in tied.pop(weight.untyped_storage().data_ptr(), []):
-            setattr(owner, attr, TiedQuantEmbedding(q))
+            setattr(owner, attr, TiedEmbedding(q))
         return q
 
     for m in model.modules():

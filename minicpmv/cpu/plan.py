@@ -68,6 +68,10 @@ class KernelPlan:
     # with bf16_dot: bf16 products of up to this many rows (prompt chunks, batched decode) on those
     # vdpbf16ps rows instead of oneDNN (which reorders the plain weight inside every call)
     bf16_dot_rows: int = 0
+    # with bf16_dot: the per-token bf16 matrices stored in the extension's tiles of 4 rows (one run
+    # of memory per tile; the vdpbf16ps rows' layout, cpu/csrc/bf16_dot.cpp), oneDNN's prompt GEMMs
+    # on a plain copy made per call
+    bf16_tiles: bool = False
     # software prefetch ahead of the extension's decode streams (PREFETCH): the int8 / int4 one-row
     # walks and the int8 / vdpbf16ps tiles of several rows. Into L1 lifted the AMX Xeon's streams
     # (10 -> 17-20 GB/s) and slowed the Zen 4's, where into L2 made int8 / int4 decode 1.16-1.24x
@@ -123,6 +127,8 @@ class KernelPlan:
                       f"bf16 GEMV: {native.describe()} up to {max(fma_rows, self.bf16_dot_rows)} rows, activations "
                       "rounded to bf16 (AVX512-BF16 vdpbf16ps)" if self.bf16_dot else
                       f"bf16 GEMV: {native.describe()} up to {fma_rows} rows")
+            if self.native_kernels and self.bf16_dot and self.bf16_tiles:
+                decode += "; matrices stored in its tiles of 4 rows (oneDNN's prompt GEMMs on a plain copy per call)"
             if self.native_kernels and self.amx_rows:
                 decode += f"; {self.amx_rows}-16 rows on its AMX tiles (bf16 activations)"
             head = decode
@@ -173,6 +179,9 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
     # ...and for up to 96 rows: the 4.6 text matrices streamed from memory, 2 threads, Zen 5: 1.7x
     # F.linear at 16 rows, 1.56x at 32, 1.18x at 85, even at 128 (docs/performance.md)
     rows["bf16_dot_rows"] = 96 if rows["bf16_dot"] else 0
+    # ...on matrices stored in tiles of 4 rows: 8 decode rows of the 4.6's matrices 1.1-1.3x the
+    # plain layout's, one row the same (Zen 5, 2 threads, cold; docs/performance.md)
+    rows["bf16_tiles"] = rows["bf16_dot"]
     # the same unit for the vision tower's attention (torch's bf16 SDPA leaves it idle there); AMX
     # machines keep torch's SDPA, whose bf16 products run on the tiles (~2.7x its fp32 on the Xeon)
     rows["vision_flash"] = rows["bf16_dot"]

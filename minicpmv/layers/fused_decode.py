@@ -20,7 +20,7 @@ from ..state.batch import ForwardBatch
 from .mlp import GatedMLP
 from .weight_formats import Bf16Linear, Int4Linear, Int8Linear
 
-BF16, INT8, INT4, BF16_DOT = 0, 1, 2, 4  # decode_layers.cpp's Lin kinds
+BF16, INT8, INT4, BF16_DOT, BF16_TILES = 0, 1, 2, 4, 5  # decode_layers.cpp's Lin kinds
 
 
 def native_matrix(m, rows: int):
@@ -30,7 +30,7 @@ def native_matrix(m, rows: int):
     if not (t is Bf16Linear or t is Int8Linear or _int4(t)) or m.bias is not None or not m.on_extension(rows):
         return None
     if t is Bf16Linear:
-        kind = BF16_DOT if m.bf16_dot else BF16
+        kind = BF16_TILES if m.tiles else BF16_DOT if m.bf16_dot else BF16
         key, args = (m.weight.data_ptr(), m.weight._version, m.amx_rows, kind), (kind, m.weight, None, 0, m.amx_rows, None)
     else:
         q = m.qweight

@@ -20,6 +20,7 @@ the CPU has bf16 units, else fp32): a GEMM at hundreds of rows costs far more th
 bias), fusing the projections a module declares in `packed_fusions` into one matrix first."""
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -322,6 +323,13 @@ def plus_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return z.add_(bias) if z is not y else y + bias
 
 
+# the most elements of a tiled matrix untiled into a reused per-thread scratch, which grows to the
+# largest one untiled: every layer matrix of the models here (4.5's fused gate_up: 100 M); an
+# lm_head (188-621 M), untiled only for many rows of logits, gets a copy of its own
+SCRATCH = 128 << 20
+_scratch = threading.local()
+
+
 class Bf16Linear(nn.Linear):
     """bf16 weight, bf16 matmul accumulating in fp32 (oneDNN), fp32 in and out. Built by class
     swap from a loaded MixedLinear/nn.Linear whose weight is bf16, or from a weight (fusions)."""
@@ -345,6 +353,37 @@ class Bf16Linear(nn.Linear):
     # with bf16_dot, up to this many rows (short prompts, batched decode) run those vdpbf16ps rows
     # instead of oneDNN, which reorders the plain weight inside every call (the plan's bf16_dot_rows)
     dot_rows = 0
+    # with bf16_dot: the weight is stored in the extension's tiles of 4 rows (bf16_tile; same shape,
+    # other order), which its vdpbf16ps rows stream faster at several rows; oneDNN's GEMMs (more
+    # than dot_rows rows) read a plain copy made for the call (plain_weight)
+    tiles = False
+
+    def plain_weight(self) -> torch.Tensor:
+        """The [out, in] matrix in row order: when the weight is stored in tiles, a copy in this
+        thread's scratch (valid until the next call; fresh pages cost this VM more than the copy:
+        pp512 of the 4.6 ~9% slower with a new buffer per matrix), or a new tensor beyond SCRATCH."""
+        if not self.tiles:
+            return self.weight
+        n = self.weight.numel()
+        if n > SCRATCH:
+            return self.native.bf16_untile(self.weight)
+        buf = getattr(_scratch, "buf", None)
+        if buf is None or buf.numel() < n:
+            buf = _scratch.buf = torch.empty(n, dtype=torch.bfloat16)
+        return self.native.bf16_untile(self.weight, buf[:n].view(self.weight.shape))
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of W in fp32: the input embedding when it is tied to this matrix (as QuantLinear's)."""
+        n, k = self.weight.shape
+        full = n - n % 4  # tiles of 4 rows ([n/4, k/32, 4, 32]), the last n % 4 rows plain: bf16_dot.cpp
+        if not self.tiles or full == 0:
+            return F.embedding(ids, self.weight).float()
+        tiled = ids.clamp(max=full - 1)
+        rows = self.weight[:full].view(full // 4, k // 32, 4, 32)[tiled // 4, :, tiled % 4].reshape(*ids.shape, k)
+        tail = ids >= full
+        if full < n and bool(tail.any()):
+            rows[tail] = self.weight[ids[tail]]
+        return rows.float()
 
     def bf16_product(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b with bf16 operands and fp32 sums (bias added to them), bf16 out: for a
@@ -352,10 +391,10 @@ class Bf16Linear(nn.Linear):
         fused q/k/v, DeltaNet's input projection)."""
         rows = x.numel() // x.shape[-1]
         if self.on_dot_rows(rows):
-            y = self.native.bf16_dot_mm(x.reshape(rows, -1).float().contiguous(), self.weight)
+            y = self.native.bf16_dot_mm(x.reshape(rows, -1).float().contiguous(), self.weight, self.tiles)
             return plus_bias(y, self.bias).to(torch.bfloat16).reshape(*x.shape[:-1], -1)
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-        return F.linear(x.to(torch.bfloat16), self.weight, bias)
+        return F.linear(x.to(torch.bfloat16), self.plain_weight(), bias)
 
     def on_dot_rows(self, rows: int) -> bool:
         """Whether `rows` rows take the extension's vdpbf16ps rows under the `dot_rows` bound."""
@@ -372,15 +411,16 @@ class Bf16Linear(nn.Linear):
         rows = x.numel() // x.shape[-1]
         if self.on_extension(rows):
             amx = self.amx_rows and self.amx_rows <= rows  # (the tiles' upper bound: on_extension)
-            product = (self.native.bf16_amx_mm if amx else self.native.bf16_dot_mm if self.bf16_dot else
-                       self.native.bf16_mm)
-            y = product(x.reshape(rows, -1).float().contiguous(), self.weight)
+            x2 = x.reshape(rows, -1).float().contiguous()
+            y = (self.native.bf16_amx_mm(x2, self.weight) if amx else
+                 self.native.bf16_dot_mm(x2, self.weight, self.tiles) if self.bf16_dot else
+                 self.native.bf16_mm(x2, self.weight))
             return plus_bias(y.reshape(*x.shape[:-1], -1).to(x.dtype), self.bias)
-        xb = x.to(torch.bfloat16)
+        xb, weight = x.to(torch.bfloat16), self.plain_weight()
         if rows <= GEMV_ROWS and x.device.type == "cpu":
-            y = _weight_major(self.weight, xb.reshape(rows, -1)).reshape(*x.shape[:-1], -1).to(x.dtype)
+            y = _weight_major(weight, xb.reshape(rows, -1)).reshape(*x.shape[:-1], -1).to(x.dtype)
         else:
-            y = F.linear(xb, self.weight).to(x.dtype)
+            y = F.linear(xb, weight).to(x.dtype)
         return plus_bias(y, self.bias)
 
 
@@ -400,11 +440,12 @@ def _weight_major(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (weight @ x.t()).t().contiguous()
 
 
-class TiedQuantEmbedding(nn.Module):
-    """The input embedding read from a quantized lm_head that shares its matrix (tied weights):
-    one resident copy, rows dequantized on lookup (a few per step)."""
+class TiedEmbedding(nn.Module):
+    """The input embedding read from an lm_head that shares its matrix (tied weights) and stores it
+    in a format of its own (quantized, or bf16 in tiles): one resident copy, the rows looked up
+    through the head's `embedding` (a few per step)."""
 
-    def __init__(self, head: QuantLinear):
+    def __init__(self, head: QuantLinear | Bf16Linear):
         super().__init__()
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
         self._head = [head]  # not a submodule: the head is owned (and saved, printed) where it lives
@@ -413,10 +454,10 @@ class TiedQuantEmbedding(nn.Module):
         return self._head[0].embedding(ids)
 
     def extra_repr(self):
-        return f"{self.num_embeddings}, {self.embedding_dim}, tied to the quantized lm_head"
+        return f"{self.num_embeddings}, {self.embedding_dim}, tied to the lm_head"
 
 
-class QuantEmbedding(TiedQuantEmbedding):
+class QuantEmbedding(TiedEmbedding):
     """An untied input embedding stored in a weight format itself (`rows`, a QuantLinear over
     the [vocab, dim] matrix), rows dequantized on lookup: what Q4_K_M does with token_embd."""
 

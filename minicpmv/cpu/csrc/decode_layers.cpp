@@ -16,7 +16,8 @@ namespace {
 // One per-token matrix as its module stores it (layers/weight_formats.py), multiplied the way
 // that module multiplies a few fp32 rows.
 struct Lin {
-  enum Kind : int64_t { BF16 = 0, INT8 = 1, INT4 = 2, CAT = 3, BF16_DOT = 4 };  // BF16_DOT: bf16_dot_mm's rows
+  // BF16_DOT: bf16_dot_mm's rows; BF16_TILES: the same on a matrix stored in tiles (bf16_tile)
+  enum Kind : int64_t { BF16 = 0, INT8 = 1, INT4 = 2, CAT = 3, BF16_DOT = 4, BF16_TILES = 5 };
   int64_t kind, group, out, amx_rows;
   torch::Tensor a, b;                  // bf16: weight; int8: codes, scales; int4: packed, scale_zero
   c10::optional<torch::Tensor> perm;  // a GPTQ act-order checkpoint's input permutation
@@ -33,8 +34,8 @@ struct Lin {
       c10::optional<torch::Tensor> perm)
       : kind(kind), group(group), out(out), amx_rows(amx_rows), a(std::move(a)), b(b ? *b : torch::Tensor()),
         perm(std::move(perm)) {
-    TORCH_CHECK(kind == BF16_DOT || (kind >= BF16 && kind <= INT4), "unknown matrix kind ", kind);
-    TORCH_CHECK(kind == BF16 || kind == BF16_DOT || this->b.defined(), "int8 / int4 matrices need their scales");
+    TORCH_CHECK(kind == BF16_DOT || kind == BF16_TILES || (kind >= BF16 && kind <= INT4), "unknown matrix kind ", kind);
+    TORCH_CHECK(kind == BF16 || kind >= BF16_DOT || this->b.defined(), "int8 / int4 matrices need their scales");
   }
 
   // x [M, K] fp32 contiguous -> [M, >= out] fp32 (int4: its padded width; read with the stride)
@@ -51,9 +52,10 @@ struct Lin {
     const torch::Tensor in = perm ? x.index_select(1, *perm) : x;
     if (kind == INT8) return int8_mm(in, a, b);
     if (kind == INT4) return int4_mm(in, a, b, group);
+    if (kind == BF16_TILES) return bf16_dot_mm(in, a, true);
     const int64_t M = in.size(0);
     const bool amx = amx_rows > 0 && M >= amx_rows && M <= 16;
-    return amx ? bf16_amx_mm(in, a) : kind == BF16_DOT ? bf16_dot_mm(in, a) : bf16_mm(in, a);
+    return amx ? bf16_amx_mm(in, a) : kind == BF16_DOT ? bf16_dot_mm(in, a, false) : bf16_mm(in, a);
   }
 };
 

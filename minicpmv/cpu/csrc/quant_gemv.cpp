@@ -929,7 +929,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_amx_mm", &bf16_amx_mm, "x [M <= 16, K] fp32 rounded to bf16 @ w [N, K] bf16 ^T -> [M, N] fp32 "
         "(AMX tiles, fp32 sums)");
   m.def("bf16_dot_mm", &bf16_dot_mm, "x [M, K] fp32 rounded to bf16 @ w [N, K] bf16 ^T -> [M, N] fp32 "
-        "(AVX512-BF16 vdpbf16ps, fp32 sums; K % 32 == 0)");
+        "(AVX512-BF16 vdpbf16ps, fp32 sums; K % 32 == 0); tiled: w stored by bf16_tile",
+        py::arg("x"), py::arg("w"), py::arg("tiled") = false);
+  m.def("bf16_tile", &bf16_tile, "plain [N, K] bf16 -> the same matrix in tiles of 4 rows (bf16_dot_mm's tiled)");
+  m.def("bf16_untile", &bf16_untile, "a tiled matrix (bf16_tile) -> plain [N, K] bf16 (into out when given)",
+        py::arg("w"), py::arg("out") = py::none());
   m.def("bf16_attention", &bf16_attention, "softmax(q k^T scale) v of bf16 [N, L, H, d] q/k/v, keys past lengths[n] "
         "left out -> [N, L, H d] bf16 (AVX512-BF16 vdpbf16ps, fp32 softmax and sums)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lengths"), py::arg("scale"));
