@@ -422,6 +422,7 @@ def test_a_matrix_in_tiles_gives_the_plain_matrixs_rows_bit_for_bit():
     Bf16Linear the plan tunes holds the tiles and gives its plain twin's products (2 and 9 rows on
     the tiles, 120 through oneDNN on the untiled copy) and the plain rows as a tied embedding."""
     from minicpmv.cpu.apply import tune_bf16
+    from minicpmv.layers import weight_formats
 
     plan = rule_plan(HERE)
     assert plan.bf16_tiles == plan.bf16_dot
@@ -448,7 +449,11 @@ def test_a_matrix_in_tiles_gives_the_plain_matrixs_rows_bit_for_bit():
     tune_bf16(lin, plan, mod)
     tune_bf16(twin, dataclasses.replace(plan, bf16_tiles=False), mod)
     assert lin.tiles and not twin.tiles and torch.equal(lin.plain_weight(), w) and torch.equal(twin.weight, w)
-    for rows in (2, 9, 120):
+    weight_formats._scratch.__dict__.pop("buf", None)
+    with torch.inference_mode():  # the untile scratch first made in inference mode (an engine's prompt),
+        x = torch.randn(120, 96, generator=g)
+        assert torch.equal(lin(x), twin(x))
+    for rows in (2, 9, 120):  # then written outside it
         x = torch.randn(rows, 96, generator=g)
         assert torch.equal(lin(x), twin(x)) and torch.equal(lin.bf16_product(x), twin.bf16_product(x)), rows
     ids = torch.tensor([[0, 202], [199, 200], [57, 57]])

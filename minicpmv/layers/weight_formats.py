@@ -369,7 +369,8 @@ class Bf16Linear(nn.Linear):
             return self.native.bf16_untile(self.weight)
         buf = getattr(_scratch, "buf", None)
         if buf is None or buf.numel() < n:
-            buf = _scratch.buf = torch.empty(n, dtype=torch.bfloat16)
+            with torch.inference_mode(False):  # a normal tensor, whichever mode the first call ran in
+                buf = _scratch.buf = torch.empty(n, dtype=torch.bfloat16)
         return self.native.bf16_untile(self.weight, buf[:n].view(self.weight.shape))
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:

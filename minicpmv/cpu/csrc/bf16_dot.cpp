@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 
 namespace {
 
@@ -116,9 +117,11 @@ torch::Tensor retile(const torch::Tensor& w, bool to_tiles, c10::optional<torch:
   TORCH_CHECK(!into || (into->sizes() == w.sizes() && into->scalar_type() == torch::kBFloat16 && into->is_contiguous()),
               "out: contiguous bf16 of w's shape");
   auto out = into ? *into : torch::empty_like(w);
-  if (N % 4) out.narrow(0, N - N % 4, N % 4).copy_(w.narrow(0, N - N % 4, N % 4));
   const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  // raw writes only (no tensor op on `out`): a scratch made under inference mode is written outside it too
+  const int64_t tail = (N - N % 4) * K;
+  std::memcpy(dst + tail, src + tail, (N % 4) * K * sizeof(uint16_t));
   at::parallel_for(0, N / 4, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t k = 0; k < K; k += 32)
