@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..state.batch import ForwardBatch
+from .gated_delta import QK_NORM_EPS
 from .mlp import GatedMLP
 from .weight_formats import Bf16Linear, Int4Linear, Int8Linear
 
@@ -193,7 +194,7 @@ def _delta_step(static, x, batch, layer_idx):
     if conv.dtype != torch.float32 or rec.dtype != torch.float32 or not conv.is_contiguous() or not rec.is_contiguous():
         return None
     return fn(x[:, 0].contiguous(), pre, post, eps, in_proj, out_proj, gate_up, down, conv, conv_w, rec, batch.slots,
-              neg_a, dt_bias, norm_w, norm_eps, heads, scale, 1e-6)[:, None]
+              neg_a, dt_bias, norm_w, norm_eps, heads, scale, QK_NORM_EPS)[:, None]
 
 
 def _norm_scale(norm):

@@ -10,7 +10,12 @@ import torch
 import torch.nn.functional as F
 
 
-def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+# eps inside the root of q's and k's l2 norms: this module's, and the extension's rules (their
+# prompt, decode step and fused decode layer) take the same
+QK_NORM_EPS = 1e-6
+
+
+def l2_normalize(x: torch.Tensor, eps: float = QK_NORM_EPS) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 

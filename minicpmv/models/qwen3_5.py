@@ -14,7 +14,7 @@ from ..state import AttentionSpec, ForwardBatch, LinearSpec
 from ..layers.attention import cached_attention
 from ..layers import fused_decode
 from ..layers.derived import Derived
-from ..layers.gated_delta import l2_normalize, prefill_gated_delta_rule, recurrent_gated_delta_step
+from ..layers.gated_delta import QK_NORM_EPS, l2_normalize, prefill_gated_delta_rule, recurrent_gated_delta_step
 from ..layers.mlp import GatedMLP
 from ..layers.weight_formats import GEMV_ROWS, Bf16Linear
 from ..layers.norm import GatedRMSNorm, ZeroCenteredRMSNorm
@@ -226,7 +226,7 @@ class GatedDeltaNet(nn.Module):
         for r, state in batch.recurrent_views(layer_idx):
             work = state if state.is_contiguous() else state.contiguous()  # the kernel walks whole states
             outs.append(self.native.delta_step(y[r].contiguous(), g[r].contiguous(), beta[r].contiguous(), work,
-                                               self.num_k_heads, self.k_dim ** -0.5, 1e-6))
+                                               self.num_k_heads, self.k_dim ** -0.5, QK_NORM_EPS))
             if work is not state:
                 state.copy_(work)
         return (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(1)  # [B, 1, H, dv]
@@ -260,7 +260,8 @@ def _native_rule(native, key_heads: int, scale: float, y, g, beta, state):
     more in page faults than the copy (~1.7 ms a layer, 512-token prompt of the real-size 4.6;
     docs/performance.md)."""
     final = state if state.is_contiguous() else state.contiguous()
-    o = native.delta_rule_prompt(y.contiguous(), g.contiguous(), beta.contiguous(), final, key_heads, scale, 1e-6)
+    o = native.delta_rule_prompt(y.contiguous(), g.contiguous(), beta.contiguous(), final, key_heads, scale,
+                                 QK_NORM_EPS)
     return o, final
 
 
