@@ -2,6 +2,10 @@
 
 `load` is imported on first use, so `import minicpmv` (and the `minicpmv --help/--version`
 command) does not pay for importing torch."""
+from .cpu import heap as _heap
+
+_heap.ask_huge_pages()  # before anything imports torch (cpu/heap.py)
+
 from .errors import ImageError, InputError, ModelNotFoundError, PromptTooLongError, VideoError
 
 __version__ = "0.1.0"

@@ -129,6 +129,7 @@ def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_pe
         quant.finish(model, "fp16_weight" if dtype == torch.float32 else "auto", isa=isa)
     if device.type == "cpu":
         log.info("heap: %s", heap.keep_warm())  # after the load, so its staging copies were unmapped
+        log.info("2 MB pages: %s", heap.huge_pages())
     return model.eval(), config
 
 

@@ -163,6 +163,51 @@ def test_the_warm_heap_stops_paying_page_faults_per_tensor():
     assert max(warm) * 3 < min(cold), (warm, cold)
 
 
+HUGE_PROBE = textwrap.dedent("""
+    import os, sys
+    if sys.argv[1] == "torch-first":
+        import torch, minicpmv
+    else:
+        import minicpmv, torch
+    from minicpmv.cpu import heap
+    x = torch.empty(64 << 20, dtype=torch.uint8)
+    x.fill_(1)  # the first write commits the pages
+    print(os.environ.get("THP_MEM_ALLOC_ENABLE"))
+    print(heap.huge_pages())
+""")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="transparent huge pages")
+def test_importing_minicpmv_before_torch_puts_large_tensors_in_2_mb_pages():
+    """`import minicpmv` asks torch for 2 MB pages under tensors of 2 MB+ (when the kernel has them);
+    imported after torch it cannot and says how; MINICPMV_HEAP=default leaves torch's default."""
+    from minicpmv.cpu import heap
+
+    def run(order, **env):
+        base = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "MINICPMV_HEAP")}
+        out = subprocess.run([sys.executable, "-c", HUGE_PROBE, order], capture_output=True, text=True, timeout=120,
+                             env={**base, **env}, check=True).stdout.split("\n")
+        return out[0], out[1], float(out[1].rsplit("; ", 1)[1].split()[0])
+
+    mode = heap.thp_mode()
+    flag, said, gb = run("minicpmv-first")
+    if mode in ("madvise", "always"):
+        assert flag == "1" and said.startswith("asked for tensors of 2 MB+"), said
+        assert gb >= 0.03, said  # the 64 MB tensor (and whatever else torch made) in 2 MB pages
+    else:
+        assert flag == "None" and said.startswith("none: the kernel has no transparent huge pages"), said
+    flag, said, gb = run("torch-first")
+    assert flag == "None"
+    if mode in ("madvise", "always"):
+        assert said.startswith("not asked: torch was imported before minicpmv (set THP_MEM_ALLOC_ENABLE=1"), said
+    if mode == "madvise":
+        assert gb < 0.03, said
+    flag, said, _ = run("minicpmv-first", MINICPMV_HEAP="default")
+    assert flag == "None" and said.startswith("torch's default ($MINICPMV_HEAP=default)"), said
+    flag, said, _ = run("minicpmv-first", THP_MEM_ALLOC_ENABLE="0")
+    assert flag == "0" and said.startswith("$THP_MEM_ALLOC_ENABLE=0 as set by the caller"), said
+
+
 def test_the_server_gives_the_heap_back_after_an_idle_spell(monkeypatch):
     """$MINICPMV_HEAP_IDLE_S sets how long the engine idles before the heap's free pages go back
     (default 30 s: a release at once made the next image request ~0.2 s slower); bad values keep it."""
