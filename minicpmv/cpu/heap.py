@@ -19,11 +19,12 @@ $MINICPMV_HEAP=default leaves glibc's settings alone. A no-op where glibc is not
 
 2 MB pages (`ask_huge_pages`, at `import minicpmv`): torch backs CPU tensors of 2 MB and more with
 transparent huge pages when $THP_MEM_ALLOC_ENABLE is 1 at its first allocation, so that is set
-before torch is imported. The weights then sit in 2 MB pages (fewer TLB misses, and the hardware
-prefetchers' streams do not stop every 4 KB), and a prompt's first write to KV blocks or state slots
-faults 2 MB at a time instead of 4 KB. Real-size 4.6 on the Zen 5 VM of 2026-12-03, two processes
-alternated: batch-1 decode 1.07x, 8 sequences 1.11x, pp512 1.09x, 448x448 first token 0.96x the time,
-the same peak RSS (docs/performance.md)."""
+before torch is imported; the state pool's tensors are advised either way (`advise_huge`), so a
+prompt's first write to KV blocks or state slots faults 2 MB at a time instead of 4 KB (~4,500
+faults of 4 KB per 512-token prompt of the real-size 4.6 otherwise, 30-60 us each in the Firecracker
+VM of 2026-12-03). Real-size 4.6 there, two processes alternated (8 pairs, two runs): pp512 1.05x /
+1.09x, the 448x448 first token 0.96x the time, decode 0.98-1.11x (inside the noise), peak RSS the
+same (docs/performance.md)."""
 from __future__ import annotations
 
 import ctypes
@@ -65,6 +66,26 @@ def ask_huge_pages() -> str:
         os.environ[THP_ENV] = "1"
         _huge_pages = f"asked for tensors of 2 MB+ (${THP_ENV}=1, kernel mode {mode})"
     return _huge_pages
+
+
+MADV_HUGEPAGE = 14
+
+
+def advise_huge(t) -> bool:
+    """Advise 2 MB pages for a CPU tensor's whole 2 MB-aligned interior before its first write
+    (no-op where the kernel has no THP, or huge pages were declined). Returns whether it advised."""
+    libc = _libc()
+    if (libc is None or thp_mode() != "madvise" or os.environ.get(ENV, "").lower() == "default"
+            or os.environ.get(THP_ENV) == "0" or t.device.type != "cpu"):
+        return False
+    huge = 2 << 20
+    start = t.data_ptr()
+    end = start + t.untyped_storage().nbytes()
+    lo, hi = -(-start // huge) * huge, end // huge * huge
+    if hi <= lo:
+        return False
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc.madvise(lo, hi - lo, MADV_HUGEPAGE) == 0
 
 
 def huge_pages() -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cpu import heap
 from .spec import AttentionSpec, LinearSpec
 
 
@@ -67,6 +68,8 @@ class StatePool:
                 # is zeroed because padded reads point there (masked, but a NaN would still leak)
                 self.keys[i] = torch.empty(rows, s.num_kv_heads, s.head_dim, dtype=dtype, device=device)
                 self.values[i] = torch.empty(rows, s.num_kv_heads, s.head_dim, dtype=dtype, device=device)
+                for t in (self.keys[i], self.values[i]):
+                    heap.advise_huge(t)  # a block's first write faults 2 MB at a time, not 4 KB
                 if rows:
                     self.keys[i][0].zero_()
                     self.values[i][0].zero_()
@@ -75,6 +78,8 @@ class StatePool:
                 self.conv[i] = torch.empty(plan.num_slots, s.conv_dim, s.conv_kernel - 1, dtype=dtype, device=device)
                 self.recurrent[i] = torch.empty(plan.num_slots, s.num_heads, s.key_dim, s.value_dim,
                                                 dtype=torch.float32, device=device)
+                for t in (self.conv[i], self.recurrent[i]):
+                    heap.advise_huge(t)
             elif s is not None:  # None: a layer left out on purpose (one layer run alone)
                 raise TypeError(f"unknown state spec {s!r}")
         # slots written at least once: their pages are committed (an empty pool's are not, and the
