@@ -345,3 +345,30 @@ def test_idle_writes_the_next_snapshot_slot_once_and_keeps_the_output(request):
     off = track(request, engine_for(enable_prefix_caching=False))
     assert off.manager.warm_snapshot_slot() is None
     assert not any(off.manager.pool.touched)
+
+
+def test_idle_writes_the_fresh_kv_blocks_the_next_prompts_take_and_nothing_held(request):
+    """Engine.idle also writes, once, the never-used KV blocks the next prompts will take (from the
+    allocator's high mark, up to 2,048 tokens / 64 MB ahead), so a prompt's first writes land in
+    committed pages; blocks a sequence or the prefix cache holds are never written; outputs unchanged."""
+    e = track(request, engine_for())
+    m, pool = e.manager, e.manager.pool
+    ahead = min(2048 // BLOCK, (64 << 20) // m.plan.bytes_per_block, m.plan.num_blocks)
+    layer = next(iter(pool.keys))
+    pool.keys[layer].fill_(float("nan"))  # whatever unwritten memory holds
+    e.idle()
+    assert pool.written_blocks == ahead and m.blocks.high == 0
+    assert torch.equal(pool.keys[layer][:ahead * BLOCK], torch.zeros_like(pool.keys[layer][:ahead * BLOCK]))
+    assert pool.keys[layer][ahead * BLOCK:].isnan().all()
+    assert m.warm_blocks() == 0  # nothing new to write
+    first = seq(prompt(5, 40), n=4)
+    run(e, [first])
+    assert first.output_ids == reference_tokens(first.prompt_ids, 4)
+    held = sorted({b for entry in m.prefix.entries.values() for b in entry.blocks})
+    assert held and m.blocks.high == max(held) + 1
+    rows = torch.cat([pool.keys[layer][b * BLOCK:(b + 1) * BLOCK] for b in held])
+    assert m.warm_blocks() == min(m.blocks.high + ahead, m.plan.num_blocks) - ahead
+    assert torch.equal(torch.cat([pool.keys[layer][b * BLOCK:(b + 1) * BLOCK] for b in held]), rows)
+    again = seq(prompt(5, 40), n=4)  # the cached prefix is read back from the held blocks
+    run(e, [again])
+    assert again.output_ids == first.output_ids

@@ -110,8 +110,10 @@ class Engine:
     @torch.inference_mode()
     def idle(self) -> None:
         """Work for a moment with nothing to run (the server's engine thread calls it when the queue
-        empties): the next prefix snapshot's state slot is written once, off any request's path."""
+        empties): the next prefix snapshot's state slot and the next prompts' KV blocks are written
+        once, off any request's path."""
         self.manager.warm_snapshot_slot()
+        self.manager.warm_blocks()
 
     # -- the loop -------------------------------------------------------------------------------
     @torch.inference_mode()

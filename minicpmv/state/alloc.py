@@ -13,6 +13,9 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self.refs = [0] * num_blocks
+        # blocks [0, high) were handed out at least once; the rest come out in ascending order after
+        # every freed block (freed ones go back on top), so high is where unwritten memory begins
+        self.high = 0
 
     @property
     def num_free(self) -> int:
@@ -24,6 +27,8 @@ class BlockAllocator:
         out = [self._free.pop() for _ in range(n)]
         for b in out:
             self.refs[b] = 1
+        if out:
+            self.high = max(self.high, max(out) + 1)
         return out
 
     def share(self, blocks: list[int]) -> None:

@@ -90,6 +90,23 @@ class StateManager:
         self.pool.zero_slot(slot)
         return slot
 
+    def warm_blocks(self, tokens: int = 2048, max_bytes: int = 64 << 20) -> int:
+        """Write once, while the engine idles, the KV blocks the next prompts will take when they
+        have never been written (ids from the allocator's high mark on: the prefix cache keeps a
+        finished request's blocks, so every new prompt takes fresh ones), up to `tokens` ahead and
+        `max_bytes`: their pages are then committed before a prompt writes them (a 512-token prompt
+        of the real-size 4.6 faulted ~3,000 pages of 4 KB in its KV blocks, 30-60 us each in the VM of
+        2026-12-03). Returns how many blocks it wrote."""
+        if self.pool is None or not self.uses_blocks or not self.pool.on_cpu:
+            return 0
+        ahead = min(-(-tokens // self.block_size), max_bytes // self.plan.bytes_per_block)
+        start = max(self.blocks.high, self.pool.written_blocks)
+        end = min(self.plan.num_blocks, self.blocks.high + ahead)
+        if end <= start:
+            return 0
+        self.pool.write_blocks(start, end)
+        return end - start
+
     def free(self, st: SeqState) -> None:
         self.blocks.release(st.blocks)
         st.blocks = []

@@ -60,6 +60,7 @@ class StatePool:
     def __init__(self, spec: list, plan: PoolPlan, dtype: torch.dtype, device):
         self.spec, self.plan, self.dtype, self.device = spec, plan, dtype, device
         self.block_size = plan.block_size
+        self.on_cpu = torch.device(device).type == "cpu"  # pages committed on first write
         rows = plan.num_blocks * plan.block_size
         self.keys, self.values, self.conv, self.recurrent = {}, {}, {}, {}
         for i, s in enumerate(spec):
@@ -85,6 +86,16 @@ class StatePool:
         # slots written at least once: their pages are committed (an empty pool's are not, and the
         # first write to one pays a page fault per 4 KB; StateManager.warm_snapshot_slot)
         self.touched = [False] * plan.num_slots
+        self.written_blocks = 0  # blocks [0, written_blocks) were written once by write_blocks
+
+    def write_blocks(self, start: int, end: int) -> None:
+        """Write blocks [start, end) once (zeros) so that their pages are committed: only for blocks
+        no sequence holds (StateManager.warm_blocks)."""
+        bs = self.block_size
+        for i in self.keys:
+            self.keys[i][start * bs:end * bs].zero_()
+            self.values[i][start * bs:end * bs].zero_()
+        self.written_blocks = max(self.written_blocks, end)
 
     # copies the state manager asks for (prefix snapshots, copy-on-write of a shared last block)
     def copy_slot(self, src: int, dst: int) -> None:
