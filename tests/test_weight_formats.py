@@ -13,13 +13,15 @@ real weights; the per-matrix error bounds are the format's own promise):
   (measured over 256 steps: int8 0.863 / 0.887, first step 2.9% / 4.2%; int4 0.137 / 0.387,
   first step 41% / 36%, the untied 4.5 embedding stored int8 under both, the 24-token prompt
   through the kernels on AVX-512; docs/performance.md has the table)"""
+import platform
+
 import pytest
 import torch
 
 from format_accuracy import accuracy, first_step_error
 from minicpmv.cpu.apply import format_bytes
 from minicpmv.layers.weight_formats import (INT4_ROW_BLOCK, Int4Linear, Int8Linear, TiedEmbedding,
-                                            int4_grid, int4_layout_ok)
+                                            int4_codes, int4_grid, int4_layout_ok, int4_pack)
 from minicpmv.loading import load_model
 from test_golden_v40_v45 import version_dir
 from tiny46 import build_tiny_46
@@ -65,7 +67,13 @@ def test_int4_grid_rounds_to_half_a_step_and_clipping_only_lowers_the_error():
 
 
 def test_int4_linear_stores_the_grid_and_its_kernels_agree():
-    assert int4_layout_ok()
+    # torch's int4 kernel reads our packing where torch runs at AVX-512 (it packs blocks of 64 rows
+    # there); on AVX2 it packs blocks of 32 and its kernel is kept off our matrices
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert int4_layout_ok() == (torch.backends.cpu.get_cpu_capability() == "AVX512")
+    codes = torch.randint(0, 16, (128, 96), dtype=torch.uint8)
+    assert torch.equal(int4_codes(int4_pack(codes), 96, 0, 128), codes)  # the layout reads back
+    assert torch.equal(int4_codes(int4_pack(codes), 96, 37, 101), codes[37:101])
     w = weight(200, 128)  # 200 rows: padded to 256 for the kernel, the padding never returned
     lin = Int4Linear(w, None, group=64)
     assert lin.qweight.shape == (256, 64) and lin.qweight.dtype == torch.uint8
@@ -167,7 +175,7 @@ def test_batched_decode_gives_the_tokens_of_decoding_alone(tiny46, fmt):
 def test_on_a_gptq_checkpoint_the_dense_per_token_matrices_take_the_format(tiny46_dir, tmp_path):
     """A GPTQ checkpoint keeps the lm_head (and DeltaNet's a/b projections) dense: weights="int8"
     quantizes those at load, the GPTQ layers keep their codes (in the plan's int4 format where the
-    extension runs, tests/test_gptq_int4.py). First-step logits within 8% of the GPTQ model's own
+    AVX-512 extension or the AVX2 module runs, tests/test_gptq_int4.py). First-step logits within 8% of the GPTQ model's own
     (measured 5.1%)."""
     from minicpmv.cpu.plan import choose
     from minicpmv.quant.gptq_format import GPTQSpec
@@ -181,7 +189,8 @@ def test_on_a_gptq_checkpoint_the_dense_per_token_matrices_take_the_format(tiny4
     model, _ = load_model(tmp_path, "auto", "cpu", progress=False, weights="int8")
     layer = model.language_model.layers[0]
     assert isinstance(model.lm_head, Int8Linear) and isinstance(model.language_model.embed_tokens, TiedEmbedding)
-    gptq = GPTQInt4Linear if choose().native_kernels else GPTQLinear
+    plan = choose()
+    gptq = GPTQInt4Linear if plan.native_kernels or plan.avx2_gemv else GPTQLinear
     assert isinstance(layer.mlp.down_proj, gptq) and isinstance(layer.linear_attn.in_proj_a, Int8Linear)
     ids = list(range(100, 130))
     with torch.inference_mode():

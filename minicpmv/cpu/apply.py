@@ -16,7 +16,7 @@ from ..layers.moe_quant import QuantExperts
 from ..layers.norm import GatedRMSNorm, RMSNorm, ZeroCenteredRMSNorm
 from ..layers.prepacked import PrepackedBf16Linear
 from ..layers.weight_formats import (Bf16Linear, Int4Linear, Int8Linear, QuantEmbedding, QuantLinear,
-                                     TiedEmbedding, int4_group, int4_layout_ok, swap_linears)
+                                     TiedEmbedding, int4_group, swap_linears)
 from . import denormals, native
 from .plan import BF16, FP16_PACKED, INT4_GROUP, PREFETCH, KernelPlan
 
@@ -45,7 +45,7 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
             for name, module in list(model.named_modules()):
                 if type(module) is Bf16Linear and not name.startswith(prefixes) and module.weight.device.type == "cpu":
                     PrepackedBf16Linear.from_bf16(module)
-    gptq_to_int4(model, plan, kernels)
+    gptq_to_int4(model, plan, few_row_kernels(plan, kernels))
     if weights is not None:
         quantize_per_token(model, prefixes, weights, plan)
         return
@@ -93,6 +93,14 @@ def tied_embeddings(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return tied
 
 
+def few_row_kernels(plan: KernelPlan, kernels):
+    """The module whose int8_mm / int4_mm / int4_widen_t serve quantized matrices: the AVX-512
+    extension (`kernels`) where built, else the AVX2 module where the plan says so, else None."""
+    if kernels is not None or not plan.avx2_gemv:
+        return kernels
+    return native.avx2_kernels(plan.cpu)
+
+
 def tune_format(m, fmt: str, width: int, plan: KernelPlan, kernels) -> None:
     """Set a quantized layer's kernels from the plan: the GEMM dtype of prompts, up to how many rows
     torch's kernel runs, and the extension (`kernels`, if built) for the fewest rows."""
@@ -104,7 +112,7 @@ def tune_format(m, fmt: str, width: int, plan: KernelPlan, kernels) -> None:
 
 
 def gptq_to_int4(model: nn.Module, plan: KernelPlan, kernels) -> int:
-    """Where the extension runs (`kernels`, built: its int4 kernel and widening), GPTQ int4 layers
+    """Where an extension runs (`kernels`, built: its int4 kernel and widening), GPTQ int4 layers
     not yet prepared move into the int4 format (quant/gptq_int4.py) and its kernels; returns how
     many moved. Elsewhere they keep GPTQLinear's kernels (torch's int4 kernel in gptqmodel's
     arithmetic)."""
@@ -143,10 +151,8 @@ def quantize_per_token(model: nn.Module, prefixes: tuple[str, ...], weights: str
     the ones known to be untied). Linears and embeddings still on the meta device are left for a
     later call, so the loader can call this as the checkpoint streams in."""
     tied = tied_embeddings(model)
-    if weights == "int4" and not int4_layout_ok():
-        tied = {}  # unknown packing layout: embeddings keep their own copy rather than misread it
 
-    kernels = native.quant_kernels(plan.cpu) if plan.native_kernels else None
+    kernels = few_row_kernels(plan, native.quant_kernels(plan.cpu) if plan.native_kernels else None)
 
     def tune(m, fmt: str, width: int) -> None:
         tune_format(m, fmt, width, plan, kernels)

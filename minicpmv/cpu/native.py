@@ -11,6 +11,10 @@ cpp_extension (a C++ compiler is needed once, ~30 s) into
 `<cache>/native-<hash>/`, keyed by the source, torch's version and the CPU's flags, and reused
 by every later load. Where it cannot be used (no AVX-512, no compiler, a failed build,
 $MINICPMV_NATIVE=0) the loader keeps torch's kernels and says why (`describe()`).
+
+CPUs with AVX2 + FMA but no AVX-512 (most laptops, AMD Zen 1-3) get a second, small module
+(cpu/csrc/avx2_gemv.cpp, `avx2_kernels`): the few-row int8 / int4 products and the int4 widening,
+with the same calls and arithmetic, built and cached the same way (`describe_avx2()`).
 Built at load time, never inside a request."""
 from __future__ import annotations
 
@@ -86,6 +90,60 @@ def quant_kernels(cpu: CpuInfo, progress: bool = True):
         return None
     if _status.startswith("torch's kernels (build failed"):
         return None  # one attempt per process
+    _module, _status = _build("minicpmv_quant_gemv", SOURCES + (CSRC / "kernels.h",), FLAGS, cpu, "AVX-512 decode kernels",
+                              progress)
+    return _module
+
+
+# ---- the AVX2 + FMA few-row int8 / int4 products (cpu/csrc/avx2_gemv.cpp): CPUs without AVX-512 ----
+AVX2_SOURCE = CSRC / "avx2_gemv.cpp"
+AVX2_NEEDS = ("avx2", "fma")
+AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+_avx2_module = None
+_avx2_status = "not built yet"
+
+
+def avx2_unusable(cpu: CpuInfo) -> str | None:
+    """Why the AVX2 module cannot serve this CPU and setting, or None when it can."""
+    if os.environ.get(ENV, "1") == "0":
+        return f"disabled by {ENV}=0"
+    if cpu.forced and not cpu.at_least("avx2"):
+        return f"level forced to {cpu.level}"
+    missing = [f for f in AVX2_NEEDS if f not in cpu.flags or f not in _host_flags()]
+    if missing:
+        return "the CPU lacks " + ", ".join(missing)
+    if sys.platform != "linux":
+        return "built on Linux only"
+    return None
+
+
+def describe_avx2() -> str:
+    if _avx2_module is None and _avx2_status == "not built yet":
+        return "minicpmv AVX2 kernel (built at the first load, then cached)"
+    return _avx2_status
+
+
+def avx2_kernels(cpu: CpuInfo, progress: bool = True):
+    """The AVX2 module (int8_mm, int4_mm, int4_widen_t: the AVX-512 module's calls and arithmetic),
+    or None with `describe_avx2()` saying why."""
+    global _avx2_module, _avx2_status
+    if _avx2_module is not None:
+        return _avx2_module
+    why = avx2_unusable(cpu)
+    if why is not None:
+        _avx2_status = f"torch's kernels ({why})"
+        return None
+    if _avx2_status.startswith("torch's kernels (build failed"):
+        return None
+    _avx2_module, _avx2_status = _build("minicpmv_avx2_gemv", (AVX2_SOURCE,), AVX2_FLAGS, cpu,
+                                        "AVX2 int8 / int4 decode kernels", progress)
+    return _avx2_module
+
+
+def _build(name: str, sources: tuple[Path, ...], flags: list[str], cpu: CpuInfo, what: str, progress: bool):
+    """(module, status) of the extension built from `sources` (.cpp compiled, headers hashed) into
+    `<cache>/native-<hash>/`, keyed by the sources, torch's version, the CPU's flags and `flags`; a
+    build that fails leaves (None, why)."""
     quiet = logging.getLogger("torch.utils.cpp_extension")  # its import warns about CUDA on CPU-only hosts
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -96,26 +154,24 @@ def quant_kernels(cpu: CpuInfo, progress: bool = True):
 
     from .calibrate import cache_dir
 
-    source = b"".join(p.read_bytes() for p in (*SOURCES, CSRC / "kernels.h"))
+    source = b"".join(p.read_bytes() for p in sources)
     key = hashlib.sha256(source + torch.__version__.encode() + " ".join(sorted(cpu.flags)).encode()
-                         + " ".join(FLAGS).encode()).hexdigest()[:12]
+                         + " ".join(flags).encode()).hexdigest()[:12]
     folder = cache_dir() / f"native-{key}"
     folder.mkdir(parents=True, exist_ok=True)
     fresh = not any(folder.glob("*.so"))
+    label = what.split(" ", 1)[0]  # "AVX-512" / "AVX2"
     if fresh and shutil.which(os.environ.get("CXX", "c++")) is None:
-        _status = "torch's kernels (build failed: no C++ compiler found; set CXX or install g++)"
-        log.warning("minicpmv: AVX-512 decode kernels not built: no C++ compiler; using torch's")
-        return None
+        log.warning("minicpmv: %s not built: no C++ compiler; using torch's", what)
+        return None, "torch's kernels (build failed: no C++ compiler found; set CXX or install g++)"
     if fresh and progress:
-        print(f"minicpmv: building the AVX-512 decode kernels once (~30 s) into {folder}", file=sys.stderr)
+        print(f"minicpmv: building the {what} once (~30 s) into {folder}", file=sys.stderr)
     t0 = time.perf_counter()
     try:
-        _module = load(f"minicpmv_quant_gemv_{key}", [str(p) for p in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                       build_directory=str(folder), verbose=False)
+        module = load(f"{name}_{key}", [str(p) for p in sources if p.suffix == ".cpp"], extra_cflags=flags,
+                      extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
     except Exception as e:  # a broken toolchain must not stop a load: torch's kernels remain
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-        _status = f"torch's kernels (build failed: {first})"
-        log.warning("minicpmv: AVX-512 decode kernels not built (%s); using torch's", first)
-        return None
-    _status = f"minicpmv AVX-512 kernel ({'built in %.0f s' % (time.perf_counter() - t0) if fresh else 'cached'})"
-    return _module
+        log.warning("minicpmv: %s not built (%s); using torch's", what, first)
+        return None, f"torch's kernels (build failed: {first})"
+    return module, f"minicpmv {label} kernel ({'built in %.0f s' % (time.perf_counter() - t0) if fresh else 'cached'})"

@@ -20,7 +20,8 @@ Rules without a calibration:
   fbgemm fp16-packed with fp32 math (the AVX2-era path, measured in docs/performance.md).
 * anything else: bf16 storage widened to fp32 for many rows, bf16 GEMV for few (layers/mixed.py).
 With weights="int8"/"int4" the per-token matrices and the lm_head take that format whatever the
-CPU, their prompt GEMMs in bf16 where the CPU has bf16 units, else fp32.
+CPU, their prompt GEMMs in bf16 where the CPU has bf16 units, else fp32; their few-row products
+run the AVX-512 extension, else the AVX2 module (cpu/native.py), else torch's kernels.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layers import fp16_packed, prepacked
+from ..layers.weight_formats import int4_layout_ok
 from . import denormals, native
 from .isa import CpuInfo, detect
 
@@ -80,6 +82,9 @@ class KernelPlan:
     # the vision tower's attention on the extension's vdpbf16ps kernel (cpu/csrc/flash_attn.cpp;
     # AVX512-BF16 without AMX: ~2x torch's bf16 SDPA on 1,024 patches on the Zen 4); else torch's SDPA
     vision_flash: bool = False
+    # where the AVX-512 extension does not run: few-row int8 / int4 products (and GPTQ int4) through
+    # cpu/native.py's AVX2 module (vpmaddubsw on activations rounded to int8 per 32 inputs)
+    avx2_gemv: bool = False
 
     @property
     def prepacks_vision(self) -> bool:
@@ -98,21 +103,24 @@ class KernelPlan:
                   "bf16 GEMM, fp32 accumulation (bf16 weights in oneDNN's blocked layout, reordered at load)"
                   if self.prepacks_vision else "bf16 GEMM, fp32 accumulation (bf16 weights)")
         gemm = "bf16" if self.gemm_dtype == torch.bfloat16 else "fp32"
+        few_rows = self.native_kernels or self.avx2_gemv  # an extension module for few-row int8 / int4 products
+        described, unit = ((native.describe(), "VNNI") if self.native_kernels else (native.describe_avx2(), "vpmaddubsw"))
         if weights in WEIGHT_FORMATS:
             torch_kernel = "_weight_int8pack_mm" if weights == "int8" else "_weight_int4pack_mm_for_cpu"
             kernel_rows = self.kernel_rows(weights)
             prefill = f"{weights} kernels up to {kernel_rows} rows, else widened per block + {gemm} GEMM"
-            if self.native_kernels and weights == "int4":  # its widening is fast: few rows stay on the kernel
+            if few_rows and weights == "int4":  # its widening is fast: few rows stay on the kernel
                 prefill = f"the extension up to {native.ROWS} rows, else W^T widened by it + {gemm} GEMM"
             decode = ("int8 weight-only per-channel: " if weights == "int8" else
                       f"int4 weight-only g{INT4_GROUP} asymmetric: ")
-            if self.native_kernels and weights == "int4":
-                decode += f"{native.describe()}, activations rounded to int8 per 32 inputs (VNNI), up to {native.ROWS} rows"
-            elif self.native_kernels:
-                decode += (f"{native.describe()}, activations rounded to int8 per 32 inputs (VNNI), up to "
+            if few_rows and weights == "int4":
+                decode += f"{described}, activations rounded to int8 per 32 inputs ({unit}), up to {native.ROWS} rows"
+            elif few_rows:
+                decode += (f"{described}, activations rounded to int8 per 32 inputs ({unit}), up to "
                            f"{native.ROWS} rows, then torch's {torch_kernel} (bf16 activations)")
             else:
-                decode += f"torch's {torch_kernel}, bf16 activations"
+                decode += (f"torch's {torch_kernel}, bf16 activations" if weights == "int8" or int4_layout_ok() else
+                           "the matrix widened per call + fp32 GEMM (torch's int4 kernel packs another layout here)")
             head = decode + EMBEDDING_NOTE
         elif self.text16 == FP16_PACKED:
             prefill = "fbgemm fp16-packed GEMM, fp32 math"
@@ -147,15 +155,16 @@ class KernelPlan:
                  "arithmetic), blocks of 64 value columns in parallel"
                  if self.native_kernels else "the chunked gated delta rule (tensor ops)")]
         if gptq:
-            rows.append(("GPTQ int4 layers", f"{native.describe()} up to {native.ROWS} rows, else W^T widened by it "
-                         f"+ {gemm} GEMM (codes kept, scales and offsets bf16)" if self.native_kernels else
+            rows.append(("GPTQ int4 layers", f"{described} up to {native.ROWS} rows, else W^T widened by it "
+                         f"+ {gemm} GEMM (codes kept, scales and offsets bf16)" if few_rows else
                          "torch's _weight_int4pack_mm_for_cpu in gptqmodel's arithmetic for this CPU"))
         if weights is not None:
             rows.append(("MoE experts", f"{weights}, quantized while loading, kernels as above; the router 16-bit"))
         why = native.unusable(self.cpu)
         extension = (f"{native.describe()}; int8 / int4 decode walks "
                      f"{PREFETCH[self.prefetch][1]}"
-                     if self.native_kernels else f"off ({why or 'not chosen for this plan'})")
+                     if self.native_kernels else f"off ({why or 'not chosen for this plan'})"
+                     + (f"; int8 / int4 rows on {native.describe_avx2()}" if self.avx2_gemv else ""))
         rows += [("RMSNorms", norms), ("C++ extension", extension)]
         return rows + [("denormals", denormals.describe() if self.flush_denormals else "kept (IEEE)")]
 
@@ -187,6 +196,9 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
     rows["vision_flash"] = rows["bf16_dot"]
     # prefetch into L2 on AMD (measured on a Zen 4), into L1 elsewhere (measured on the AMX Xeon)
     rows["prefetch"] = "l2" if cpu.model.upper().startswith("AMD") else "l1"
+    # no AVX-512 extension: the AVX2 module's int8 / int4 rows, 1.7-2.5x torch's kernels at 1-8 rows
+    # on a Zen 3 (docs/performance.md)
+    rows["avx2_gemv"] = not rows["native_kernels"] and native.avx2_unusable(cpu) is None
     if cpu.at_least("amx") or (cpu.fast_bf16 and (not fbgemm or rows["native_kernels"])):
         return KernelPlan(cpu, vision_bf16=True, text16=BF16, gemm_dtype=torch.bfloat16, fused_norm=fused_norm, **rows)
     if cpu.fast_bf16:
@@ -198,7 +210,8 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
     return KernelPlan(cpu, vision_bf16=False, text16=WIDENED, gemm_dtype=torch.float32,
                       native_kernels=rows["native_kernels"], flush_denormals=rows["flush_denormals"],
                       amx_rows=rows["amx_rows"], vision_prepacked=rows["vision_prepacked"], bf16_dot=rows["bf16_dot"],
-                      bf16_dot_rows=rows["bf16_dot_rows"], prefetch=rows["prefetch"], vision_flash=rows["vision_flash"])
+                      bf16_dot_rows=rows["bf16_dot_rows"], prefetch=rows["prefetch"], vision_flash=rows["vision_flash"],
+                      avx2_gemv=rows["avx2_gemv"])
 
 
 def choose(isa: str | None = None, calibrate: bool | None = None) -> KernelPlan:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .moe import GroupedExperts
-from .weight_formats import (KERNEL_ROWS, int4_buffers, int4_dequantize, int4_group, int4_quantize,
+from .weight_formats import (KERNEL_ROWS, int4_buffers, int4_dequantize, int4_group, int4_quantize, int4_torch_mm,
                              int4_widened_product, int8_dequantize, int8_quantize)
 
 PIECE = re.compile(r"^(\d+)\.(gate_proj|up_proj|down_proj)$")
@@ -116,7 +116,7 @@ class QuantExperts(GroupedExperts):
         if x.shape[0] <= self.kernel_rows:
             xb = x.to(torch.bfloat16)
             if self.fmt == "int4":
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, q, self.groups[name], s)[:, :n]
+                y = int4_torch_mm(xb, q, self.groups[name], s, n)[:, :n]
             else:
                 y = torch._weight_int8pack_mm(xb, q, s)
             return y.to(x.dtype)

@@ -6,15 +6,26 @@ copy) measured 1.1-1.5x faster on the 4.6 vision shapes, the same results bit fo
 the plain layout their decode kernels stream."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from .weight_formats import Bf16Linear, plus_bias
 
 
+@lru_cache(maxsize=1)
 def available() -> bool:
-    """Whether this torch has oneDNN's linear with a reordered weight (its CPU builds do)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") and \
-        hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """Whether this torch has oneDNN's linear with a reordered weight (its CPU builds do) and it
+    reorders bf16 matrices on this CPU (oneDNN refuses without AVX-512 BW/VL/DQ or AVX-NE-CONVERT):
+    tried once on a small matrix."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        _reorder(torch.zeros(16, 16, dtype=torch.bfloat16))
+    except RuntimeError:
+        return False
+    return True
 
 
 def _reorder(weight: torch.Tensor) -> torch.Tensor:

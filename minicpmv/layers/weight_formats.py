@@ -7,7 +7,10 @@
   but per row), torch's `_weight_int8pack_mm` for few rows.
 * `Int4Linear`: weight-only int4, asymmetric per group of `group` inputs (round-to-nearest on a
   grid with a scale and an offset per group, like Q4_1, its range the best of a few clippings of
-  the group's min..max), torch's `_weight_int4pack_mm_for_cpu`.
+  the group's min..max), torch's `_weight_int4pack_mm_for_cpu`. The codes are packed here, in one
+  layout on every CPU (`int4_pack`: the layout torch's packer makes on AVX-512 CPUs); where torch
+  packs another one (AVX2-only CPUs pack blocks of 32 rows), its kernel is not used on ours
+  (`int4_layout_ok`): the extension modules or a widened GEMM run those products.
 
 Few rows (decode) use the quantized kernel on the stored bytes, with bf16 activations and bf16
 scales: torch's CPU int8/int4 kernels are vectorised for bf16 inputs only (with fp32 inputs they
@@ -35,7 +38,7 @@ from .scratch import scratch
 KERNEL_ROWS = 16
 # Quantize / dequantize at most this many fp32 bytes of a matrix at a time, into reused buffers.
 BLOCK_BYTES = 64 << 20
-INT4_ROW_BLOCK = 64  # _convert_weight_to_int4pack_for_cpu interleaves rows in blocks of 64 (checked below)
+INT4_ROW_BLOCK = 64  # int4_pack interleaves rows in blocks of 64 (torch's packer on AVX-512 CPUs does too)
 
 
 
@@ -155,7 +158,7 @@ class Int4Linear(QuantLinear):
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     def _kernel(self, x):
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group, self.scale_zero)
+        return int4_torch_mm(x, self.qweight, self.group, self.scale_zero, self.out_features)
 
     def _native(self, x):
         return self.native.int4_mm(x, self.qweight, self.scale_zero, self.group)
@@ -251,9 +254,26 @@ def int4_store(grid: Callable[[int, int], tuple[torch.Tensor, torch.Tensor, torc
     for i in range(0, n_pad, step):
         rows = min(step, n_pad - i)
         q, s, z = grid(i, rows)
-        packed[i:i + rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1).view(rows, K // 2)
+        packed[i:i + rows] = int4_pack(q)
         sz[:, i:i + rows, 0] = s.t()
         sz[:, i:i + rows, 1] = z.t()
+
+
+def int4_pack(q: torch.Tensor) -> torch.Tensor:
+    """Codes q [rows, K] in 0..15 (rows a multiple of 64) -> [rows, K / 2] uint8 in the int4 layout:
+    per block of 64 rows, K x 32 bytes, byte (k, j) holding row j in its low nibble and row j + 32
+    in its high one (what `int4_codes`, the extension modules and torch's AVX-512 kernel read)."""
+    rows, K = q.shape
+    blocks = q.to(torch.uint8).view(rows // INT4_ROW_BLOCK, 2, 32, K)
+    return (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).contiguous().view(rows, K // 2)
+
+
+def int4_torch_mm(x: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor, n: int) -> torch.Tensor:
+    """x (bf16) @ W^T through torch's int4 kernel where it reads this layout, else through W
+    widened to fp32 (torch packs another layout on this CPU); [M, n_pad] or [M, n] out."""
+    if int4_layout_ok():
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+    return F.linear(x.float(), int4_dequantize(packed, sz, group, 0, n))
 
 
 def int4_codes(packed: torch.Tensor, k: int, start: int, stop: int) -> torch.Tensor:
@@ -524,8 +544,8 @@ def swap_linears(model: nn.Module, prefixes: tuple[str, ...],
 
 
 def int4_layout_ok() -> bool:
-    """Whether this torch packs int4 in the layout `Int4Linear.codes` reads (checked once on a
-    small matrix); the tied embedding of an int4 lm_head depends on it."""
+    """Whether torch's `_weight_int4pack_mm_for_cpu` reads the layout `int4_pack` writes (checked
+    once on a small matrix): it does on AVX-512 CPUs; AVX2-only CPUs pack blocks of 32 rows."""
     global _LAYOUT_OK
     if _LAYOUT_OK is None:
         g = torch.Generator().manual_seed(0)
@@ -533,7 +553,7 @@ def int4_layout_ok() -> bool:
         lin = Int4Linear(w, None, group=32)
         ref = lin.dequantize(0, 128)
         x = torch.randn(2, 64, generator=g)
-        y = lin._kernel(x.bfloat16()).float()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), lin.qweight, lin.group, lin.scale_zero).float()
         _LAYOUT_OK = bool((y - x.bfloat16().float() @ ref.t()).abs().max() < 0.05 * (1 + ref.abs().max()))
     return _LAYOUT_OK
 

@@ -1,0 +1,155 @@
+"""The AVX2 + FMA few-row int8 / int4 products (cpu/native.py `avx2_kernels`, cpu/csrc/avx2_gemv.cpp),
+what CPUs without AVX-512 run for quantized decode.
+
+Every x86 machine of this project has AVX2 + FMA, so they are built and checked wherever the tests
+run (also beside the AVX-512 module, which they are measured against on such machines):
+  * int8, K % 32 == 0: activations rounded to int8 per block of 32 inputs (max|x| / 127, llama.cpp's
+    Q8_0 rounding), exact int32 block sums: within 1e-5 of max|y| of that arithmetic in float64 and
+    within 2e-2 of the fp32 product with the dequantized matrix; other K: fp32 activations and sums,
+    within 1e-5;
+  * int4: the same rounding, codes as q - 8, exact block sums, offsets times the exact group sums of
+    x: within 1e-5 of that arithmetic in float64;
+  * one row's result whatever rows share the call, NaN inputs visible, zeros exact;
+  * the int4 widening for prompts: bit for bit the tensor-op one (fp32 and bf16);
+  * where the AVX-512 module is built too: the same results as it within 1e-5 (same arithmetic,
+    sums in another order);
+and on a plan without the AVX-512 extension (this box's AVX2 CPUs, or the AVX2 switch), a model
+loaded with weights="int8"/"int4" routes its few-row products through them and its 24 greedy
+steps agree with the exact fp32 products of its dequantized matrices (as tests/test_native_quant.py
+asks of the AVX-512 module)."""
+import pytest
+import torch
+
+from format_accuracy import forced_logits, greedy
+from minicpmv.cpu import native
+from minicpmv.cpu.isa import CpuInfo, detect
+from minicpmv.cpu.plan import rule_plan
+from minicpmv.layers.weight_formats import Int4Linear, Int8Linear, QuantLinear
+from minicpmv.loading import load_model
+from quant_reference import int4_kernel_reference, int8_kernel_reference
+
+HERE = detect()
+USABLE = native.avx2_unusable(HERE) is None
+
+
+def kernels():
+    mod = native.avx2_kernels(HERE)
+    assert (mod is not None) == USABLE, native.describe_avx2()
+    return mod
+
+
+def test_reasons_and_the_plans_choice_on_made_up_cpus(monkeypatch):
+    monkeypatch.setattr(native, "_host_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+
+    def cpu(flags, level="avx2", forced=False):
+        return CpuInfo(arch="x86_64", model="t", flags=frozenset(flags), detected=level, level=level, forced=forced)
+
+    assert native.avx2_unusable(cpu({"avx2", "fma"})) is None
+    assert "lacks fma" in native.avx2_unusable(cpu({"avx2"}))
+    assert "forced to generic" in native.avx2_unusable(cpu({"avx2", "fma"}, level="generic", forced=True))
+    monkeypatch.setenv(native.ENV, "0")
+    assert "disabled" in native.avx2_unusable(cpu({"avx2", "fma"}))
+    monkeypatch.delenv(native.ENV)
+    # the plan takes the AVX2 module only where the AVX-512 extension does not run
+    assert rule_plan(cpu({"avx2", "fma", "f16c"})).avx2_gemv is True
+    assert rule_plan(cpu({"avx2", "f16c"})).avx2_gemv is False
+
+
+def test_builds_here_or_says_why():
+    mod = kernels()
+    assert ("minicpmv AVX2 kernel" in native.describe_avx2()) if USABLE else mod is None
+
+
+@pytest.mark.parametrize("n,k", [(7, 64), (130, 96), (64, 256), (300, 48)])
+def test_kernels_give_the_fp32_product_with_the_dequantized_matrix(n, k):
+    mod = kernels()
+    if mod is None:
+        pytest.fail(f"no AVX2 module on an x86 CPU of this project: {native.describe_avx2()}")
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g) * 0.05
+    l8 = Int8Linear(w, None)
+    l4 = Int4Linear(w, None, group=64 if k % 64 == 0 else 32) if k % 32 == 0 else None
+    for m in (1, 2, 3, 5, 8):
+        x = torch.randn(m, k, generator=g)
+        x[0, :5] = 0.0  # a block with zeros still rounds
+        exact8 = x.double() @ l8.dequantize(0, n, torch.float64).t()
+        got = mod.int8_mm(x, l8.qweight, l8.scale).double()
+        if k % 32 == 0:
+            ref = int8_kernel_reference(x, l8)
+            assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+            assert (got - exact8).abs().max() <= 2e-2 * exact8.abs().max()
+        else:
+            assert (got - exact8).abs().max() <= 1e-5 * exact8.abs().max()
+        if l4 is not None:
+            ref = int4_kernel_reference(x, l4)
+            got = mod.int4_mm(x, l4.qweight, l4.scale_zero, l4.group)[:, :n].double()
+            assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (m, float((got - ref).abs().max()))
+    x = torch.randn(7, k, generator=g)  # each row's result whatever rows share the call
+    whole8 = mod.int8_mm(x, l8.qweight, l8.scale)
+    for i in range(7):
+        assert torch.equal(whole8[i:i + 1], mod.int8_mm(x[i:i + 1], l8.qweight, l8.scale))
+    if l4 is None:
+        return
+    whole = mod.int4_mm(x, l4.qweight, l4.scale_zero, l4.group)
+    for i in range(7):
+        assert torch.equal(whole[i:i + 1], mod.int4_mm(x[i:i + 1], l4.qweight, l4.scale_zero, l4.group))
+    blocks = l4.qweight.shape[0] // 64  # prompts: W^T widened from the packed blocks
+    for dt in (torch.float32, torch.bfloat16):
+        wt = mod.int4_widen_t(l4.qweight, l4.scale_zero, l4.group, 0, blocks, dt == torch.bfloat16)
+        assert wt.dtype == dt and torch.equal(wt[:, :n], l4.dequantize(0, n, dt).t())
+    bad = torch.randn(2, k, generator=g)
+    bad[1, 3] = float("nan")
+    for out in (mod.int4_mm(bad, l4.qweight, l4.scale_zero, l4.group)[:, :n], mod.int8_mm(bad, l8.qweight, l8.scale)):
+        assert out[0].isfinite().all() and out[1].isnan().any()  # a NaN input stays visible
+    zero = torch.zeros(1, k)
+    assert torch.equal(mod.int8_mm(zero, l8.qweight, l8.scale), torch.zeros(1, n))
+    assert torch.equal(mod.int4_mm(zero, l4.qweight, l4.scale_zero, l4.group)[:, :n], torch.zeros(1, n))
+    assert mod.int4_mm(torch.full((1, k), 1e-41), l4.qweight, l4.scale_zero, l4.group).isfinite().all()
+    wide = native.quant_kernels(HERE)  # beside the AVX-512 module: the same arithmetic
+    if wide is not None and k % 64 == 0:
+        for m in (1, 3, 8):
+            x = torch.randn(m, k, generator=g)
+            for a, b in ((mod.int8_mm(x, l8.qweight, l8.scale), wide.int8_mm(x, l8.qweight, l8.scale)),
+                         (mod.int4_mm(x, l4.qweight, l4.scale_zero, l4.group),
+                          wide.int4_mm(x, l4.qweight, l4.scale_zero, l4.group))):
+                assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_bad_inputs_are_refused_with_a_message():
+    mod = kernels()
+    lin = Int8Linear(torch.randn(8, 32), None)
+    with pytest.raises(RuntimeError, match="fp32"):
+        mod.int8_mm(torch.randn(1, 32).bfloat16(), lin.qweight, lin.scale)
+    with pytest.raises(RuntimeError, match="columns"):
+        mod.int8_mm(torch.randn(1, 48), lin.qweight, lin.scale)
+    q4 = Int4Linear(torch.randn(8, 64), None, group=32)
+    with pytest.raises(RuntimeError, match="scale_zero"):
+        mod.int4_mm(torch.randn(1, 64), q4.qweight, q4.scale_zero, 64)
+    with pytest.raises(RuntimeError, match="block range"):
+        mod.int4_widen_t(q4.qweight, q4.scale_zero, 32, 0, 2, False)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_quantized_model_on_the_avx2_plan_decodes_through_them(tiny46_dir, fmt, monkeypatch):
+    """24 greedy steps of the tiny 4.6 on the AVX2 plan (this CPU's, or the switch's on AVX-512
+    machines): through the module against the same model whose quantized matrices run the exact
+    fp32 product with their dequantized matrices; the thresholds of tests/test_native_quant.py (the
+    same rounding of the activations)."""
+    monkeypatch.setenv("MINICPMV_CPU_ISA", "avx2")
+    model, _ = load_model(tiny46_dir, "auto", "cpu", progress=False, weights=fmt)
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    mod = kernels()
+    assert quant and all(m.native is mod and m.native_rows == native.ROWS for m in quant)
+    if fmt == "int4":  # its widening makes widen + GEMM the better choice beyond its rows
+        assert all(m.kernel_rows == native.ROWS for m in quant)
+    prompt = [5, 17, 99, 3, 41, 8]
+    tokens = greedy(model, prompt, 24)
+    fast = forced_logits(model, prompt, tokens)
+    for m in quant:
+        m.native, m.gemm_dtype, m.kernel_rows = None, torch.float32, 0
+    exact = forced_logits(model, prompt, tokens)
+    steps = (fast - exact).abs().amax(-1) / exact.abs().max()
+    print(f"{fmt}: logit error per step {steps.median():.2e} median, {steps.max():.2e} max of the logit scale; "
+          f"top token agreement {(fast.argmax(-1) == exact.argmax(-1)).float().mean():.3f}")
+    assert (fast.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.75
+    assert steps.median() <= 0.1
