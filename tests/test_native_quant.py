@@ -34,7 +34,8 @@ from minicpmv.cpu.plan import BF16, PREFETCH, rule_plan
 from minicpmv.layers.gated_delta import chunk_gated_delta_rule, l2_normalize, recurrent_gated_delta_step
 from minicpmv.layers.weight_formats import Bf16Linear, Int4Linear, Int8Linear, QuantLinear
 from minicpmv.loading import load_model
-from quant_reference import int4_kernel_reference, int8_kernel_reference
+from quant_reference import (decodes_like_the_exact_products, int4_kernel_reference, int8_kernel_reference,
+                             refuses_bad_inputs)
 from tiny46 import build_tiny_46
 
 HERE = detect()
@@ -484,14 +485,7 @@ def test_bad_inputs_are_refused_with_a_message():
     mod = kernels()
     if mod is None:
         return
-    lin = Int8Linear(torch.randn(8, 32), None)
-    with pytest.raises(RuntimeError, match="fp32"):
-        mod.int8_mm(torch.randn(1, 32).bfloat16(), lin.qweight, lin.scale)
-    with pytest.raises(RuntimeError, match="columns"):
-        mod.int8_mm(torch.randn(1, 48), lin.qweight, lin.scale)
-    q4 = Int4Linear(torch.randn(8, 64), None, group=32)
-    with pytest.raises(RuntimeError, match="scale_zero"):
-        mod.int4_mm(torch.randn(1, 64), q4.qweight, q4.scale_zero, 64)
+    refuses_bad_inputs(mod)
 
 
 def test_a_16_bit_model_on_the_bf16_plan_decodes_through_them(tmp_path):
@@ -570,14 +564,4 @@ def test_a_quantized_model_decodes_through_them(tiny46_dir, fmt):
     assert all(m.native_rows == native.ROWS for m in quant)
     if fmt == "int4":  # the extension's widening makes widen + GEMM the better choice beyond its rows
         assert all(m.kernel_rows == native.ROWS for m in quant)
-    prompt = [5, 17, 99, 3, 41, 8]
-    tokens = greedy(model, prompt, 24)
-    fast = forced_logits(model, prompt, tokens)
-    for m in quant:
-        m.native, m.gemm_dtype, m.kernel_rows = None, torch.float32, 0
-    exact = forced_logits(model, prompt, tokens)
-    steps = (fast - exact).abs().amax(-1) / exact.abs().max()
-    print(f"{fmt}: logit error per step {steps.median():.2e} median, {steps.max():.2e} max of the logit scale")
-    print(f"{fmt}: top token agreement {(fast.argmax(-1) == exact.argmax(-1)).float().mean():.3f}")
-    assert (fast.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.75
-    assert steps.median() <= 0.1
+    decodes_like_the_exact_products(model, quant, fmt)

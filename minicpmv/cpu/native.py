@@ -35,7 +35,8 @@ log = logging.getLogger("minicpmv.cpu")
 
 ENV = "MINICPMV_NATIVE"  # "0" keeps torch's kernels
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "quant_gemv.cpp", CSRC / "decode_layers.cpp", CSRC / "bf16_dot.cpp", CSRC / "flash_attn.cpp")  # + kernels.h, which both include
+SOURCES = (CSRC / "quant_gemv.cpp", CSRC / "decode_layers.cpp", CSRC / "bf16_dot.cpp", CSRC / "flash_attn.cpp")
+HEADERS = (CSRC / "kernels.h", CSRC / "rows_common.h")  # what the sources include (hashed with them)
 NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi", "-mfma",
          "-fopenmp"]
@@ -46,17 +47,19 @@ ROWS = 8
 # `vision_flash`); it works in blocks of 64 keys, so the 2x2 windows of 4.6's merger stay on SDPA
 FLASH_MIN_KEYS = 64
 
-_module = None
-_status = "not built yet"
-
 
 def unusable(cpu: CpuInfo) -> str | None:
     """Why the extension cannot serve this CPU and setting, or None when it can."""
+    return _why_not(cpu, "avx512", NEEDS)
+
+
+def _why_not(cpu: CpuInfo, level: str, needs: tuple[str, ...]) -> str | None:
+    """Why a module needing CPU level `level` and flags `needs` cannot serve `cpu`, or None."""
     if os.environ.get(ENV, "1") == "0":
         return f"disabled by {ENV}=0"
-    if cpu.forced and not cpu.at_least("avx512"):
+    if cpu.forced and not cpu.at_least(level):
         return f"level forced to {cpu.level}"
-    missing = [f for f in NEEDS if f not in cpu.flags or f not in _host_flags()]
+    missing = [f for f in needs if f not in cpu.flags or f not in _host_flags()]
     if missing:
         return "the CPU lacks " + ", ".join(missing)
     if sys.platform != "linux":
@@ -74,70 +77,59 @@ def _host_flags() -> frozenset:
 
 def describe() -> str:
     """What the few-row bf16/int8/int4 products run, for the plan's printout."""
-    if _module is None and _status == "not built yet":
-        return "minicpmv AVX-512 kernel (built at the first load, then cached)"
-    return _status
+    return _AVX512.describe()
 
 
 def quant_kernels(cpu: CpuInfo, progress: bool = True):
     """The built extension module (bf16_mm, int8_mm, int4_mm), or None with `describe()` saying why."""
-    global _module, _status
-    if _module is not None:
-        return _module
-    why = unusable(cpu)
-    if why is not None:
-        _status = f"torch's kernels ({why})"
-        return None
-    if _status.startswith("torch's kernels (build failed"):
-        return None  # one attempt per process
-    _module, _status = _build("minicpmv_quant_gemv", SOURCES + (CSRC / "kernels.h",), FLAGS, cpu, "AVX-512 decode kernels",
-                              progress)
-    return _module
+    return _AVX512.get(cpu, progress)
 
 
 # ---- the AVX2 + FMA few-row int8 / int4 products (cpu/csrc/avx2_gemv.cpp): CPUs without AVX-512 ----
 AVX2_SOURCE = CSRC / "avx2_gemv.cpp"
 AVX2_NEEDS = ("avx2", "fma")
 AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
-_avx2_module = None
-_avx2_status = "not built yet"
 
 
 def avx2_unusable(cpu: CpuInfo) -> str | None:
     """Why the AVX2 module cannot serve this CPU and setting, or None when it can."""
-    if os.environ.get(ENV, "1") == "0":
-        return f"disabled by {ENV}=0"
-    if cpu.forced and not cpu.at_least("avx2"):
-        return f"level forced to {cpu.level}"
-    missing = [f for f in AVX2_NEEDS if f not in cpu.flags or f not in _host_flags()]
-    if missing:
-        return "the CPU lacks " + ", ".join(missing)
-    if sys.platform != "linux":
-        return "built on Linux only"
-    return None
+    return _why_not(cpu, "avx2", AVX2_NEEDS)
 
 
 def describe_avx2() -> str:
-    if _avx2_module is None and _avx2_status == "not built yet":
-        return "minicpmv AVX2 kernel (built at the first load, then cached)"
-    return _avx2_status
+    return _AVX2.describe()
 
 
 def avx2_kernels(cpu: CpuInfo, progress: bool = True):
     """The AVX2 module (int8_mm, int4_mm, int4_widen_t: the AVX-512 module's calls and arithmetic),
     or None with `describe_avx2()` saying why."""
-    global _avx2_module, _avx2_status
-    if _avx2_module is not None:
-        return _avx2_module
-    why = avx2_unusable(cpu)
-    if why is not None:
-        _avx2_status = f"torch's kernels ({why})"
-        return None
-    if _avx2_status.startswith("torch's kernels (build failed"):
-        return None
-    _avx2_module, _avx2_status = _build("minicpmv_avx2_gemv", (AVX2_SOURCE,), AVX2_FLAGS, cpu,
-                                        "AVX2 int8 / int4 decode kernels", progress)
-    return _avx2_module
+    return _AVX2.get(cpu, progress)
+
+
+class _Extension:
+    """One module built on first use (one attempt per process) and kept: the module, or why not."""
+
+    def __init__(self, name: str, files: tuple[Path, ...], flags: list[str], unusable, label: str, what: str):
+        self.name, self.files, self.flags, self.unusable = name, files, flags, unusable
+        self.label, self.what = label, what
+        self.module, self.status = None, "not built yet"
+
+    def describe(self) -> str:
+        if self.module is None and self.status == "not built yet":
+            return f"minicpmv {self.label} kernel (built at the first load, then cached)"
+        return self.status
+
+    def get(self, cpu: CpuInfo, progress: bool):
+        if self.module is not None:
+            return self.module
+        why = self.unusable(cpu)
+        if why is not None:
+            self.status = f"torch's kernels ({why})"
+            return None
+        if self.status.startswith("torch's kernels (build failed"):
+            return None
+        self.module, self.status = _build(self.name, self.files, self.flags, cpu, self.what, progress)
+        return self.module
 
 
 def _build(name: str, sources: tuple[Path, ...], flags: list[str], cpu: CpuInfo, what: str, progress: bool):
@@ -160,7 +152,6 @@ def _build(name: str, sources: tuple[Path, ...], flags: list[str], cpu: CpuInfo,
     folder = cache_dir() / f"native-{key}"
     folder.mkdir(parents=True, exist_ok=True)
     fresh = not any(folder.glob("*.so"))
-    label = what.split(" ", 1)[0]  # "AVX-512" / "AVX2"
     if fresh and shutil.which(os.environ.get("CXX", "c++")) is None:
         log.warning("minicpmv: %s not built: no C++ compiler; using torch's", what)
         return None, "torch's kernels (build failed: no C++ compiler found; set CXX or install g++)"
@@ -174,4 +165,9 @@ def _build(name: str, sources: tuple[Path, ...], flags: list[str], cpu: CpuInfo,
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
         log.warning("minicpmv: %s not built (%s); using torch's", what, first)
         return None, f"torch's kernels (build failed: {first})"
-    return module, f"minicpmv {label} kernel ({'built in %.0f s' % (time.perf_counter() - t0) if fresh else 'cached'})"
+    return module, f"minicpmv {what.split(' ', 1)[0]} kernel ({'built in %.0f s' % (time.perf_counter() - t0) if fresh else 'cached'})"
+
+
+_AVX512 = _Extension("minicpmv_quant_gemv", SOURCES + HEADERS, FLAGS, unusable, "AVX-512", "AVX-512 decode kernels")
+_AVX2 = _Extension("minicpmv_avx2_gemv", (AVX2_SOURCE, CSRC / "rows_common.h"), AVX2_FLAGS, avx2_unusable, "AVX2",
+                   "AVX2 int8 / int4 decode kernels")

@@ -18,6 +18,8 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 
+#include "rows_common.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -26,38 +28,11 @@
 
 namespace {
 
-inline float bf16_to_float(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
-}
-
-// One block of 32 activations as int8 codes: a = round(x / d) clamped to [-127, 127], d = max|x| / 127;
-// returns d, NaN for a block holding a non-finite value (its outputs go NaN). A tiny max|x| whose
-// inverse overflows float takes it in double.
-inline float round_block32(const float* x, int8_t* a) {
-  float amax = 0.f;
-  bool finite = true;
-  for (int i = 0; i < 32; ++i) {
-    finite &= std::isfinite(x[i]);
-    amax = std::max(amax, std::fabs(x[i]));
-  }
-  const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
-  if (std::isfinite(inv)) {
-    for (int i = 0; i < 32; ++i) a[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(x[i] * inv))));
-  } else {
-    const double dinv = 127.0 / amax;
-    for (int i = 0; i < 32; ++i) a[i] = static_cast<int8_t>(std::min(127.0, std::max(-127.0, std::nearbyint(x[i] * dinv))));
-  }
-  return finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
 }
 
 // Per row of x [M, K] and block of 32 inputs: the codes a, |a|, d, -8 sum a; per group the fp32 sum of x.
@@ -247,31 +222,11 @@ inline __m128i to_bf16(__m256 v) {
   return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
 }
 
-void check_x(const torch::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
-              "x must be a contiguous 2-D fp32 tensor");
-  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the matrix ", K);
-}
-
-void check_int4(const torch::Tensor& packed, const torch::Tensor& sz, int64_t group) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kByte && packed.is_contiguous(),
-              "packed: contiguous [n_pad, K / 2] uint8");
-  const int64_t n_pad = packed.size(0), K = packed.size(1) * 2;
-  TORCH_CHECK(n_pad % 64 == 0, "rows must be padded to a multiple of 64");
-  TORCH_CHECK(group > 0 && K % group == 0 && group % 32 == 0, "group must be a multiple of 32 dividing K");
-  TORCH_CHECK(sz.scalar_type() == torch::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == K / group &&
-              sz.size(1) == n_pad && sz.size(2) == 2, "scale_zero: [K / group, n_pad, 2] bf16");
-}
-
 }  // namespace
 
 torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kChar && q.is_contiguous(), "q: contiguous [N, K] int8");
+  check_int8(x, q, scale);
   const int64_t N = q.size(0), K = q.size(1), M = x.size(0);
-  check_x(x, K);
-  TORCH_CHECK(K % 16 == 0, "K must be a multiple of 16");
-  TORCH_CHECK(scale.scalar_type() == torch::kBFloat16 && scale.is_contiguous() && scale.numel() == N,
-              "scale: [N] bf16");
   auto y = torch::empty({M, N}, x.options());
   const int8_t* qp = q.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());

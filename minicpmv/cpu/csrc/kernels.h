@@ -5,11 +5,11 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 
+#include "rows_common.h"
+
 #include <cstdint>
 
 // ---- few-row products: x [M, K] fp32 contiguous -> [M, N] fp32 (int4: [M, n_pad]) ----
-// refuses an x that is not a contiguous 2-D fp32 tensor of K columns
-void check_x(const torch::Tensor& x, int64_t K);
 torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scale);
 torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor w);
 torch::Tensor bf16_amx_mm(torch::Tensor x, torch::Tensor w);

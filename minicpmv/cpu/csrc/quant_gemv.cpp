@@ -44,13 +44,6 @@ namespace {
 constexpr int64_t PF_ROWS = 8192;  // per row, 4 rows at a time (int8, bf16)
 constexpr int64_t PF_INT4 = 16384;  // one stream per 64-row block
 
-inline float bf16_to_float(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 // 16 weights of a row as fp32: int8 codes (sign-extended, converted) or bf16 values (exact).
 inline __m512 widen16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -110,27 +103,6 @@ void rows_mm(const T* q, const uint16_t* scale, const float* x, float* y, int64_
       }
     }
   });
-}
-
-// One block of 32 activations as int8 codes for the VNNI rows (int8 and int4): a = round(x / d)
-// clamped to [-127, 127], d = max|x| / 127 (llama.cpp's Q8_0 rounding); returns d, NaN for a block
-// holding a non-finite value (its outputs go NaN). 127 / max|x| overflows float below ~4e-37: such a
-// block takes its inverse in double.
-inline float round_block32(const float* x, int8_t* a) {
-  float amax = 0.f;
-  bool finite = true;
-  for (int i = 0; i < 32; ++i) {
-    finite &= std::isfinite(x[i]);
-    amax = std::max(amax, std::fabs(x[i]));
-  }
-  const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
-  if (std::isfinite(inv)) {
-    for (int i = 0; i < 32; ++i) a[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(x[i] * inv))));
-  } else {
-    const double dinv = 127.0 / amax;
-    for (int i = 0; i < 32; ++i) a[i] = static_cast<int8_t>(std::min(127.0, std::max(-127.0, std::nearbyint(x[i] * dinv))));
-  }
-  return finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
 }
 
 // Activations of the int8 rows: per row and block of 32 inputs a = round(x / d), d = max|x| / 127,
@@ -400,19 +372,9 @@ void set_prefetch(int64_t mode) {
   walk_prefetch = mode;
 }
 
-void check_x(const torch::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
-              "x must be a contiguous 2-D fp32 tensor");
-  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the matrix ", K);
-}
-
 torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kChar && q.is_contiguous(), "q: contiguous [N, K] int8");
+  check_int8(x, q, scale);
   const int64_t N = q.size(0), K = q.size(1), M = x.size(0);
-  check_x(x, K);
-  TORCH_CHECK(K % 16 == 0, "K must be a multiple of 16");
-  TORCH_CHECK(scale.scalar_type() == torch::kBFloat16 && scale.is_contiguous() && scale.numel() == N,
-              "scale: [N] bf16");
   auto y = torch::empty({M, N}, x.options());
   const int8_t* qp = q.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
@@ -466,16 +428,9 @@ torch::Tensor bf16_amx_mm(torch::Tensor x, torch::Tensor w) {
 }
 
 torch::Tensor int4_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, int64_t group) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kByte && packed.is_contiguous(),
-              "packed: contiguous [n_pad, K / 2] uint8");
+  check_int4(packed, sz, group);
   const int64_t n_pad = packed.size(0), K = packed.size(1) * 2, M = x.size(0);
   check_x(x, K);
-  TORCH_CHECK(n_pad % 64 == 0, "rows must be padded to a multiple of 64");
-  TORCH_CHECK(group > 0 && K % group == 0, "group must divide K");
-  const int64_t G = K / group;
-  TORCH_CHECK(sz.scalar_type() == torch::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 &&
-              sz.size(0) == G && sz.size(1) == n_pad && sz.size(2) == 2, "scale_zero: [K / group, n_pad, 2] bf16");
-  TORCH_CHECK(group % 32 == 0, "group must be a multiple of 32");
   const Int4Activations act = quantize_activations(x.data_ptr<float>(), M, K, group);
   auto y = torch::empty({M, n_pad}, x.options());
   const uint8_t* wp = packed.data_ptr<uint8_t>();
@@ -511,14 +466,10 @@ inline void store_bf16x16(uint16_t* p, __m512 v) {
 // input k holds 64 consecutive rows, so every k becomes one contiguous run of the output row.
 torch::Tensor int4_widen_t(torch::Tensor packed, torch::Tensor sz, int64_t group, int64_t b0, int64_t b1,
                            bool bf16) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kByte && packed.is_contiguous(),
-              "packed: contiguous [n_pad, K / 2] uint8");
+  check_int4(packed, sz, group);
   const int64_t n_pad = packed.size(0), K = packed.size(1) * 2;
-  TORCH_CHECK(n_pad % 64 == 0 && 0 <= b0 && b0 < b1 && b1 * 64 <= n_pad, "block range out of the matrix");
-  TORCH_CHECK(group > 0 && K % group == 0, "group must divide K");
+  TORCH_CHECK(0 <= b0 && b0 < b1 && b1 * 64 <= n_pad, "block range out of the matrix");
   const int64_t G = K / group, cols = (b1 - b0) * 64;
-  TORCH_CHECK(sz.scalar_type() == torch::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == G &&
-              sz.size(1) == n_pad && sz.size(2) == 2, "scale_zero: [K / group, n_pad, 2] bf16");
   auto out = torch::empty({K, cols}, packed.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat));
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const uint32_t* szp = reinterpret_cast<const uint32_t*>(sz.data_ptr<at::BFloat16>());
