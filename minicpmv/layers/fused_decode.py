@@ -26,9 +26,12 @@ BF16, INT8, INT4, BF16_DOT, BF16_TILES = 0, 1, 2, 4, 5  # decode_layers.cpp's Li
 
 def native_matrix(m, rows: int):
     """The extension's handle on module m's matrix for `rows` activation rows (how m's own
-    forward would multiply them), or None where m would not use the extension for them."""
+    forward would multiply them), or None where m would not use the extension for them (or uses
+    the AVX2 module, which has the products but not the fused layers)."""
     t = type(m)
     if not (t is Bf16Linear or t is Int8Linear or _int4(t)) or m.bias is not None or not m.on_extension(rows):
+        return None
+    if not hasattr(m.native, "Lin"):
         return None
     if t is Bf16Linear:
         kind = BF16_TILES if m.tiles else BF16_DOT if m.bf16_dot else BF16
