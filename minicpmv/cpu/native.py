@@ -128,44 +128,44 @@ class _Extension:
             return None
         if self.status.startswith("torch's kernels (build failed"):
             return None
-        self.module, self.status = _build(self.name, self.files, self.flags, cpu, self.what, progress)
+        self.module, self.status = self._build(cpu, progress)
         return self.module
 
+    def _build(self, cpu: CpuInfo, progress: bool):
+        """(module, status): the module built from its files (.cpp compiled, headers hashed) into
+        `<cache>/native-<hash>/`, keyed by the files, torch's version, the CPU's flags and the
+        compiler flags; a build that fails leaves (None, why)."""
+        name, sources, flags, what = self.name, self.files, self.flags, self.what
+        quiet = logging.getLogger("torch.utils.cpp_extension")  # its import warns about CUDA on CPU-only hosts
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            from torch.utils.cpp_extension import load
+        finally:
+            quiet.setLevel(level)
 
-def _build(name: str, sources: tuple[Path, ...], flags: list[str], cpu: CpuInfo, what: str, progress: bool):
-    """(module, status) of the extension built from `sources` (.cpp compiled, headers hashed) into
-    `<cache>/native-<hash>/`, keyed by the sources, torch's version, the CPU's flags and `flags`; a
-    build that fails leaves (None, why)."""
-    quiet = logging.getLogger("torch.utils.cpp_extension")  # its import warns about CUDA on CPU-only hosts
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        from torch.utils.cpp_extension import load
-    finally:
-        quiet.setLevel(level)
+        from .calibrate import cache_dir
 
-    from .calibrate import cache_dir
-
-    source = b"".join(p.read_bytes() for p in sources)
-    key = hashlib.sha256(source + torch.__version__.encode() + " ".join(sorted(cpu.flags)).encode()
-                         + " ".join(flags).encode()).hexdigest()[:12]
-    folder = cache_dir() / f"native-{key}"
-    folder.mkdir(parents=True, exist_ok=True)
-    fresh = not any(folder.glob("*.so"))
-    if fresh and shutil.which(os.environ.get("CXX", "c++")) is None:
-        log.warning("minicpmv: %s not built: no C++ compiler; using torch's", what)
-        return None, "torch's kernels (build failed: no C++ compiler found; set CXX or install g++)"
-    if fresh and progress:
-        print(f"minicpmv: building the {what} once (~30 s) into {folder}", file=sys.stderr)
-    t0 = time.perf_counter()
-    try:
-        module = load(f"{name}_{key}", [str(p) for p in sources if p.suffix == ".cpp"], extra_cflags=flags,
-                      extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
-    except Exception as e:  # a broken toolchain must not stop a load: torch's kernels remain
-        first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-        log.warning("minicpmv: %s not built (%s); using torch's", what, first)
-        return None, f"torch's kernels (build failed: {first})"
-    return module, f"minicpmv {what.split(' ', 1)[0]} kernel ({'built in %.0f s' % (time.perf_counter() - t0) if fresh else 'cached'})"
+        source = b"".join(p.read_bytes() for p in sources)
+        key = hashlib.sha256(source + torch.__version__.encode() + " ".join(sorted(cpu.flags)).encode()
+                             + " ".join(flags).encode()).hexdigest()[:12]
+        folder = cache_dir() / f"native-{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        fresh = not any(folder.glob("*.so"))
+        if fresh and shutil.which(os.environ.get("CXX", "c++")) is None:
+            log.warning("minicpmv: %s not built: no C++ compiler; using torch's", what)
+            return None, "torch's kernels (build failed: no C++ compiler found; set CXX or install g++)"
+        if fresh and progress:
+            print(f"minicpmv: building the {what} once (~30 s) into {folder}", file=sys.stderr)
+        t0 = time.perf_counter()
+        try:
+            module = load(f"{name}_{key}", [str(p) for p in sources if p.suffix == ".cpp"], extra_cflags=flags,
+                          extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
+        except Exception as e:  # a broken toolchain must not stop a load: torch's kernels remain
+            first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+            log.warning("minicpmv: %s not built (%s); using torch's", what, first)
+            return None, f"torch's kernels (build failed: {first})"
+        return module, f"minicpmv {self.label} kernel ({'built in %.0f s' % (time.perf_counter() - t0) if fresh else 'cached'})"
 
 
 _AVX512 = _Extension("minicpmv_quant_gemv", SOURCES + HEADERS, FLAGS, unusable, "AVX-512", "AVX-512 decode kernels")

@@ -158,7 +158,9 @@ class Int4Linear(QuantLinear):
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     def _kernel(self, x):
-        return int4_torch_mm(x, self.qweight, self.group, self.scale_zero, self.out_features)
+        if not int4_layout_ok():  # torch packs another layout on this CPU: the blocked widened GEMM
+            return self._gemm(x.float())
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group, self.scale_zero)
 
     def _native(self, x):
         return self.native.int4_mm(x, self.qweight, self.scale_zero, self.group)

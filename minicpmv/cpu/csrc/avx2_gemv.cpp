@@ -8,8 +8,8 @@
 //   block's exact int32 sum sum q a taken with vpmaddubsw on (|a|, q signed by a) (no pair can
 //   saturate: 2 * 127 * 127 < 32767) and vpmaddwd; times d in fp32. Other K: fp32 activations,
 //   codes converted in registers, fp32 sums.
-// int4: torch's `_convert_weight_to_int4pack_for_cpu` layout (per block of 64 rows, K x 32 bytes,
-//   byte (k, j): row j in the low nibble, row j + 32 in the high one), scale/offset pairs
+// int4: layers/weight_formats.py's `int4_pack` layout (per block of 64 rows, K x 32 bytes, byte
+//   (k, j): row j in the low nibble, row j + 32 in the high one; torch's AVX-512 packing), scale/offset pairs
 //   [K / group, n_pad, 2] bf16, w = (q - 8) s + z. Per block of 32 inputs sum q a runs on
 //   vpmaddubsw (codes unsigned, activations int8 as above) in int16 (8 steps of 4 inputs: at most
 //   8 * 2 * 15 * 127 = 30480), widened once by vpmaddwd, minus 8 sum a, times d s; per group z sum x.
