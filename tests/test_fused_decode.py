@@ -32,14 +32,17 @@ from minicpmv.cpu.plan import BF16
 from minicpmv.engine.engine import Engine
 from minicpmv.engine.sampling import SamplingParams
 from minicpmv.engine.sequence import Sequence
-from minicpmv.layers import fused_decode
+from minicpmv.layers import fp16_packed, fused_decode
+from minicpmv.layers.fp16_packed import PackedFP16Linear
 from minicpmv.layers.weight_formats import Bf16Linear, Int4Linear, Int8Linear
 from minicpmv.loading import load_model
 from minicpmv.quant.gptq_int4 import int4_form
 from test_gptq_int4 import gptq46, gptq_layer  # noqa: F401 (gptq46: a fixture)
 from tiny46 import build_tiny_46
 
-USABLE = native.unusable(detect()) is None
+USABLE = native.unusable(detect()) is None  # the AVX-512 extension (bf16 rows too)
+AVX2 = native.avx2_unusable(detect()) is None
+FUSES = USABLE or AVX2  # a module holding the fused layers is built here (the plan's few_row_kernels)
 PROMPT = [5, 17, 99, 3, 41, 8]
 
 
@@ -69,6 +72,11 @@ class Spy:
         monkeypatch.setattr(fused_decode, "_attn_layer", attn)
 
 
+def sixteen_fuses(m) -> bool:
+    """A 16-bit matrix a fused layer multiplies: fbgemm's fp16-packed one, or bf16 on the extension."""
+    return type(m) is PackedFP16Linear or (type(m) is Bf16Linear and m.native is not None)
+
+
 def fused_against_modules(model, spy, tokens: list[int]) -> torch.Tensor:
     """Each step's max logit error of the fused decode against the modules over the same tokens
     (relative to the modules' logit scale); also checks the modules decode the same tokens."""
@@ -79,31 +87,52 @@ def fused_against_modules(model, spy, tokens: list[int]) -> torch.Tensor:
     return (fused - modules).abs().amax(-1) / modules.abs().max()
 
 
-def test_each_matrix_handle_multiplies_as_its_module():
-    kernels = native.quant_kernels(detect())
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_each_matrix_handle_multiplies_as_its_module(isa):
+    """Bit for bit, each module's handle multiplies as the matrix's module does: bf16 (AVX-512 only),
+    int8, int4, GPTQ int4 with act order, and fbgemm's fp16-packed matrix (one block or several,
+    bias inside) through either module."""
+    kernels = native.quant_kernels(detect()) if isa == "avx512" else native.avx2_kernels(detect())
     if kernels is None:
-        assert not USABLE
+        assert not (USABLE if isa == "avx512" else AVX2)
         return
     g = torch.Generator().manual_seed(0)
     w = torch.randn(160, 256, generator=g)
-    bf16 = Bf16Linear.of(w.bfloat16(), None)
-    bf16.native = kernels
-    amx = Bf16Linear.of(w.bfloat16(), None)
-    amx.native, amx.amx_rows = kernels, (5 if kernels.amx_rows_ok() else 0)
     int8, int4 = Int8Linear(w, None), Int4Linear(w, None, group=64)
     gptq = int4_form(gptq_layer(False, True, 64, n=192, k=512))
     gptq.bias = None
     assert gptq.perm is not None
     for m in (int8, int4, gptq):
         m.native, m.native_rows = kernels, native.ROWS
-    for m, rows in [(bf16, 1), (bf16, 3), (amx, 6), (int8, 1), (int8, 8), (int4, 2), (gptq, 1), (gptq, 5)]:
+    cases = [(int8, 1), (int8, 8), (int4, 2), (gptq, 1), (gptq, 5)]
+    if isa == "avx512":
+        bf16 = Bf16Linear.of(w.bfloat16(), None)
+        bf16.native = kernels
+        amx = Bf16Linear.of(w.bfloat16(), None)
+        amx.native, amx.amx_rows = kernels, (5 if kernels.amx_rows_ok() else 0)
+        cases += [(bf16, 1), (bf16, 3), (amx, 6)]
+    else:
+        with pytest.raises(RuntimeError, match="AVX-512 extension only"):
+            kernels.Lin(0, w.bfloat16(), None, 0, 160, 0, None)
+    if fp16_packed.available():
+        fp16 = PackedFP16Linear(w.bfloat16(), torch.randn(160, generator=g))
+        cases += [(fp16, 1), (fp16, 3)]
+        blocks = fp16_packed.STAGING_BYTES
+        try:  # the lm_head's form: packed in row blocks
+            fp16_packed.STAGING_BYTES = 4 * 256 * 64
+            split = PackedFP16Linear(w.bfloat16(), None)
+        finally:
+            fp16_packed.STAGING_BYTES = blocks
+        assert split.block_rows == [64, 64, 32]
+        cases.append((split, 2))
+    for m, rows in cases:
         x = torch.randn(rows, m.in_features, generator=g)
-        handle = fused_decode.native_matrix(m, rows)
+        handle = fused_decode.native_matrix(m, rows, kernels)
         assert handle is not None, (type(m).__name__, rows)
         assert torch.equal(handle(x)[:, :m.out_features], m(x)), (type(m).__name__, rows)
     assert fused_decode.native_matrix(int4, native.ROWS + 1) is None  # more rows: the module's GEMM path
-    bf16.native = None
-    assert fused_decode.native_matrix(bf16, 1) is None
+    int8.native = None
+    assert fused_decode.native_matrix(int8, 1) is None
 
 
 @pytest.mark.parametrize("case,tol", [("bf16", 1e-5), ("int8", 1e-5), ("int4", 5e-2)])
@@ -115,11 +144,11 @@ def test_fused_layers_decode_like_the_modules(case, tol, tiny46_dir, bf16_dir, m
     spy = Spy(monkeypatch)
     tokens = greedy(model, PROMPT, 24)
     layers = len(model.language_model.layers)
-    if not USABLE:
+    if not FUSES:
         assert not spy.rows
         return
-    if case == "bf16" and not any(type(m) is Bf16Linear for m in model.modules()):
-        assert not spy.rows  # this CPU's plan keeps another 16-bit kernel
+    if case == "bf16" and not any(sixteen_fuses(m) for m in model.language_model.modules()):
+        assert not spy.rows  # this CPU's plan keeps a 16-bit kernel the modules do not multiply
         return
     assert len(spy.rows) == 23 * layers  # every decode step (the prompt is not one), every layer
     attention = sum(layer.layer_type == "full_attention" for layer in model.language_model.layers)
@@ -135,7 +164,7 @@ def test_a_layers_decode_call_follows_its_weights(tiny46_dir, monkeypatch):
     in place, a parameter or a matrix replaced, or a kernel switched off by hand (then
     `invalidate()`), each after decoding, is what the next decode runs: fused logits within 1e-5 of
     the modules' on the changed model, and the change moved them."""
-    if not USABLE:
+    if not FUSES:
         return
     model, _ = load_model(tiny46_dir, "auto", "cpu", progress=False, weights="int8")
     spy = Spy(monkeypatch)
@@ -177,7 +206,7 @@ def test_an_attention_layer_that_does_not_qualify_keeps_its_mlp_in_one_call(tiny
     spy = Spy(monkeypatch)
     monkeypatch.setattr(fused_decode, "_attn_layer", lambda *args: None)
     tokens = greedy(model, PROMPT, 12)
-    if not USABLE:
+    if not FUSES:
         assert not spy.rows
         return
     assert len(spy.rows) == 11 * len(model.language_model.layers)
@@ -208,13 +237,14 @@ def test_a_gptq_checkpoint_decodes_fused(gptq46, monkeypatch):
     model, _ = load_model(gptq46, "bfloat16", "cpu", progress=False)  # 16 bits: the int4 move (quant/gptq_int4.py)
     spy = Spy(monkeypatch)
     tokens = greedy(model, PROMPT, 16)
-    if not spy.rows:  # the extension is not built here: GPTQ keeps its own kernels
-        assert not USABLE
+    if not spy.rows:  # no module is built here: GPTQ keeps its own kernels
+        assert not FUSES
         return
     # a layer fuses when every matrix in it is one the extension multiplies: the GPTQ layers (moved
     # to int4) and the 16-bit ones the checkpoint kept, where the plan stores them bf16
     layers = model.language_model.layers
-    fusable = [all(not isinstance(m, nn.Linear) or fused_decode.native_matrix(m, 1) is not None
+    fusable = [all(not isinstance(m, (nn.Linear, PackedFP16Linear))
+                   or fused_decode.native_matrix(m, 1, layer.mlp.native) is not None
                    for m in layer.modules()) for layer in layers]
     assert sum(fusable) > 0 and (all(fusable) or model.kernel_plan.text16 != BF16)
     assert len(spy.rows) == 15 * sum(fusable)
@@ -239,7 +269,7 @@ def test_a_batch_in_scattered_slots_decodes_like_the_modules(weights, bf16_dir, 
     model, _ = load_model(bf16_dir, "auto", "cpu", progress=False, **({"weights": weights} if weights else {}))
     spy = Spy(monkeypatch)
     fused = decode_batch(model, False, spy)
-    if USABLE and (weights or any(type(m) is Bf16Linear for m in model.modules())):
+    if FUSES and (weights or any(sixteen_fuses(m) for m in model.modules())):
         assert {2, 3} <= set(spy.rows)
     assert decode_batch(model, True, spy) == fused
 

@@ -13,8 +13,9 @@ machines) they are built once and must give the fp32 product with the dequantize
     exact int32 block sums, the offsets times the exact fp32 group sums of x: within 1e-5 of max|y|
     of that arithmetic done in float64, within 2e-2 of the fp32 product (measured 6e-3 to 1.5e-2);
   * the int4 widening for prompts (W^T from the packed blocks): bit for bit the tensor-op one;
-  * the decode helpers (RMSNorm, DeltaNet's conv step and gated delta step): within 1e-6 of the
-    tensor ops they replace;
+  * the decode helpers (RMSNorm, DeltaNet's conv step and gated delta step, the prompt's rule and
+    bf16 activations): within 1e-6 of the tensor ops they replace, in both modules that hold them
+    (the AVX-512 extension and the AVX2 module: one source on simd.h's vectors);
 and a model loaded with weights="int8"/"int4" must route its few-row products through them:
 24 greedy steps of the tiny 4.6 through them, forced through the same model whose quantized
 matrices run the exact fp32 product with their dequantized matrices, agree on the top token of most
@@ -49,6 +50,19 @@ def kernels():
     mod = native.quant_kernels(HERE)
     assert (mod is not None) == USABLE, native.describe()
     return mod
+
+
+def helpers(isa: str):
+    """The module of `isa` holding the decode helpers (both build cpu/csrc/decode_rows.cpp), or
+    None where it cannot be built here (then its reason must say so)."""
+    if isa == "avx512":
+        return kernels()
+    mod = native.avx2_kernels(HERE)
+    assert (mod is not None) == (native.avx2_unusable(HERE) is None), native.describe_avx2()
+    return mod
+
+
+BOTH = pytest.mark.parametrize("isa", ["avx512", "avx2"])
 
 
 def test_reasons_on_made_up_cpus(monkeypatch):
@@ -154,10 +168,11 @@ def test_kernels_give_the_fp32_product_with_the_dequantized_matrix(n, k):
         assert torch.equal(mod.int4_mm(zero, l4.qweight, l4.scale_zero, l4.group)[:, :n], torch.zeros(1, n))
 
 
-def test_decode_helpers_match_the_tensor_ops():
+@BOTH
+def test_decode_helpers_match_the_tensor_ops(isa):
     """rms_norm (optionally gated), the DeltaNet conv step and the gated delta step against the
     tensor-op code they replace: within 1e-6 of the scale (measured 2-3e-7)."""
-    mod = kernels()
+    mod = helpers(isa)
     if mod is None:
         return
     torch.manual_seed(0)
@@ -186,6 +201,26 @@ def test_decode_helpers_match_the_tensor_ops():
     assert (state - expected_state).abs().max() <= 1e-6 * expected_state.abs().max()
 
 
+@BOTH
+def test_prompt_conv_matches_the_tensor_ops(isa):
+    """conv_prompt (a prompt's causal conv + silu, continuing from the cached inputs) on fp32 rows and
+    on bf16 rows of a strided projection: within 1e-6 of the scale of the tap-by-tap fp32 tensor ops."""
+    mod = helpers(isa)
+    if mod is None:
+        return
+    torch.manual_seed(1)
+    B, T, C, K = 2, 7, 48, 4
+    wide = torch.randn(B, T, C + 16)  # the projection's row holds more than the conv's channels
+    x, past, w = wide[..., :C], torch.randn(B, K - 1, C), torch.randn(K, C) * 0.5
+    for rows in (x, x.bfloat16()):
+        window = torch.cat([past, rows.float()], 1)
+        ref = F.silu(sum(window[:, j:j + T] * w[j] for j in range(K)))
+        y = mod.conv_prompt(rows, past, w)
+        assert y.dtype == torch.float32 and (y - ref).abs().max() <= 1e-6 * ref.abs().max()
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        mod.conv_prompt(x[..., :40], past[..., :40].contiguous(), w[:, :40].contiguous())
+
+
 def conv_rows(B, T, Hk, Hv, dk, dv):
     """Random conv outputs [B, T, C] as the prompt rule reads them (q, k of Hk heads, v of Hv), and
     g, beta [B, T, Hv]; the first token's decay strong enough to leave denormals in the state."""
@@ -196,12 +231,13 @@ def conv_rows(B, T, Hk, Hv, dk, dv):
 
 
 @pytest.mark.parametrize("B,T", [(1, 1), (1, 5), (2, 70)])
-def test_prompt_delta_rule_matches_the_chunked_form(B, T):
+@BOTH
+def test_prompt_delta_rule_matches_the_chunked_form(B, T, isa):
     """delta_rule_prompt (a CPU plan's prompt rule, on the conv rows) against the chunked form the
     fp32 path runs on torch's l2-normalised q and k: outputs and final states within 2e-5 of their
     scale (measured ~1e-6), the state advanced in place, finite through denormal decays; value head
     h reads key head h // 2 here."""
-    mod = kernels()
+    mod = helpers(isa)
     if mod is None:
         return
     torch.manual_seed(T)
@@ -226,11 +262,12 @@ def test_prompt_delta_rule_matches_the_chunked_form(B, T):
 
 
 @pytest.mark.parametrize("dv", [48, 96, 128])
-def test_prompt_delta_rule_is_the_decode_steps_arithmetic_token_after_token(dv):
+@BOTH
+def test_prompt_delta_rule_is_the_decode_steps_arithmetic_token_after_token(dv, isa):
     """The prompt rule normalises q and k as the decode step does and sums the next token's S^T k
     while it writes the state (value columns in blocks of 16, 32 or 64): a prompt of T tokens gives
     the outputs and state of T decode steps (delta_step), bit for bit."""
-    mod = kernels()
+    mod = helpers(isa)
     if mod is None:
         return
     torch.manual_seed(dv)
@@ -246,12 +283,13 @@ def test_prompt_delta_rule_is_the_decode_steps_arithmetic_token_after_token(dv):
     assert not torch.equal(whole, state)
 
 
-def test_prompt_activations_round_once_to_bf16():
+@BOTH
+def test_prompt_activations_round_once_to_bf16(isa):
     """silu(gate) * up and the tanh GELU on bf16 hidden tensors: fp32 math, one rounding. silu_mul
     is bit for bit torch's fp32 product rounded (what down_proj received before); the GELU is
     within one bf16 step of the float64 value everywhere (it differs from torch's on ~7% of values,
     in the negative tail where torch's 0.5 x (1 + tanh u) loses digits or cancels to 0)."""
-    mod = kernels()
+    mod = helpers(isa)
     if mod is None:
         return
     torch.manual_seed(0)

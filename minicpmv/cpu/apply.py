@@ -26,11 +26,12 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
     kernels = native.quant_kernels(plan.cpu) if plan.native_kernels else None
     if kernels is not None:
         kernels.set_prefetch(PREFETCH[plan.prefetch][0])
+    ops = few_row_kernels(plan, kernels)  # the AVX-512 extension, else the AVX2 module: both hold the helpers
     for module in model.modules():
         if plan.fused_norm and isinstance(module, (RMSNorm, ZeroCenteredRMSNorm, GatedRMSNorm)):
             module.fused = True
-        if getattr(module, "native_ops", False):  # norms, the DeltaNet decode token, MLP activations
-            module.native = kernels
+        if getattr(module, "native_ops", False):  # norms, the DeltaNet token and prompt, MLP activations
+            module.native = ops
         if plan.flush_denormals and hasattr(module, "denormal_flush"):  # prompt chunks of DeltaNet
             module.denormal_flush = denormals.flushed
     if plan.vision_bf16:  # vision matrices (everything not per-token) to bf16 GEMMs, q/k/v fused
@@ -45,7 +46,7 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
             for name, module in list(model.named_modules()):
                 if type(module) is Bf16Linear and not name.startswith(prefixes) and module.weight.device.type == "cpu":
                     PrepackedBf16Linear.from_bf16(module)
-    gptq_to_int4(model, plan, few_row_kernels(plan, kernels))
+    gptq_to_int4(model, plan, ops)
     if weights is not None:
         quantize_per_token(model, prefixes, weights, plan)
         return
@@ -94,8 +95,9 @@ def tied_embeddings(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
 
 
 def few_row_kernels(plan: KernelPlan, kernels):
-    """The module whose int8_mm / int4_mm / int4_widen_t serve quantized matrices: the AVX-512
-    extension (`kernels`) where built, else the AVX2 module where the plan says so, else None."""
+    """The module whose int8_mm / int4_mm / int4_widen_t serve quantized matrices and whose decode
+    helpers and fused layers serve the modules that declare `native_ops`: the AVX-512 extension
+    (`kernels`) where built, else the AVX2 module where the plan says so, else None."""
     if kernels is not None or not plan.avx2_gemv:
         return kernels
     return native.avx2_kernels(plan.cpu)

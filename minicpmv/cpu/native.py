@@ -7,14 +7,16 @@ torch's int8/int4 CPU kernels are compute-bound there and its bf16 GEMV leaves b
 the plan says so; VNNI for int8 and int4 with the activations rounded to int8 per 32 inputs; bf16
 exact on fp32 activations, or on vdpbf16ps with them rounded to bf16 where the plan says so:
 cpu/csrc/bf16_dot.cpp). It is compiled with torch's
-cpp_extension (a C++ compiler is needed once, ~30 s) into
+cpp_extension (a C++ compiler is needed once, ~1-2 min on 2 cores) into
 `<cache>/native-<hash>/`, keyed by the source, torch's version and the CPU's flags, and reused
 by every later load. Where it cannot be used (no AVX-512, no compiler, a failed build,
 $MINICPMV_NATIVE=0) the loader keeps torch's kernels and says why (`describe()`).
 
 CPUs with AVX2 + FMA but no AVX-512 (most laptops, AMD Zen 1-3) get a second, small module
 (cpu/csrc/avx2_gemv.cpp, `avx2_kernels`): the few-row int8 / int4 products and the int4 widening,
-with the same calls and arithmetic, built and cached the same way (`describe_avx2()`).
+with the same calls and arithmetic, built and cached the same way (`describe_avx2()`). Both
+modules hold the decode helpers (norms, DeltaNet conv and rule) and the fused decode layers
+(cpu/csrc/decode_rows.cpp, decode_layers.cpp), one source on simd.h's vectors built for each ISA.
 Built at load time, never inside a request."""
 from __future__ import annotations
 
@@ -35,8 +37,11 @@ log = logging.getLogger("minicpmv.cpu")
 
 ENV = "MINICPMV_NATIVE"  # "0" keeps torch's kernels
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "quant_gemv.cpp", CSRC / "decode_layers.cpp", CSRC / "bf16_dot.cpp", CSRC / "flash_attn.cpp")
-HEADERS = (CSRC / "kernels.h", CSRC / "rows_common.h")  # what the sources include (hashed with them)
+# the decode helpers and fused decode layers, written on simd.h's vectors: built into both modules
+DECODE = (CSRC / "decode_layers.cpp", CSRC / "decode_rows.cpp", CSRC / "decode.h", CSRC / "simd.h",
+          CSRC / "rows_common.h")
+SOURCES = (CSRC / "quant_gemv.cpp", CSRC / "bf16_dot.cpp", CSRC / "flash_attn.cpp")
+HEADERS = (CSRC / "kernels.h",)  # what the sources include (hashed with them)
 NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512vbmi")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi", "-mfma",
          "-fopenmp"]
@@ -101,8 +106,8 @@ def describe_avx2() -> str:
 
 
 def avx2_kernels(cpu: CpuInfo, progress: bool = True):
-    """The AVX2 module (int8_mm, int4_mm, int4_widen_t: the AVX-512 module's calls and arithmetic),
-    or None with `describe_avx2()` saying why."""
+    """The AVX2 module (int8_mm, int4_mm, int4_widen_t: the AVX-512 module's calls and arithmetic;
+    the decode helpers and fused layers), or None with `describe_avx2()` saying why."""
     return _AVX2.get(cpu, progress)
 
 
@@ -156,7 +161,7 @@ class _Extension:
             log.warning("minicpmv: %s not built: no C++ compiler; using torch's", what)
             return None, "torch's kernels (build failed: no C++ compiler found; set CXX or install g++)"
         if fresh and progress:
-            print(f"minicpmv: building the {what} once (~30 s) into {folder}", file=sys.stderr)
+            print(f"minicpmv: building the {what} once (~1-2 min) into {folder}", file=sys.stderr)
         t0 = time.perf_counter()
         try:
             module = load(f"{name}_{key}", [str(p) for p in sources if p.suffix == ".cpp"], extra_cflags=flags,
@@ -168,6 +173,7 @@ class _Extension:
         return module, f"minicpmv {self.label} kernel ({'built in %.0f s' % (time.perf_counter() - t0) if fresh else 'cached'})"
 
 
-_AVX512 = _Extension("minicpmv_quant_gemv", SOURCES + HEADERS, FLAGS, unusable, "AVX-512", "AVX-512 decode kernels")
-_AVX2 = _Extension("minicpmv_avx2_gemv", (AVX2_SOURCE, CSRC / "rows_common.h"), AVX2_FLAGS, avx2_unusable, "AVX2",
-                   "AVX2 int8 / int4 decode kernels")
+_AVX512 = _Extension("minicpmv_quant_gemv", SOURCES + HEADERS + DECODE, FLAGS, unusable, "AVX-512",
+                     "AVX-512 decode kernels")
+_AVX2 = _Extension("minicpmv_avx2_gemv", (AVX2_SOURCE,) + DECODE, AVX2_FLAGS, avx2_unusable, "AVX2",
+                   "AVX2 decode kernels")

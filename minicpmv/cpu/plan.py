@@ -82,8 +82,9 @@ class KernelPlan:
     # the vision tower's attention on the extension's vdpbf16ps kernel (cpu/csrc/flash_attn.cpp;
     # AVX512-BF16 without AMX: ~2x torch's bf16 SDPA on 1,024 patches on the Zen 4); else torch's SDPA
     vision_flash: bool = False
-    # where the AVX-512 extension does not run: few-row int8 / int4 products (and GPTQ int4) through
-    # cpu/native.py's AVX2 module (vpmaddubsw on activations rounded to int8 per 32 inputs)
+    # where the AVX-512 extension does not run: cpu/native.py's AVX2 module for few-row int8 / int4
+    # products (and GPTQ int4; vpmaddubsw on activations rounded to int8 per 32 inputs), the norms,
+    # the DeltaNet conv and rule, and the fused decode layers
     avx2_gemv: bool = False
 
     @property
@@ -144,16 +145,19 @@ class KernelPlan:
             prefill = "fp32 GEMM on the bf16 weights widened per call"
             decode = "bf16 GEMV (<= 4 rows), fp32 beyond"
             head = decode
-        norms = ("one call each (the extension's loop)" if self.native_kernels else
+        helpers = ("the extension" if self.native_kernels else "the AVX2 module" if self.avx2_gemv else None)
+        norms = (f"one call each ({helpers}'s loop)" if helpers else
                  "F.rms_norm, one call each" if self.fused_norm else "five tensor ops each")
-        # the fused layers multiply the extension's formats only: bf16, int8, int4 (GPTQ moves to int4)
-        fused = self.native_kernels and (weights in WEIGHT_FORMATS or gptq or self.text16 == BF16)
+        # the fused layers multiply the module's formats: bf16 (AVX-512 only), int8, int4 (GPTQ moves
+        # to int4), and fbgemm's fp16-packed matrices
+        fused = helpers is not None and (weights in WEIGHT_FORMATS or gptq or self.text16 == FP16_PACKED
+                                         or (self.native_kernels and self.text16 == BF16))
         rows = [("vision GEMMs", vision), ("vision attention", attention), ("prefill GEMMs", prefill), ("decode GEMVs", decode), ("lm_head", head),
-                ("decode layers", "one extension call per layer (norms, projections, conv + gated delta rule or "
-                 "attention over the KV pool, MLP) for plain decode batches" if fused else "tensor ops"),
-                ("prompt DeltaNet", "the gated delta rule token by token in the extension (the decode step's "
-                 "arithmetic), blocks of 64 value columns in parallel"
-                 if self.native_kernels else "the chunked gated delta rule (tensor ops)")]
+                ("decode layers", f"one call of {helpers} per layer (norms, projections, conv + gated delta rule "
+                 "or attention over the KV pool, MLP) for plain decode batches" if fused else "tensor ops"),
+                ("prompt DeltaNet", f"the gated delta rule token by token in {helpers} (the decode step's "
+                 "arithmetic), blocks of value columns in parallel"
+                 if helpers else "the chunked gated delta rule (tensor ops)")]
         if gptq:
             rows.append(("GPTQ int4 layers", f"{described} up to {native.ROWS} rows, else W^T widened by it "
                          f"+ {gemm} GEMM (codes kept, scales and offsets bf16)" if few_rows else

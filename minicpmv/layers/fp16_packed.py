@@ -43,6 +43,7 @@ class PackedFP16Linear(nn.Module):
         self.blocks = [torch.ops.quantized.linear_prepack_fp16(weight[i:i + rows].float(),
                                                                None if bias is None else bias[i:i + rows])
                        for i in range(0, self.out_features, rows)]
+        self.block_rows = [min(rows, self.out_features - i) for i in range(0, self.out_features, rows)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x if x.dim() > 1 else x[None]  # the op wants a row dimension

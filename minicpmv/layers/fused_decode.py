@@ -3,11 +3,12 @@
 A decode token costs each layer a few matrix products and ~60 small tensor ops and Python calls
 around them (norms, splits, casts, gates, the DeltaNet conv and recurrence, the state bookkeeping,
 residual adds), ~0.7 ms a layer on the AMX Xeon: a third of an int4 step of the real-size 4.6.
-Where the CPU plan built the extension, a decode batch (one token per sequence, few rows, no
-prompt chunk mixed in) runs a DeltaNet layer + its MLP, or an attention layer + its MLP, as one
-call, with the kernels the modules would call one by one: the same products on the same stored
-bytes, the same conv, delta-rule and norm loops, states and keys/values advanced in place in the
-pool. An attention layer whose own part does not qualify (a 16-bit KV pool) still runs its MLP as
+Where the CPU plan built the extension (the AVX-512 one, or the AVX2 module: cpu/native.py), a
+decode batch (one token per sequence, few rows, no prompt chunk mixed in) runs a DeltaNet layer +
+its MLP, or an attention layer + its MLP, as one call, with the kernels the modules would call one
+by one: the same products on the same stored bytes (bf16 / int8 / int4 rows of the module, or
+fbgemm's fp16-packed GEMV), the same conv, delta-rule and norm loops, states and keys/values
+advanced in place in the pool. An attention layer whose own part does not qualify (a 16-bit KV pool) still runs its MLP as
 one call. Projections a checkpoint keeps apart (a GPTQ checkpoint's) are multiplied side by side as
 the one matrix the layer reads. Anything else (prompts, fp32 or GPU models, a matrix the extension
 does not multiply) keeps the modules' own forward. `layer_step` returns None when the layer does not
@@ -19,19 +20,21 @@ import torch
 from ..state.batch import ForwardBatch
 from .gated_delta import QK_NORM_EPS
 from .mlp import GatedMLP
+from .fp16_packed import PackedFP16Linear
 from .weight_formats import Bf16Linear, Int4Linear, Int8Linear
 
 BF16, INT8, INT4, BF16_DOT, BF16_TILES = 0, 1, 2, 4, 5  # decode_layers.cpp's Lin kinds
 
 
-def native_matrix(m, rows: int):
+def native_matrix(m, rows: int, kernels=None):
     """The extension's handle on module m's matrix for `rows` activation rows (how m's own
-    forward would multiply them), or None where m would not use the extension for them (or uses
-    the AVX2 module, which has the products but not the fused layers)."""
+    forward would multiply them), or None where m would not use the extension for them. An
+    fp16-packed matrix (layers/fp16_packed.py) runs fbgemm's GEMV inside the call, through
+    `kernels` (the layer's module): fbgemm's packed rows need no extension of their own."""
     t = type(m)
+    if t is PackedFP16Linear:
+        return None if kernels is None else _fp16_matrix(m, kernels)
     if not (t is Bf16Linear or t is Int8Linear or _int4(t)) or m.bias is not None or not m.on_extension(rows):
-        return None
-    if not hasattr(m.native, "Lin"):
         return None
     if t is Bf16Linear:
         kind = BF16_TILES if m.tiles else BF16_DOT if m.bf16_dot else BF16
@@ -51,21 +54,32 @@ def native_matrix(m, rows: int):
     return cached[1]
 
 
-def native_projection(owner, fused: str, rows: int):
+def _fp16_matrix(m, kernels):
+    """fbgemm's packed blocks (their bias inside) as one handle of `kernels`, cached on m."""
+    key = (tuple(id(b) for b in m.blocks), id(kernels))
+    cached = m.__dict__.get("_native_matrix")
+    if cached is None or cached[0] != key:
+        parts = [kernels.Lin(b, n) for b, n in zip(m.blocks, m.block_rows)]
+        cached = (key, parts[0] if len(parts) == 1 else kernels.Lin(parts))
+        m.__dict__["_native_matrix"] = cached
+    return cached[1]
+
+
+def native_projection(owner, fused: str, rows: int, kernels=None):
     """The extension's handle on `owner`'s fused projection (`fused`: a name of its packed_fusions,
     e.g. an MLP's gate_up_proj) for `rows` rows: the fused matrix where the load fused its members,
     else the members side by side (a GPTQ checkpoint keeps them apart), or None."""
     m = getattr(owner, fused)
     if m is not None:
-        return native_matrix(m, rows)
+        return native_matrix(m, rows, kernels)
     members = [getattr(owner, name) for name in owner.packed_fusions[fused]]
-    handles = [None if x is None else native_matrix(x, rows) for x in members]
+    handles = [None if x is None else native_matrix(x, rows, kernels) for x in members]
     if any(h is None for h in handles):
         return None
     key = tuple(x.__dict__["_native_matrix"][0] for x in members)
     cached = owner.__dict__.get("_native_" + fused)
     if cached is None or cached[0] != key:
-        cached = (key, members[0].native.Lin(handles))
+        cached = (key, handles[0].__class__(handles))
         owner.__dict__["_native_" + fused] = cached
     return cached[1]
 
@@ -137,7 +151,8 @@ def _layer_call(layer, rows: int) -> LayerCall:
     mlp = layer.mlp
     if type(mlp) is not GatedMLP or mlp.native is None:
         return LayerCall(None, (), tensors)
-    gate_up, down = native_projection(mlp, "gate_up_proj", rows), native_matrix(mlp.down_proj, rows)
+    ops = mlp.native
+    gate_up, down = native_projection(mlp, "gate_up_proj", rows, ops), native_matrix(mlp.down_proj, rows, ops)
     post = _norm_scale(layer.post_attention_layernorm)
     if gate_up is None or down is None or post is None:
         return LayerCall(None, (), tensors)
@@ -156,7 +171,8 @@ def _attn_static(layer, rows, post, gate_up, down):
     pre, qs, ks = _norm_scale(layer.input_layernorm), _norm_scale(attn.q_norm), _norm_scale(attn.k_norm)
     if pre is None or qs is None or ks is None or attn.q_norm.eps != attn.k_norm.eps:
         return None
-    qkv, o_proj = native_projection(attn, "qkv_proj", rows), native_matrix(attn.o_proj, rows)
+    ops = layer.mlp.native
+    qkv, o_proj = native_projection(attn, "qkv_proj", rows, ops), native_matrix(attn.o_proj, rows, ops)
     if qkv is None or o_proj is None:
         return None
     return (layer.mlp.native.attn_layer, pre, post, layer.input_layernorm.eps, qkv, o_proj, gate_up, down, qs, ks,
@@ -180,7 +196,8 @@ def _delta_static(layer, rows, post, gate_up, down):
     pre = _norm_scale(layer.input_layernorm)
     if mixer.native is None or pre is None or mixer.v_dim % 16:
         return None  # (the extension's delta rule walks value rows 16 floats at a time)
-    in_proj, out_proj = native_projection(mixer, "in_proj", rows), native_matrix(mixer.out_proj, rows)
+    in_proj, out_proj = native_projection(mixer, "in_proj", rows, mixer.native), native_matrix(mixer.out_proj, rows,
+                                                                                                mixer.native)
     conv_w = mixer.conv1d.weight
     if (in_proj is None or out_proj is None or conv_w.dtype != torch.float32
             or mixer.norm.weight.dtype != torch.float32):

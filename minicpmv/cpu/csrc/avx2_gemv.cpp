@@ -15,10 +15,12 @@
 //   8 * 2 * 15 * 127 = 30480), widened once by vpmaddwd, minus 8 sum a, times d s; per group z sum x.
 //   Byte unpacks gather each row's codes of 4 consecutive inputs into one 32-bit lane: the lanes of
 //   vector i hold rows {4i..4i+3, 16+4i..16+4i+3} (low nibbles) and those + 32 (high nibbles).
-#include <torch/extension.h>
-#include <immintrin.h>
+//
+// The module also holds the decode helpers and fused decode layers (decode_rows.cpp,
+// decode_layers.cpp), written once on simd.h's vectors and built here for AVX2.
+#include "decode.h"
 
-#include "rows_common.h"
+#include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
@@ -27,13 +29,6 @@
 #include <vector>
 
 namespace {
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // Per row of x [M, K] and block of 32 inputs: the codes a, |a|, d, -8 sum a; per group the fp32 sum of x.
 struct Activations {
@@ -95,7 +90,7 @@ void int8_tile(const int8_t* q, const uint16_t* scale, const Activations& a, flo
   }
   for (int r = 0; r < R; ++r) {
     const float s = bf16_to_float(scale[n0 + r]);
-    for (int m = 0; m < MR; ++m) y[(m0 + m) * N + n0 + r] = hsum(acc[r][m]) * s;
+    for (int m = 0; m < MR; ++m) y[(m0 + m) * N + n0 + r] = simd::sum(acc[r][m]) * s;
   }
 }
 
@@ -123,7 +118,7 @@ void int8_walk(const int8_t* q, const uint16_t* scale, const Activations& a, flo
     for (int64_t k = 0; k < K; k += 32)
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int8_block(row + k, a.q.data() + k, a.abs.data() + k)),
                             _mm256_set1_ps(a.d[k / 32]), acc);
-    y[n] = hsum(acc) * bf16_to_float(scale[n]);
+    y[n] = simd::sum(acc) * bf16_to_float(scale[n]);
   }
 }
 
@@ -137,7 +132,7 @@ void int8_fp32_rows(const int8_t* q, const uint16_t* scale, const float* x, floa
       const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + n * K + k))));
       acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * K + k), acc);
     }
-    y[m * N + n] = hsum(acc) * s;
+    y[m * N + n] = simd::sum(acc) * s;
   }
 }
 
@@ -209,17 +204,6 @@ void int4_block(const uint8_t* w, const uint32_t* sz, const Activations& a, floa
       float* out = y + (m0 + m) * n_pad + nb + (i >= 4 ? 32 : 0) + 4 * (i & 3);
       _mm256_storeu2_m128(out + 16, out, tot[m][i]);
     }
-}
-
-// fp32 -> bf16 bits (round to nearest even, NaN stays a quiet NaN), 8 values
-inline __m128i to_bf16(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
-  r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)),
-                                           _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  r = _mm256_srli_epi32(r, 16);
-  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
 }
 
 }  // namespace
@@ -306,7 +290,7 @@ torch::Tensor int4_widen_t(torch::Tensor packed, torch::Tensor sz, int64_t group
             const __m256i code = _mm256_and_si256(i < 4 ? bytes : _mm256_srli_epi32(bytes, 4), nib);
             const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(code), s[i], base[i]);  // (q - 8) s + z
             if (bf16) {
-              _mm_storeu_si128(reinterpret_cast<__m128i*>(ob + k * cols + col + 8 * i), to_bf16(v));
+              simd::store_bf16(ob + k * cols + col + 8 * i, v);
             } else {
               _mm256_storeu_ps(of + k * cols + col + 8 * i, v);
             }
@@ -319,7 +303,9 @@ torch::Tensor int4_widen_t(torch::Tensor packed, torch::Tensor sz, int64_t group
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "minicpmv's AVX2 + FMA few-row int8 / int4 products (cpu/native.py)";
+  m.doc() = "minicpmv's AVX2 + FMA few-row int8 / int4 products, decode helpers and fused decode layers (cpu/native.py)";
+  register_decode_layers(m);
+  register_decode_rows(m);
   m.def("int8_mm", &int8_mm, "x [M, K] fp32 @ (q [N, K] int8 * scale [N] bf16)^T -> [M, N] fp32");
   m.def("int4_mm", &int4_mm, "x [M, K] fp32 @ int4pack(packed, scale_zero, group)^T -> [M, n_pad] fp32");
   m.def("int4_widen_t", &int4_widen_t, "int4 blocks b0..b1 -> W^T [K, 64 (b1 - b0)] in bf16 (or fp32)",

@@ -1,9 +1,18 @@
 // A decode step's layers of the Qwen3.5 text tower (MiniCPM-V 4.6/4.7) in one call each, for
 // the few rows of a decode batch: the same kernels the layer's modules call one by one from
-// Python (the products of quant_gemv.cpp, its norm, conv and delta-rule helpers), without the
-// ~60 dispatched tensor ops and Python calls around them per layer (layers/fused_decode.py says
-// when a layer qualifies).
+// Python (the module's few-row products, fbgemm's fp16-packed GEMV, the norm, conv and delta-rule
+// helpers of decode_rows.cpp), without the ~60 dispatched tensor ops and Python calls around them
+// per layer (layers/fused_decode.py says when a layer qualifies). Built into both CPU modules
+// (cpu/native.py): the bf16 matrix kinds exist in the AVX-512 extension only.
+#include "decode.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/native/quantized/PackedParams.h>
+#include <torch/csrc/jit/python/pybind_utils.h>
+
+#ifdef __AVX512F__
 #include "kernels.h"
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -16,12 +25,20 @@ namespace {
 // One per-token matrix as its module stores it (layers/weight_formats.py), multiplied the way
 // that module multiplies a few fp32 rows.
 struct Lin {
-  // BF16_DOT: bf16_dot_mm's rows; BF16_TILES: the same on a matrix stored in tiles (bf16_tile)
-  enum Kind : int64_t { BF16 = 0, INT8 = 1, INT4 = 2, CAT = 3, BF16_DOT = 4, BF16_TILES = 5 };
+  // BF16_DOT: bf16_dot_mm's rows; BF16_TILES: the same on a matrix stored in tiles (bf16_tile);
+  // FP16: fbgemm's fp16-packed matrix (layers/fp16_packed.py), fp32 math
+  enum Kind : int64_t { BF16 = 0, INT8 = 1, INT4 = 2, CAT = 3, BF16_DOT = 4, BF16_TILES = 5, FP16 = 6 };
   int64_t kind, group, out, amx_rows;
   torch::Tensor a, b;                  // bf16: weight; int8: codes, scales; int4: packed, scale_zero
   c10::optional<torch::Tensor> perm;  // a GPTQ act-order checkpoint's input permutation
   std::vector<Lin> parts;              // CAT: matrices on the same input, outputs side by side
+  c10::intrusive_ptr<LinearPackedParamsBase> fp16;  // FP16: the packed matrix
+
+  // One block of fbgemm's fp16-packed rows (a torch.ScriptObject from linear_prepack_fp16), `out` rows
+  Lin(pybind11::object packed, int64_t out) : kind(FP16), group(0), out(out), amx_rows(0) {
+    const auto type = c10::getCustomClassType<c10::intrusive_ptr<LinearPackedParamsBase>>();
+    fp16 = torch::jit::toIValue(packed, type).toCustomClass<LinearPackedParamsBase>();
+  }
 
   // Projections a checkpoint keeps apart (a GPTQ checkpoint's q/k/v, gate/up, DeltaNet's four
   // input projections) as the one matrix the layer reads
@@ -35,6 +52,9 @@ struct Lin {
       : kind(kind), group(group), out(out), amx_rows(amx_rows), a(std::move(a)), b(b ? *b : torch::Tensor()),
         perm(std::move(perm)) {
     TORCH_CHECK(kind == BF16_DOT || kind == BF16_TILES || (kind >= BF16 && kind <= INT4), "unknown matrix kind ", kind);
+#ifndef __AVX512F__
+    TORCH_CHECK(kind == INT8 || kind == INT4, "bf16 matrices run on the AVX-512 extension only");
+#endif
     TORCH_CHECK(kind == BF16 || kind >= BF16_DOT || this->b.defined(), "int8 / int4 matrices need their scales");
   }
 
@@ -49,13 +69,18 @@ struct Lin {
       }
       return y;
     }
+    if (kind == FP16) return fp16->apply_dynamic(x);
     const torch::Tensor in = perm ? x.index_select(1, *perm) : x;
     if (kind == INT8) return int8_mm(in, a, b);
     if (kind == INT4) return int4_mm(in, a, b, group);
+#ifdef __AVX512F__
     if (kind == BF16_TILES) return bf16_dot_mm(in, a, true);
     const int64_t M = in.size(0);
     const bool amx = amx_rows > 0 && M >= amx_rows && M <= 16;
     return amx ? bf16_amx_mm(in, a) : kind == BF16_DOT ? bf16_dot_mm(in, a, false) : bf16_mm(in, a);
+#else
+    TORCH_CHECK(false, "unreachable: bf16 kinds are refused at construction");
+#endif
   }
 };
 
@@ -85,9 +110,9 @@ torch::Tensor mlp_block(torch::Tensor x, torch::Tensor norm_w, double eps, const
     const float* gr = g + r * gu.stride(0);
     float* o = ap + r * I;
     int64_t i = 0;
-    for (; i + 16 <= I; i += 16) {
-      const __m512 v = _mm512_loadu_ps(gr + i);
-      _mm512_storeu_ps(o + i, _mm512_mul_ps(times_sigmoid(v, v), _mm512_loadu_ps(gr + I + i)));
+    for (; i + simd::L <= I; i += simd::L) {
+      const simd::vf v = simd::load(gr + i);
+      simd::store(o + i, simd::mul(simd::times_sigmoid(v, v), simd::load(gr + I + i)));
     }
     for (; i < I; ++i) o[i] = gr[i] / (1.0f + std::exp(-gr[i])) * gr[I + i];
   }
@@ -173,10 +198,10 @@ void rope_row(float* x, const float* cos, const float* sin, int64_t R) {
 }
 
 float dot(const float* a, const float* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
+  simd::vf acc = simd::zero();
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  float s = _mm512_reduce_add_ps(acc);
+  for (; i + simd::L <= n; i += simd::L) acc = simd::fmadd(simd::load(a + i), simd::load(b + i), acc);
+  float s = simd::sum(acc);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
@@ -264,6 +289,7 @@ void register_decode_layers(pybind11::module& m) {
            py::arg("kind"), py::arg("a"), py::arg("b"), py::arg("group"), py::arg("out"), py::arg("amx_rows"),
            py::arg("perm"))
       .def(py::init<std::vector<Lin>>(), py::arg("parts"))
+      .def(py::init<py::object, int64_t>(), py::arg("fp16_packed"), py::arg("out"))
       .def("__call__", &Lin::operator(), "x [M, K] fp32 -> [M, >= out] fp32");
   m.def("mlp_block", &mlp_block, "x + down(silu(gate) * up) of rms_norm(x), few rows");
   m.def("attn_layer", &attn_layer, "a gated attention layer + MLP for one decode token per row, KV written in the pool");
