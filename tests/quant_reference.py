@@ -6,6 +6,16 @@ import torch
 from minicpmv.layers.weight_formats import Int4Linear, Int8Linear
 
 
+def prompts_round(model, fmt: str) -> bool:
+    """Whether a quantized model's prompts (more rows than a decode batch) run the module's kernel,
+    activations rounded to int8 per 32 inputs as llama.cpp rounds them (the AVX2 plan: faster than a
+    GEMM on the widened matrix there), rather than the exact fp32 product with the widened matrix."""
+    from minicpmv.cpu import native
+
+    plan = getattr(model, "kernel_plan", None)
+    return plan is not None and (plan.native_kernels or plan.avx2_gemv) and plan.module_rows(fmt) > native.ROWS
+
+
 def int8_rounded(x: torch.Tensor) -> torch.Tensor:
     """x as the VNNI rows (int8 and int4) round it, in float64: per row and block of 32 inputs,
     a = round-half-even(x * (127 / max|x|)) in fp32, d = max|x| / 127 in fp32; returns d a."""

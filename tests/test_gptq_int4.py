@@ -20,6 +20,7 @@ from minicpmv.loading import load_model
 from minicpmv.quant.gptq_format import GPTQSpec, pack_gptq
 from minicpmv.quant.gptq_int4 import GPTQInt4Linear, int4_form
 from minicpmv.quant.gptq_linear import GPTQLinear
+from quant_reference import prompts_round
 
 CASES = [(True, False, 128), (False, False, 32), (False, True, 64), (True, False, -1)]  # sym, desc_act, group
 
@@ -119,7 +120,9 @@ def test_a_16_bit_gptq_load_decodes_on_the_plans_int4_kernels(gptq46, monkeypatc
         a, b = our_prefill_logits(kept, ids, []), our_prefill_logits(model, ids, [])
     moved_error = ((a - b).abs().max() / a.abs().max()).item()
     print("moved vs kept", moved_error)
-    assert moved_error < 0.03
+    # the moved layers round the activations to int8 per 32 inputs in decode; where prompts run that
+    # kernel too (the AVX2 plan) the prompt's logits move further: measured 0.033 there (Zen 3)
+    assert moved_error < (0.05 if prompts_round(model, "int4") else 0.03)
     exact, _ = load_model(gptq46, "float32", "cpu", progress=False)
     assert all(isinstance(m, GPTQLinear) for m in [exact.language_model.layers[0].mlp.down_proj])
     acc = accuracy(exact, model, ids[:24], 64)

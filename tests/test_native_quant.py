@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from format_accuracy import forced_logits, greedy
 from minicpmv.cpu import native
 from minicpmv.cpu.isa import CpuInfo, detect
-from minicpmv.cpu.plan import BF16, PREFETCH, rule_plan
+from minicpmv.cpu.plan import BF16, EVERY_ROW, PREFETCH, rule_plan
 from minicpmv.layers.gated_delta import chunk_gated_delta_rule, l2_normalize, recurrent_gated_delta_step
 from minicpmv.layers.weight_formats import Bf16Linear, Int4Linear, Int8Linear, QuantLinear
 from minicpmv.loading import load_model
@@ -596,7 +596,9 @@ def test_a_quantized_model_decodes_through_them(tiny46_dir, fmt):
     quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
     if not USABLE:  # the AVX2 module where the CPU has it (its run: tests/test_avx2_gemv.py), else torch's
         few = native.avx2_kernels(HERE)
-        assert quant and all(m.native is few and m.native_rows == (0 if few is None else native.ROWS) for m in quant)
+        rows = 0 if few is None else model.kernel_plan.module_rows(fmt)
+        assert rows in (0, 384 if fmt == "int8" else EVERY_ROW)  # the AVX2 rule: its kernels for prompts too
+        assert quant and all(m.native is few and m.native_rows == rows for m in quant)
         return
     assert quant and all(m.native is kernels() for m in quant)
     assert all(m.native_rows == native.ROWS for m in quant)

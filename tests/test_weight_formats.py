@@ -23,12 +23,18 @@ from minicpmv.cpu.apply import format_bytes
 from minicpmv.layers.weight_formats import (INT4_ROW_BLOCK, Int4Linear, Int8Linear, TiedEmbedding,
                                             int4_codes, int4_grid, int4_layout_ok, int4_pack)
 from minicpmv.loading import load_model
+from quant_reference import prompts_round
 from test_golden_v40_v45 import version_dir
 from tiny46 import build_tiny_46
 
 STEPS = 256
 # format -> (min top-1 agreement on tiny 4.6, on tiny 4.5, max first-step logit error relative to the logit scale)
 TOLERANCE = {"int8": (0.80, 0.85, 0.05), "int4": (0.10, 0.25, 0.5)}
+# int8 where prompts run the kernel that rounds activations to int8 per 32 inputs (the AVX2 plan;
+# quant_reference.prompts_round): the first step (the prompt's logits) measured 0.065 against 0.035
+# with exact prompt products on tiny 4.6, 0.041 against 0.046 on tiny 4.5; top-1 0.852 / 0.895
+# against 0.859 / 0.898 (2026-12-04, Zen 3)
+ROUNDED_PROMPT_FIRST_MAX = {"int8": 0.08, "int4": 0.5}
 
 
 def weight(n, k, seed=0):
@@ -138,6 +144,8 @@ def test_accuracy_against_fp32(references, version, fmt):
     first = first_step_error(ref, model, prompt)
     print(f"{version} {fmt}: {acc}; first-step max |logit error| / logit scale {first:.3g}")
     min_46, min_45, first_max = TOLERANCE[fmt]
+    if prompts_round(model, fmt):
+        first_max = ROUNDED_PROMPT_FIRST_MAX[fmt]
     assert acc.top1_agreement >= (min_46 if version == "4.6" else min_45)
     assert first <= first_max
 

@@ -108,7 +108,7 @@ def tune_format(m, fmt: str, width: int, plan: KernelPlan, kernels) -> None:
     torch's kernel runs, and the extension (`kernels`, if built) for the fewest rows."""
     m.gemm_dtype, m.kernel_rows = plan.gemm_dtype, plan.kernel_rows(fmt)
     if kernels is not None and width % 16 == 0:  # the extension's int8 loop takes 16 inputs at a time
-        m.native, m.native_rows = kernels, native.ROWS
+        m.native, m.native_rows = kernels, plan.module_rows(fmt)
         if fmt == "int4":  # its widening is ~25x torch's, so beyond its own rows widen + GEMM wins
             m.kernel_rows = native.ROWS
 

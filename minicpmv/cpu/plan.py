@@ -38,6 +38,7 @@ from .isa import CpuInfo, detect
 FP16_PACKED, BF16, WIDENED = "fp16-packed", "bf16", "bf16-widened"
 WEIGHT_FORMATS = ("int8", "int4")
 INT4_GROUP = 64
+EVERY_ROW = 1 << 30  # a module row bound that every call fits
 EMBEDDING_NOTE = "; a tied embedding reads it, an untied one is stored int8"
 # the extension's set_prefetch modes for its decode products' weight streams, and how `minicpmv info` says them
 PREFETCH = {"off": (0, "on the hardware prefetcher alone"), "l1": (1, "with software prefetch into L1"),
@@ -86,6 +87,14 @@ class KernelPlan:
     # products (and GPTQ int4; vpmaddubsw on activations rounded to int8 per 32 inputs), the norms,
     # the DeltaNet conv and rule, and the fused decode layers
     avx2_gemv: bool = False
+    # up to this many rows an int8 / int4 matrix runs that module's kernel on its stored bytes (its
+    # activations rounded to int8 per 32 inputs), prompts included; beyond, torch's kernel or a GEMM
+    # on the widened matrix. The AVX-512 extension: 8 rows (the AMX Xeon's bf16 GEMM on widened blocks
+    # wins beyond). The AVX2 module on a Zen 3, 2 threads, 6144 x 1024 matrices: int4 1.35-8x the
+    # widened fp32 GEMM at 12-2,048 rows, int8 1.03-9x up to 384 rows and slower from 512
+    # (docs/performance.md)
+    module_int8_rows: int = 8
+    module_int4_rows: int = 8
 
     @property
     def prepacks_vision(self) -> bool:
@@ -93,6 +102,13 @@ class KernelPlan:
 
     def kernel_rows(self, fmt: str) -> int:
         return self.int4_rows if fmt == "int4" else self.int8_rows
+
+    def module_rows(self, fmt: str) -> int:
+        return self.module_int4_rows if fmt == "int4" else self.module_int8_rows
+
+    def _module_rows_text(self, fmt: str) -> str:
+        rows = self.module_rows(fmt)
+        return "every row count" if rows >= EVERY_ROW else f"up to {rows} rows"
 
     def rows(self, weights: str | None = None, gptq: bool = False) -> list[tuple[str, str]]:
         """(op class, kernel) lines describing what a model loaded with `weights` (from a GPTQ
@@ -109,16 +125,21 @@ class KernelPlan:
         if weights in WEIGHT_FORMATS:
             torch_kernel = "_weight_int8pack_mm" if weights == "int8" else "_weight_int4pack_mm_for_cpu"
             kernel_rows = self.kernel_rows(weights)
+            module_rows = self._module_rows_text(weights)
             prefill = f"{weights} kernels up to {kernel_rows} rows, else widened per block + {gemm} GEMM"
-            if few_rows and weights == "int4":  # its widening is fast: few rows stay on the kernel
-                prefill = f"the extension up to {native.ROWS} rows, else W^T widened by it + {gemm} GEMM"
+            if few_rows and self.module_rows(weights) >= EVERY_ROW:
+                prefill = f"the decode kernel below, {module_rows}"
+            elif few_rows and self.module_rows(weights) > native.ROWS:
+                prefill = f"the decode kernel below {module_rows}, else widened per block + {gemm} GEMM"
+            elif few_rows and weights == "int4":  # its widening is fast: few rows stay on the kernel
+                prefill = f"the extension {module_rows}, else W^T widened by it + {gemm} GEMM"
             decode = ("int8 weight-only per-channel: " if weights == "int8" else
                       f"int4 weight-only g{INT4_GROUP} asymmetric: ")
-            if few_rows and weights == "int4":
-                decode += f"{described}, activations rounded to int8 per 32 inputs ({unit}), up to {native.ROWS} rows"
+            if few_rows and (weights == "int4" or self.module_rows(weights) > native.ROWS):
+                decode += f"{described}, activations rounded to int8 per 32 inputs ({unit}), {module_rows}"
             elif few_rows:
-                decode += (f"{described}, activations rounded to int8 per 32 inputs ({unit}), up to "
-                           f"{native.ROWS} rows, then torch's {torch_kernel} (bf16 activations)")
+                decode += (f"{described}, activations rounded to int8 per 32 inputs ({unit}), {module_rows}, "
+                           f"then torch's {torch_kernel} (bf16 activations)")
             else:
                 decode += (f"torch's {torch_kernel}, bf16 activations" if weights == "int8" or int4_layout_ok() else
                            "the matrix widened per call + fp32 GEMM (torch's int4 kernel packs another layout here)")
@@ -159,8 +180,9 @@ class KernelPlan:
                  "arithmetic), blocks of value columns in parallel"
                  if helpers else "the chunked gated delta rule (tensor ops)")]
         if gptq:
-            rows.append(("GPTQ int4 layers", f"{described} up to {native.ROWS} rows, else W^T widened by it "
-                         f"+ {gemm} GEMM (codes kept, scales and offsets bf16)" if few_rows else
+            rows.append(("GPTQ int4 layers", f"{described} {self._module_rows_text('int4')}"
+                         + ("" if self.module_int4_rows >= EVERY_ROW else f", else W^T widened by it + {gemm} GEMM")
+                         + " (codes kept, scales and offsets bf16)" if few_rows else
                          "torch's _weight_int4pack_mm_for_cpu in gptqmodel's arithmetic for this CPU"))
         if weights is not None:
             rows.append(("MoE experts", f"{weights}, quantized while loading, kernels as above; the router 16-bit"))
@@ -203,6 +225,10 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
     # no AVX-512 extension: the AVX2 module's int8 / int4 rows, 1.7-2.5x torch's kernels at 1-8 rows
     # on a Zen 3 (docs/performance.md)
     rows["avx2_gemv"] = not rows["native_kernels"] and native.avx2_unusable(cpu) is None
+    # ...whose kernels beat a GEMM on the widened matrix for prompts too (Zen 3: int4 at every row count
+    # measured, int8 up to 384 rows; docs/performance.md)
+    if rows["avx2_gemv"]:
+        rows["module_int8_rows"], rows["module_int4_rows"] = 384, EVERY_ROW
     if cpu.at_least("amx") or (cpu.fast_bf16 and (not fbgemm or rows["native_kernels"])):
         return KernelPlan(cpu, vision_bf16=True, text16=BF16, gemm_dtype=torch.bfloat16, fused_norm=fused_norm, **rows)
     if cpu.fast_bf16:
@@ -215,7 +241,8 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
                       native_kernels=rows["native_kernels"], flush_denormals=rows["flush_denormals"],
                       amx_rows=rows["amx_rows"], vision_prepacked=rows["vision_prepacked"], bf16_dot=rows["bf16_dot"],
                       bf16_dot_rows=rows["bf16_dot_rows"], prefetch=rows["prefetch"], vision_flash=rows["vision_flash"],
-                      avx2_gemv=rows["avx2_gemv"])
+                      avx2_gemv=rows["avx2_gemv"], module_int8_rows=rows.get("module_int8_rows", native.ROWS),
+                      module_int4_rows=rows.get("module_int4_rows", native.ROWS))
 
 
 def choose(isa: str | None = None, calibrate: bool | None = None) -> KernelPlan:
