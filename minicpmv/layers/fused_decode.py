@@ -8,8 +8,8 @@ decode batch (one token per sequence, few rows, no prompt chunk mixed in) runs a
 its MLP, or an attention layer + its MLP, as one call, with the kernels the modules would call one
 by one: the same products on the same stored bytes (bf16 / int8 / int4 rows of the module, or
 fbgemm's fp16-packed GEMV), the same conv, delta-rule and norm loops, states and keys/values
-advanced in place in the pool. An attention layer whose own part does not qualify (a 16-bit KV pool) still runs its MLP as
-one call. Projections a checkpoint keeps apart (a GPTQ checkpoint's) are multiplied side by side as
+advanced in place in the pool. An attention layer whose own part does not qualify (a 16-bit KV
+pool) still runs its MLP as one call. Projections a checkpoint keeps apart (a GPTQ checkpoint's) are multiplied side by side as
 the one matrix the layer reads. Anything else (prompts, fp32 or GPU models, a matrix the extension
 does not multiply) keeps the modules' own forward. `layer_step` returns None when the layer does not
 qualify."""
@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from ..state.batch import ForwardBatch
+from .fp16_packed import PackedFP16Linear
 from .gated_delta import QK_NORM_EPS
 from .mlp import GatedMLP
-from .fp16_packed import PackedFP16Linear
 from .weight_formats import Bf16Linear, Int4Linear, Int8Linear
 
 BF16, INT8, INT4, BF16_DOT, BF16_TILES = 0, 1, 2, 4, 5  # decode_layers.cpp's Lin kinds
