@@ -155,7 +155,7 @@ class Engine:
                 to_sample.append(seq)
                 rows.append(logits)
         if to_sample:
-            self._sample(torch.cat(rows).float(), to_sample, outputs)
+            self._sample((rows[0] if len(rows) == 1 else torch.cat(rows)).float(), to_sample, outputs)
         return outputs
 
     def _mixed(self, chunks, decodes, outputs, to_sample, rows) -> None:

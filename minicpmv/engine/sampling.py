@@ -69,11 +69,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(0, seen, scores)
 
 
-def _penalties(logits: torch.Tensor, rows: list, seen: list[list[int]], outputs: list[list[int]]) -> torch.Tensor:
-    """Repetition (transformers), presence and frequency (OpenAI) penalties for all rows at once."""
+def _penalties(logits: torch.Tensor, rows: list, seen, outputs: list[list[int]]) -> torch.Tensor:
+    """Repetition (transformers), presence and frequency (OpenAI) penalties for all rows at once;
+    `seen` is the rows' seen token ids or a callable returning them (read only when a row asks for
+    a repetition penalty)."""
+    if all(p.repetition_penalty == 1 and not p.presence_penalty and not p.frequency_penalty for p in rows):
+        return logits
     N, V = logits.shape
     rep = torch.tensor([p.repetition_penalty for p in rows])
     if (rep != 1).any():
+        if callable(seen):
+            seen = seen()
         mask = torch.zeros(N, V, dtype=torch.bool)
         for i, ids in enumerate(seen):
             if rows[i].repetition_penalty != 1 and ids:
@@ -112,26 +118,54 @@ def _filter(logits: torch.Tensor, rows: list) -> torch.Tensor:
     return probs
 
 
-def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seen: list[list[int]],
-                outputs: list[list[int]], generators: list) -> list[int]:
-    """logits [N, V] float32 (one row per sequence) -> one token id per row."""
+PEAK_CHUNK = 1024  # first_max's span
+
+
+def first_max(logits: torch.Tensor) -> list[int]:
+    """The index of each row's first maximum (argmax's answer, NaN counting as the largest) for
+    logits [N, V]. Through the chunks' peaks: amax over spans of PEAK_CHUNK values, then an argmax
+    over the peaks and one inside the winning span. torch's reductions that return indices run
+    ~4x slower than amax on a CPU: on the 248k vocabulary of Qwen3.5, 2 threads, 59 us a row
+    against 256 us for `max(-1).indices`, 0.28 ms against 2.4 ms for 8 rows (2026-12-04, Zen 3)."""
+    N, V = logits.shape
+    full = V // PEAK_CHUNK * PEAK_CHUNK
+    if full < 4 * PEAK_CHUNK or logits.device.type != "cpu":
+        return logits.argmax(-1).tolist()
+    logits = logits.contiguous()
+    peaks = logits.as_strided((N, full // PEAK_CHUNK, PEAK_CHUNK), (V, PEAK_CHUNK, 1)).amax(-1)
+    if full < V:
+        peaks = torch.cat([peaks, logits[:, full:].amax(-1, keepdim=True)], 1)
+    return [b * PEAK_CHUNK + int(logits[i, b * PEAK_CHUNK:(b + 1) * PEAK_CHUNK].argmax())
+            for i, b in enumerate(peaks.argmax(-1).tolist())]
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seen, outputs: list[list[int]],
+                generators: list) -> list[int]:
+    """logits [N, V] float32 (one row per sequence) -> one token id per row. `seen`: each row's
+    seen token ids (prompt and output), or a callable returning them (called only when needed)."""
     for i, p in enumerate(params):
         for process in p.logits_processors:
             logits[i] = process(outputs[i], logits[i])
     logits = _penalties(logits, params, seen, outputs)
-    tokens = logits.max(-1).indices  # the first maximum, as argmax; ~2x faster on a 248k vocabulary on CPU
     rows = [i for i, p in enumerate(params) if p.do_sample]
-    if rows:
-        probs = _filter(logits[rows], [params[i] for i in rows])
-        # an exponential race: argmax(p / E) with E ~ Exp(1) draws from p, like multinomial
-        noise = torch.empty_like(probs).exponential_()
-        for j, i in enumerate(rows):
-            if generators[i] is not None:
-                noise[j] = torch.empty(probs.shape[-1], dtype=probs.dtype).exponential_(generator=generators[i])
-        tokens[rows] = (probs / noise).argmax(-1)
-    return tokens.tolist()
+    if not rows:
+        return first_max(logits)
+    tokens = [0] * len(params)
+    greedy = [i for i, p in enumerate(params) if not p.do_sample]
+    if greedy:
+        for i, token in zip(greedy, first_max(logits[greedy])):
+            tokens[i] = token
+    probs = _filter(logits[rows], [params[i] for i in rows])
+    # an exponential race: argmax(p / E) with E ~ Exp(1) draws from p, like multinomial
+    noise = torch.empty_like(probs).exponential_()
+    for j, i in enumerate(rows):
+        if generators[i] is not None:
+            noise[j] = torch.empty(probs.shape[-1], dtype=probs.dtype).exponential_(generator=generators[i])
+    for i, token in zip(rows, (probs / noise).argmax(-1).tolist()):
+        tokens[i] = token
+    return tokens
 
 
 def sample_sequences(logits: torch.Tensor, seqs: list) -> list[int]:
-    return sample_rows(logits, [s.params for s in seqs], [s.seen_ids() for s in seqs], [s.output_ids for s in seqs],
-                       [s.generator for s in seqs])
+    return sample_rows(logits, [s.params for s in seqs], lambda: [s.seen_ids() for s in seqs],
+                       [s.output_ids for s in seqs], [s.generator for s in seqs])
