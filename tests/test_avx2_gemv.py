@@ -139,3 +139,42 @@ def test_a_quantized_model_on_the_avx2_plan_decodes_through_them(tiny46_dir, fmt
     # rows, at every int4 row count measured)
     assert quant and all(m.native is mod and m.native_rows == (384 if fmt == "int8" else EVERY_ROW) for m in quant)
     decodes_like_the_exact_products(model, quant, fmt)
+
+
+def test_other_python_threads_run_during_a_product():
+    """The module's calls release the GIL, as torch's ops do: a thread's Python goes on while another
+    thread is inside a long product (the server's HTTP loop during an engine step). A call holding
+    the GIL would stall this loop for the whole call."""
+    import sys
+    import threading
+    import time
+
+    mod = kernels()
+    l8 = Int8Linear(torch.randn(4096, 2048) * 0.05, None)
+    x = torch.randn(256, 2048)  # compute-bound tiles: ~70 ms a call on 2 threads of a Zen 3
+    t = time.perf_counter()
+    mod.int8_mm(x, l8.qweight, l8.scale)
+    call_s = time.perf_counter() - t
+    inside, done = threading.Event(), threading.Event()
+
+    def product():
+        inside.set()
+        for _ in range(3):
+            mod.int8_mm(x, l8.qweight, l8.scale)
+        done.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    try:
+        worker = threading.Thread(target=product)
+        worker.start()
+        inside.wait()
+        gaps, last = [], time.perf_counter()
+        while not done.is_set():
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(gaps) > 100 and max(gaps) < call_s / 2, (max(gaps), call_s)

@@ -327,8 +327,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "minicpmv's AVX2 + FMA few-row int8 / int4 products, decode helpers and fused decode layers (cpu/native.py)";
   register_decode_layers(m);
   register_decode_rows(m);
-  m.def("int8_mm", &int8_mm, "x [M, K] fp32 @ (q [N, K] int8 * scale [N] bf16)^T -> [M, N] fp32");
-  m.def("int4_mm", &int4_mm, "x [M, K] fp32 @ int4pack(packed, scale_zero, group)^T -> [M, n_pad] fp32");
+  m.def("int8_mm", &int8_mm, "x [M, K] fp32 @ (q [N, K] int8 * scale [N] bf16)^T -> [M, N] fp32", released_gil());
+  m.def("int4_mm", &int4_mm, "x [M, K] fp32 @ int4pack(packed, scale_zero, group)^T -> [M, n_pad] fp32",
+        released_gil());
   m.def("int4_widen_t", &int4_widen_t, "int4 blocks b0..b1 -> W^T [K, 64 (b1 - b0)] in bf16 (or fp32)",
-        py::arg("packed"), py::arg("sz"), py::arg("group"), py::arg("b0"), py::arg("b1"), py::arg("bf16"));
+        py::arg("packed"), py::arg("sz"), py::arg("group"), py::arg("b0"), py::arg("b1"), py::arg("bf16"),
+        released_gil());
 }

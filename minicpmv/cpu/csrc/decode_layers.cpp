@@ -160,7 +160,8 @@ torch::Tensor delta_layer(torch::Tensor x, torch::Tensor in_norm_w, torch::Tenso
   const int64_t spans = std::max<int64_t>(1, std::min<int64_t>(C / 1024, 8)), span = (C / spans + 15) / 16 * 16;
   at::parallel_for(0, B * spans, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / spans, c0 = std::min(C, i % spans * span), c1 = i % spans == spans - 1 ? C : std::min(C, c0 + span);
+      const int64_t r = i / spans, c0 = std::min(C, i % spans * span);
+      const int64_t c1 = i % spans == spans - 1 ? C : std::min(C, c0 + span);
       float* win = cp + slots[r] * C * (K - 1) + c0 * (K - 1);
       conv_token(win, win, pp + r * ps + c0, cw + c0 * K, yp + r * C + c0, c1 - c0, K);
       if (i % spans != 0) continue;
@@ -295,8 +296,10 @@ void register_decode_layers(pybind11::module& m) {
            py::arg("perm"))
       .def(py::init<std::vector<Lin>>(), py::arg("parts"))
       .def(py::init<py::object, int64_t>(), py::arg("fp16_packed"), py::arg("out"))
-      .def("__call__", &Lin::operator(), "x [M, K] fp32 -> [M, >= out] fp32");
-  m.def("mlp_block", &mlp_block, "x + down(silu(gate) * up) of rms_norm(x), few rows");
-  m.def("attn_layer", &attn_layer, "a gated attention layer + MLP for one decode token per row, KV written in the pool");
-  m.def("delta_layer", &delta_layer, "a gated DeltaNet layer + MLP for one decode token per row, states in place");
+      .def("__call__", &Lin::operator(), "x [M, K] fp32 -> [M, >= out] fp32", released_gil());
+  m.def("mlp_block", &mlp_block, "x + down(silu(gate) * up) of rms_norm(x), few rows", released_gil());
+  m.def("attn_layer", &attn_layer, "a gated attention layer + MLP for one decode token per row, KV written in the pool",
+        released_gil());
+  m.def("delta_layer", &delta_layer, "a gated DeltaNet layer + MLP for one decode token per row, states in place",
+        released_gil());
 }

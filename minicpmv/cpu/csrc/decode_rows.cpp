@@ -370,13 +370,17 @@ torch::Tensor conv_prompt(torch::Tensor x, torch::Tensor past, torch::Tensor w_t
 
 void register_decode_rows(pybind11::module& m) {
   namespace py = pybind11;
-  m.def("conv_step", &conv_step, "one token of the depthwise causal conv + silu -> (y, next window)");
+  m.def("conv_step", &conv_step, "one token of the depthwise causal conv + silu -> (y, next window)", released_gil());
   m.def("delta_rule_prompt", &delta_rule_prompt,
-        "the gated delta rule over a prompt's conv outputs, the decode step's arithmetic, states in place -> o");
-  m.def("delta_step", &delta_step, "one token of the gated delta rule, states updated in place -> o [n, Hv, dv]");
+        "the gated delta rule over a prompt's conv outputs, the decode step's arithmetic, states in place -> o",
+        released_gil());
+  m.def("delta_step", &delta_step, "one token of the gated delta rule, states updated in place -> o [n, Hv, dv]",
+        released_gil());
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim in fp32, optionally times silu(gate)",
-        py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("gate") = py::none());
-  m.def("silu_mul_bf16", &silu_mul_bf16, "gate_up [.., 2I] bf16 -> silu(gate) * up [.., I] bf16 (fp32 math)");
-  m.def("gelu_tanh_bf16_", &gelu_tanh_bf16_, "tanh GELU of a bf16 tensor in place (fp32 math)");
-  m.def("conv_prompt", &conv_prompt, "a prompt's causal conv + silu: x [B, T, C], past [B, K-1, C], w_t [K, C] -> fp32");
+        py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("gate") = py::none(), released_gil());
+  m.def("silu_mul_bf16", &silu_mul_bf16, "gate_up [.., 2I] bf16 -> silu(gate) * up [.., I] bf16 (fp32 math)",
+        released_gil());
+  m.def("gelu_tanh_bf16_", &gelu_tanh_bf16_, "tanh GELU of a bf16 tensor in place (fp32 math)", released_gil());
+  m.def("conv_prompt", &conv_prompt, "a prompt's causal conv + silu: x [B, T, C], past [B, K-1, C], w_t [K, C] -> fp32",
+        released_gil());
 }

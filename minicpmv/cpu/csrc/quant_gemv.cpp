@@ -498,22 +498,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode_layers(m);
   register_decode_rows(m);
   m.def("int4_widen_t", &int4_widen_t, "int4 blocks b0..b1 -> W^T [K, 64 (b1 - b0)] in bf16 (or fp32)",
-        py::arg("packed"), py::arg("scale_zero"), py::arg("group"), py::arg("b0"), py::arg("b1"), py::arg("bf16"));
-  m.def("int8_mm", &int8_mm, "x [M, K] fp32 @ (q [N, K] int8 * scale [N] bf16)^T -> [M, N] fp32");
+        py::arg("packed"), py::arg("scale_zero"), py::arg("group"), py::arg("b0"), py::arg("b1"), py::arg("bf16"),
+        released_gil());
+  m.def("int8_mm", &int8_mm, "x [M, K] fp32 @ (q [N, K] int8 * scale [N] bf16)^T -> [M, N] fp32", released_gil());
   m.def("bf16_amx_mm", &bf16_amx_mm, "x [M <= 16, K] fp32 rounded to bf16 @ w [N, K] bf16 ^T -> [M, N] fp32 "
-        "(AMX tiles, fp32 sums)");
+        "(AMX tiles, fp32 sums)", released_gil());
   m.def("bf16_dot_mm", &bf16_dot_mm, "x [M, K] fp32 rounded to bf16 @ w [N, K] bf16 ^T -> [M, N] fp32 "
-        "(AVX512-BF16 vdpbf16ps, fp32 sums; K % 32 == 0); tiled: w stored by bf16_tile",
+        "(AVX512-BF16 vdpbf16ps, fp32 sums; K % 32 == 0, released_gil()); tiled: w stored by bf16_tile",
         py::arg("x"), py::arg("w"), py::arg("tiled") = false);
-  m.def("bf16_tile", &bf16_tile, "plain [N, K] bf16 -> the same matrix in tiles of 4 rows (bf16_dot_mm's tiled)");
+  m.def("bf16_tile", &bf16_tile, "plain [N, K] bf16 -> the same matrix in tiles of 4 rows (bf16_dot_mm's tiled)",
+        released_gil());
   m.def("bf16_untile", &bf16_untile, "a tiled matrix (bf16_tile) -> plain [N, K] bf16 (into out when given)",
-        py::arg("w"), py::arg("out") = py::none());
+        py::arg("w"), py::arg("out") = py::none(), released_gil());
   m.def("bf16_attention", &bf16_attention, "softmax(q k^T scale) v of bf16 [N, L, H, d] q/k/v, keys past lengths[n] "
         "left out -> [N, L, H d] bf16 (AVX512-BF16 vdpbf16ps, fp32 softmax and sums)",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lengths"), py::arg("scale"));
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lengths"), py::arg("scale"), released_gil());
   m.def("bf16_dot_ok", &bf16_dot_ok, "whether this CPU has AVX512-BF16 (bf16_dot_mm)");
   m.def("amx_rows_ok", &amx_rows_ok, "whether this process may use the AMX tiles (asks the OS once)");
-  m.def("bf16_mm", &bf16_mm, "x [M, K] fp32 @ w [N, K] bf16 ^T -> [M, N] fp32 (exact products, fp32 sums)");
+  m.def("bf16_mm", &bf16_mm, "x [M, K] fp32 @ w [N, K] bf16 ^T -> [M, N] fp32 (exact products, fp32 sums)",
+        released_gil());
   m.def("set_prefetch", &set_prefetch, "software prefetch in the single-stream int8 / int4 weight walks: 0 off, 1 into L1, 2 into L2");
-  m.def("int4_mm", &int4_mm, "x [M, K] fp32 @ int4pack(packed, scale_zero, group)^T -> [M, n_pad] fp32");
+  m.def("int4_mm", &int4_mm, "x [M, K] fp32 @ int4pack(packed, scale_zero, group)^T -> [M, n_pad] fp32",
+        released_gil());
 }

@@ -10,6 +10,11 @@
 #include <cstring>
 #include <limits>
 
+// The modules' compute calls let the process's other Python threads run meanwhile (the server's HTTP
+// loop, the prepare threads), as torch's own ops do: an engine step then no longer holds the GIL
+// through its kernels, and the HTTP thread's per-token work waits for no step to end.
+using released_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
+
 inline float bf16_to_float(uint16_t b) {
   uint32_t u = static_cast<uint32_t>(b) << 16;
   float f;
