@@ -37,6 +37,8 @@ def test_first_max_on_a_small_vocabulary_and_a_strided_view():
     wide = torch.randn(2, V + 64)
     view = wide[:, :V]  # an int4 lm_head's padded output, sliced: not contiguous
     assert first_max(view) == view.argmax(-1).tolist()
+    rows = torch.randn(3, V)
+    assert first_max(rows[1:2]) == rows[1:2].argmax(-1).tolist()  # a row of a batch: offset storage
 
 
 def test_greedy_and_sampled_rows_together():
