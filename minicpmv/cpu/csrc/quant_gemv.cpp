@@ -504,8 +504,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_amx_mm", &bf16_amx_mm, "x [M <= 16, K] fp32 rounded to bf16 @ w [N, K] bf16 ^T -> [M, N] fp32 "
         "(AMX tiles, fp32 sums)", released_gil());
   m.def("bf16_dot_mm", &bf16_dot_mm, "x [M, K] fp32 rounded to bf16 @ w [N, K] bf16 ^T -> [M, N] fp32 "
-        "(AVX512-BF16 vdpbf16ps, fp32 sums; K % 32 == 0, released_gil()); tiled: w stored by bf16_tile",
-        py::arg("x"), py::arg("w"), py::arg("tiled") = false);
+        "(AVX512-BF16 vdpbf16ps, fp32 sums; K % 32 == 0); tiled: w stored by bf16_tile",
+        py::arg("x"), py::arg("w"), py::arg("tiled") = false, released_gil());
   m.def("bf16_tile", &bf16_tile, "plain [N, K] bf16 -> the same matrix in tiles of 4 rows (bf16_dot_mm's tiled)",
         released_gil());
   m.def("bf16_untile", &bf16_untile, "a tiled matrix (bf16_tile) -> plain [N, K] bf16 (into out when given)",
