@@ -93,8 +93,8 @@ class KernelPlan:
     # wins beyond). The AVX2 module on a Zen 3, 2 threads, 6144 x 1024 matrices: int4 1.35-8x the
     # widened fp32 GEMM at 12-2,048 rows, int8 1.03-9x up to 384 rows and slower from 512
     # (docs/performance.md)
-    module_int8_rows: int = 8
-    module_int4_rows: int = 8
+    module_int8_rows: int = native.ROWS
+    module_int4_rows: int = native.ROWS
 
     @property
     def prepacks_vision(self) -> bool:
@@ -227,8 +227,7 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
     rows["avx2_gemv"] = not rows["native_kernels"] and native.avx2_unusable(cpu) is None
     # ...whose kernels beat a GEMM on the widened matrix for prompts too (Zen 3: int4 at every row count
     # measured, int8 up to 384 rows; docs/performance.md)
-    if rows["avx2_gemv"]:
-        rows["module_int8_rows"], rows["module_int4_rows"] = 384, EVERY_ROW
+    rows["module_int8_rows"], rows["module_int4_rows"] = (384, EVERY_ROW) if rows["avx2_gemv"] else (native.ROWS,) * 2
     if cpu.at_least("amx") or (cpu.fast_bf16 and (not fbgemm or rows["native_kernels"])):
         return KernelPlan(cpu, vision_bf16=True, text16=BF16, gemm_dtype=torch.bfloat16, fused_norm=fused_norm, **rows)
     if cpu.fast_bf16:
@@ -241,8 +240,8 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
                       native_kernels=rows["native_kernels"], flush_denormals=rows["flush_denormals"],
                       amx_rows=rows["amx_rows"], vision_prepacked=rows["vision_prepacked"], bf16_dot=rows["bf16_dot"],
                       bf16_dot_rows=rows["bf16_dot_rows"], prefetch=rows["prefetch"], vision_flash=rows["vision_flash"],
-                      avx2_gemv=rows["avx2_gemv"], module_int8_rows=rows.get("module_int8_rows", native.ROWS),
-                      module_int4_rows=rows.get("module_int4_rows", native.ROWS))
+                      avx2_gemv=rows["avx2_gemv"], module_int8_rows=rows["module_int8_rows"],
+                      module_int4_rows=rows["module_int4_rows"])
 
 
 def choose(isa: str | None = None, calibrate: bool | None = None) -> KernelPlan:

@@ -2,17 +2,17 @@
 
 A decode token costs each layer a few matrix products and ~60 small tensor ops and Python calls
 around them (norms, splits, casts, gates, the DeltaNet conv and recurrence, the state bookkeeping,
-residual adds), ~0.7 ms a layer on the AMX Xeon: a third of an int4 step of the real-size 4.6.
-Where the CPU plan built the extension (the AVX-512 one, or the AVX2 module: cpu/native.py), a
-decode batch (one token per sequence, few rows, no prompt chunk mixed in) runs a DeltaNet layer +
-its MLP, or an attention layer + its MLP, as one call, with the kernels the modules would call one
-by one: the same products on the same stored bytes (bf16 / int8 / int4 rows of the module, or
-fbgemm's fp16-packed GEMV), the same conv, delta-rule and norm loops, states and keys/values
-advanced in place in the pool. An attention layer whose own part does not qualify (a 16-bit KV
-pool) still runs its MLP as one call. Projections a checkpoint keeps apart (a GPTQ checkpoint's) are multiplied side by side as
-the one matrix the layer reads. Anything else (prompts, fp32 or GPU models, a matrix the extension
-does not multiply) keeps the modules' own forward. `layer_step` returns None when the layer does not
-qualify."""
+residual adds), ~0.7 ms a layer on the AMX Xeon: a third of an int4 step of the real-size 4.6. Where
+the CPU plan built the extension (the AVX-512 one, or the AVX2 module: cpu/native.py), a decode
+batch (one token per sequence, few rows, no prompt chunk mixed in) runs a DeltaNet layer + its MLP,
+or an attention layer + its MLP, as one call, with the kernels the modules would call one by one:
+the same products on the same stored bytes (bf16 / int8 / int4 rows of the module, or fbgemm's
+fp16-packed GEMV), the same conv, delta-rule and norm loops, states and keys/values advanced in
+place in the pool. An attention layer whose own part does not qualify (a 16-bit KV pool) still runs
+its MLP as one call. Projections a checkpoint keeps apart (a GPTQ checkpoint's) are multiplied side
+by side as the one matrix the layer reads. Anything else (prompts, fp32 or GPU models, a matrix the
+extension does not multiply) keeps the modules' own forward. `layer_step` returns None when the
+layer does not qualify."""
 from __future__ import annotations
 
 import torch
