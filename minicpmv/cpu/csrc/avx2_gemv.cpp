@@ -283,7 +283,7 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, i
 torch::Tensor int4_widen_t(torch::Tensor packed, torch::Tensor sz, int64_t group, int64_t b0, int64_t b1, bool bf16) {
   check_int4(packed, sz, group);
   const int64_t n_pad = packed.size(0), K = packed.size(1) * 2;
-  TORCH_CHECK(0 <= b0 && b0 < b1 && b1 * 64 <= n_pad, "block range out of the matrix");
+  ARG_CHECK(0 <= b0 && b0 < b1 && b1 * 64 <= n_pad, "block range out of the matrix");
   const int64_t G = K / group, cols = (b1 - b0) * 64;
   auto out = torch::empty({K, cols}, packed.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat));
   const uint8_t* wp = packed.data_ptr<uint8_t>();

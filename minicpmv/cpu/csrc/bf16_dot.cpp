@@ -111,10 +111,10 @@ __attribute__((target("avx512bf16"))) void tiled_rows(const uint16_t* w, const u
 
 // plain [N, K] <-> tiled (above), K % 32 == 0: a copy in the other order, into `out` when given
 torch::Tensor retile(const torch::Tensor& w, bool to_tiles, c10::optional<torch::Tensor> into = c10::nullopt) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "w: contiguous [N, K] bf16");
+  ARG_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "w: contiguous [N, K] bf16");
   const int64_t N = w.size(0), K = w.size(1);
-  TORCH_CHECK(K % 32 == 0, "tiles need K % 32 == 0, got ", N, " x ", K);
-  TORCH_CHECK(!into || (into->sizes() == w.sizes() && into->scalar_type() == torch::kBFloat16 && into->is_contiguous()),
+  ARG_CHECK(K % 32 == 0, "tiles need K % 32 == 0, got ", N, " x ", K);
+  ARG_CHECK(!into || (into->sizes() == w.sizes() && into->scalar_type() == torch::kBFloat16 && into->is_contiguous()),
               "out: contiguous bf16 of w's shape");
   auto out = into ? *into : torch::empty_like(w);
   const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
@@ -147,11 +147,11 @@ torch::Tensor bf16_tile(torch::Tensor w) { return retile(w, true); }
 torch::Tensor bf16_untile(torch::Tensor w, c10::optional<torch::Tensor> out) { return retile(w, false, out); }
 
 torch::Tensor bf16_dot_mm(torch::Tensor x, torch::Tensor w, bool tiled) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "w: contiguous [N, K] bf16");
+  ARG_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "w: contiguous [N, K] bf16");
   const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
   check_x(x, K);
-  TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32");
-  TORCH_CHECK(bf16_dot_ok(), "this CPU has no AVX512-BF16");
+  ARG_CHECK(K % 32 == 0, "K must be a multiple of 32");
+  ARG_CHECK(bf16_dot_ok(), "this CPU has no AVX512-BF16");
   auto xb = torch::empty({M, K}, x.options().dtype(torch::kBFloat16));
   uint16_t* xbp = reinterpret_cast<uint16_t*>(xb.data_ptr<at::BFloat16>());
   round_rows(x.data_ptr<float>(), xbp, M * K);

@@ -43,7 +43,7 @@ struct Lin {
   // Projections a checkpoint keeps apart (a GPTQ checkpoint's q/k/v, gate/up, DeltaNet's four
   // input projections) as the one matrix the layer reads
   explicit Lin(std::vector<Lin> parts) : kind(CAT), group(0), out(0), amx_rows(0), parts(std::move(parts)) {
-    TORCH_CHECK(!this->parts.empty(), "no matrices to put side by side");
+    ARG_CHECK(!this->parts.empty(), "no matrices to put side by side");
     for (const Lin& p : this->parts) out += p.out;
   }
 
@@ -51,11 +51,11 @@ struct Lin {
       c10::optional<torch::Tensor> perm)
       : kind(kind), group(group), out(out), amx_rows(amx_rows), a(std::move(a)), b(b ? *b : torch::Tensor()),
         perm(std::move(perm)) {
-    TORCH_CHECK(kind == BF16_DOT || kind == BF16_TILES || (kind >= BF16 && kind <= INT4), "unknown matrix kind ", kind);
+    ARG_CHECK(kind == BF16_DOT || kind == BF16_TILES || (kind >= BF16 && kind <= INT4), "unknown matrix kind ", kind);
 #ifndef __AVX512F__
-    TORCH_CHECK(kind == INT8 || kind == INT4, "bf16 matrices run on the AVX-512 extension only");
+    ARG_CHECK(kind == INT8 || kind == INT4, "bf16 matrices run on the AVX-512 extension only");
 #endif
-    TORCH_CHECK(kind == BF16 || kind >= BF16_DOT || this->b.defined(), "int8 / int4 matrices need their scales");
+    ARG_CHECK(kind == BF16 || kind >= BF16_DOT || this->b.defined(), "int8 / int4 matrices need their scales");
   }
 
   // x [M, K] fp32 contiguous -> [M, >= out] fp32 (int4: its padded width; read with the stride)
@@ -79,13 +79,13 @@ struct Lin {
     const bool amx = amx_rows > 0 && M >= amx_rows && M <= 16;
     return amx ? bf16_amx_mm(in, a) : kind == BF16_DOT ? bf16_dot_mm(in, a, false) : bf16_mm(in, a);
 #else
-    TORCH_CHECK(false, "unreachable: bf16 kinds are refused at construction");
+    ARG_CHECK(false, "unreachable: bf16 kinds are refused at construction");
 #endif
   }
 };
 
 void check_f32(const torch::Tensor& t, const char* what) {
-  TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous(), what, " must be contiguous fp32");
+  ARG_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous(), what, " must be contiguous fp32");
 }
 
 // x += y[:, :D] (y's rows may be padded)
@@ -100,7 +100,7 @@ void add_rows(torch::Tensor& x, const torch::Tensor& y) {
 // x + down(silu(gate) * up) with gate | up = gate_up(rms_norm(x)): the MLP half of a layer
 torch::Tensor mlp_block(torch::Tensor x, torch::Tensor norm_w, double eps, const Lin& gate_up, const Lin& down) {
   check_f32(x, "x");
-  TORCH_CHECK(gate_up.out % 2 == 0 && down.out == x.size(1), "gate_up must be [2I, D] and down [D, I]");
+  ARG_CHECK(gate_up.out % 2 == 0 && down.out == x.size(1), "gate_up must be [2I, D] and down [D, I]");
   const int64_t B = x.size(0), I = gate_up.out / 2;
   const torch::Tensor gu = gate_up(rms_norm(x, norm_w, eps, c10::nullopt));
   auto act = torch::empty({B, I}, x.options());
@@ -133,16 +133,16 @@ torch::Tensor delta_layer(torch::Tensor x, torch::Tensor in_norm_w, torch::Tenso
   for (auto* t : {&x, &in_norm_w, &post_norm_w, &conv_pool, &conv_w, &rec_pool, &neg_a, &dt_bias, &o_norm_w})
     check_f32(*t, "every tensor of the layer");
   const int64_t B = x.size(0), D = x.size(1);
-  TORCH_CHECK(static_cast<int64_t>(slots.size()) == B, "one slot per row");
+  ARG_CHECK(static_cast<int64_t>(slots.size()) == B, "one slot per row");
   const int64_t S = rec_pool.size(0), Hv = rec_pool.size(1), dk = rec_pool.size(2), dv = rec_pool.size(3);
   const int64_t C = conv_pool.size(1), K = conv_pool.size(2) + 1, V = Hv * dv;
-  TORCH_CHECK(Hk > 0 && Hv % Hk == 0 && C == 2 * Hk * dk + V && dv % 16 == 0 && dv <= 1024,
+  ARG_CHECK(Hk > 0 && Hv % Hk == 0 && C == 2 * Hk * dk + V && dv % 16 == 0 && dv <= 1024,
               "the state pool does not fit the layer");
-  TORCH_CHECK(conv_w.numel() == C * K && conv_pool.size(0) == S, "conv weight [C, K] and windows [S, C, K-1]");
-  TORCH_CHECK(in_proj.out == C + V + 2 * Hv && out_proj.out == D, "in_proj / out_proj widths");
-  TORCH_CHECK(neg_a.numel() == Hv && dt_bias.numel() == Hv && o_norm_w.numel() == dv,
+  ARG_CHECK(conv_w.numel() == C * K && conv_pool.size(0) == S, "conv weight [C, K] and windows [S, C, K-1]");
+  ARG_CHECK(in_proj.out == C + V + 2 * Hv && out_proj.out == D, "in_proj / out_proj widths");
+  ARG_CHECK(neg_a.numel() == Hv && dt_bias.numel() == Hv && o_norm_w.numel() == dv,
               "decay rates and dt_bias per value head, the output norm over one head");
-  for (int64_t s : slots) TORCH_CHECK(s >= 0 && s < S, "slot ", s, " outside the pool's ", S);
+  for (int64_t s : slots) ARG_CHECK(s >= 0 && s < S, "slot ", s, " outside the pool's ", S);
 
   const torch::Tensor proj = in_proj(rms_norm(x, in_norm_w, eps, c10::nullopt));
   const float* pp = proj.data_ptr<float>();
@@ -227,17 +227,17 @@ torch::Tensor attn_layer(torch::Tensor x, torch::Tensor in_norm_w, torch::Tensor
     check_f32(*t, "every tensor of the layer");
   const int64_t B = x.size(0), D = x.size(1), Hkv = keys.size(1), hd = keys.size(2), R = cos.size(1);
   const int64_t P = keys.size(0), L = read_rows.size(1);
-  TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && values.sizes() == keys.sizes(), "heads and the KV pool do not fit");
-  TORCH_CHECK(qkv.out == 2 * H * hd + 2 * Hkv * hd && o_proj.out == D, "qkv / o_proj widths");
-  TORCH_CHECK(R % 2 == 0 && R <= hd && cos.size(0) == B && sin.sizes() == cos.sizes(), "cos, sin: [B, R <= hd]");
-  TORCH_CHECK(q_norm_w.numel() == hd && k_norm_w.numel() == hd, "q / k norms over one head");
-  TORCH_CHECK(write_rows.scalar_type() == torch::kLong && write_rows.is_contiguous() && write_rows.numel() == B &&
+  ARG_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && values.sizes() == keys.sizes(), "heads and the KV pool do not fit");
+  ARG_CHECK(qkv.out == 2 * H * hd + 2 * Hkv * hd && o_proj.out == D, "qkv / o_proj widths");
+  ARG_CHECK(R % 2 == 0 && R <= hd && cos.size(0) == B && sin.sizes() == cos.sizes(), "cos, sin: [B, R <= hd]");
+  ARG_CHECK(q_norm_w.numel() == hd && k_norm_w.numel() == hd, "q / k norms over one head");
+  ARG_CHECK(write_rows.scalar_type() == torch::kLong && write_rows.is_contiguous() && write_rows.numel() == B &&
               read_rows.scalar_type() == torch::kLong && read_rows.is_contiguous() && read_rows.size(0) == B &&
               static_cast<int64_t>(lengths.size()) == B, "one written row and one row list per sequence");
   const int64_t *wr = write_rows.data_ptr<int64_t>(), *rr = read_rows.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(lengths[b] >= 1 && lengths[b] <= L && wr[b] >= 0 && wr[b] < P, "rows outside the KV pool");
-    for (int64_t j = 0; j < lengths[b]; ++j) TORCH_CHECK(rr[b * L + j] >= 0 && rr[b * L + j] < P, "rows outside the KV pool");
+    ARG_CHECK(lengths[b] >= 1 && lengths[b] <= L && wr[b] >= 0 && wr[b] < P, "rows outside the KV pool");
+    for (int64_t j = 0; j < lengths[b]; ++j) ARG_CHECK(rr[b * L + j] >= 0 && rr[b * L + j] < P, "rows outside the KV pool");
   }
   const torch::Tensor p = qkv(rms_norm(x, in_norm_w, eps, c10::nullopt));
   const float* pp = p.data_ptr<float>();

@@ -37,12 +37,12 @@ void conv_token(const float* window, float* next, const float* x, const float* w
 // One token of Gated DeltaNet's short causal conv: per channel c of row b, the window is the
 // K-1 cached inputs then x; y = silu(sum_j window_j w[c, j]); the new window drops the oldest.
 std::vector<torch::Tensor> conv_step(torch::Tensor window, torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(window.scalar_type() == torch::kFloat && window.is_contiguous() && window.dim() == 3,
+  ARG_CHECK(window.scalar_type() == torch::kFloat && window.is_contiguous() && window.dim() == 3,
               "window: contiguous [B, C, K-1] fp32");
   const int64_t B = window.size(0), C = window.size(1), K = window.size(2) + 1;
-  TORCH_CHECK(K >= 2, "the conv window must hold at least one past input");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.numel() == B * C, "x: contiguous [B, C] fp32");
-  TORCH_CHECK(w.scalar_type() == torch::kFloat && w.is_contiguous() && w.numel() == C * K, "w: contiguous [C, K] fp32");
+  ARG_CHECK(K >= 2, "the conv window must hold at least one past input");
+  ARG_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.numel() == B * C, "x: contiguous [B, C] fp32");
+  ARG_CHECK(w.scalar_type() == torch::kFloat && w.is_contiguous() && w.numel() == C * K, "w: contiguous [C, K] fp32");
   auto y = torch::empty({B, C}, x.options());
   auto next = torch::empty_like(window);
   const float *cs = window.data_ptr<float>(), *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
@@ -104,15 +104,15 @@ void delta_token(const float* q, const float* k, const float* v, float g, float 
 // in two passes over each head's state (read; then update and output).
 torch::Tensor delta_step(torch::Tensor y, torch::Tensor g, torch::Tensor beta, torch::Tensor state,
                          int64_t Hk, double scale, double eps) {
-  TORCH_CHECK(state.scalar_type() == torch::kFloat && state.is_contiguous() && state.dim() == 4,
+  ARG_CHECK(state.scalar_type() == torch::kFloat && state.is_contiguous() && state.dim() == 4,
               "state: contiguous [n, Hv, dk, dv] fp32");
   const int64_t n = state.size(0), Hv = state.size(1), dk = state.size(2), dv = state.size(3);
-  TORCH_CHECK(Hk > 0 && Hv % Hk == 0, "value heads must be a multiple of key heads");
-  TORCH_CHECK(dv % 16 == 0 && dv <= 1024, "dv must be a multiple of 16, at most 1024");
+  ARG_CHECK(Hk > 0 && Hv % Hk == 0, "value heads must be a multiple of key heads");
+  ARG_CHECK(dv % 16 == 0 && dv <= 1024, "dv must be a multiple of 16, at most 1024");
   const int64_t C = 2 * Hk * dk + Hv * dv;
-  TORCH_CHECK(y.scalar_type() == torch::kFloat && y.is_contiguous() && y.numel() == n * C, "y: contiguous [n, C] fp32");
-  TORCH_CHECK(g.scalar_type() == torch::kFloat && g.is_contiguous() && g.numel() == n * Hv, "g: contiguous [n, Hv] fp32");
-  TORCH_CHECK(beta.scalar_type() == torch::kFloat && beta.is_contiguous() && beta.numel() == n * Hv,
+  ARG_CHECK(y.scalar_type() == torch::kFloat && y.is_contiguous() && y.numel() == n * C, "y: contiguous [n, C] fp32");
+  ARG_CHECK(g.scalar_type() == torch::kFloat && g.is_contiguous() && g.numel() == n * Hv, "g: contiguous [n, Hv] fp32");
+  ARG_CHECK(beta.scalar_type() == torch::kFloat && beta.is_contiguous() && beta.numel() == n * Hv,
               "beta: contiguous [n, Hv] fp32");
   auto o = torch::empty({n, Hv, dv}, y.options());
   const float *yp = y.data_ptr<float>(), *gp = g.data_ptr<float>(), *bp = beta.data_ptr<float>();
@@ -188,14 +188,14 @@ void delta_block(const float* qn, const float* kn, const float* v, int64_t vs, c
 torch::Tensor delta_rule_prompt(torch::Tensor y, torch::Tensor g, torch::Tensor beta, torch::Tensor state,
                                 int64_t Hk, double scale, double eps) {
   for (const auto* t : {&y, &g, &beta, &state})
-    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous(), "delta_rule_prompt: contiguous fp32 tensors");
-  TORCH_CHECK(state.dim() == 4 && y.dim() == 3, "y [B, T, C], state [B, Hv, dk, dv]");
+    ARG_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous(), "delta_rule_prompt: contiguous fp32 tensors");
+  ARG_CHECK(state.dim() == 4 && y.dim() == 3, "y [B, T, C], state [B, Hv, dk, dv]");
   const int64_t B = y.size(0), T = y.size(1), Hv = state.size(1), dk = state.size(2), dv = state.size(3);
-  TORCH_CHECK(Hk > 0 && Hv % Hk == 0, "value heads must be a multiple of key heads");
+  ARG_CHECK(Hk > 0 && Hv % Hk == 0, "value heads must be a multiple of key heads");
   const int64_t C = 2 * Hk * dk + Hv * dv;
-  TORCH_CHECK(state.size(0) == B && y.size(2) == C, "y's rows must hold q, k and v of the state's heads");
-  TORCH_CHECK(g.numel() == B * T * Hv && beta.numel() == B * T * Hv, "g, beta: [B, T, Hv]");
-  TORCH_CHECK(dv % 16 == 0, "dv must be a multiple of 16");
+  ARG_CHECK(state.size(0) == B && y.size(2) == C, "y's rows must hold q, k and v of the state's heads");
+  ARG_CHECK(g.numel() == B * T * Hv && beta.numel() == B * T * Hv, "g, beta: [B, T, Hv]");
+  ARG_CHECK(dv % 16 == 0, "dv must be a multiple of 16");
   auto o = torch::empty({B, T, Hv, dv}, y.options());
   auto qkn = torch::empty({B, Hk, 2, T, dk}, y.options());  // normalised q, then k, per key head
   const float *yp = y.data_ptr<float>(), *gp = g.data_ptr<float>(), *bp = beta.data_ptr<float>();
@@ -247,13 +247,13 @@ void rms_row(const float* xr, const float* wp, const float* g, float e, float* y
 // norms of a decode step are ~100 calls on one row each, where torch's composite F.rms_norm costs
 // ~50-60 us of dispatch per call on the AMX Xeon and this loop a few.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, c10::optional<torch::Tensor> gate) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be contiguous fp32");
-  TORCH_CHECK(w.scalar_type() == torch::kFloat && w.is_contiguous() && w.dim() == 1, "w must be [D] fp32");
+  ARG_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be contiguous fp32");
+  ARG_CHECK(w.scalar_type() == torch::kFloat && w.is_contiguous() && w.dim() == 1, "w must be [D] fp32");
   const int64_t D = w.numel();
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == D, "x's last dimension is ", x.size(-1), ", the weight's ", D);
+  ARG_CHECK(x.dim() >= 1 && x.size(-1) == D, "x's last dimension is ", x.size(-1), ", the weight's ", D);
   const float* g = nullptr;
   if (gate.has_value()) {
-    TORCH_CHECK(gate->scalar_type() == torch::kFloat && gate->is_contiguous() && gate->sizes() == x.sizes(),
+    ARG_CHECK(gate->scalar_type() == torch::kFloat && gate->is_contiguous() && gate->sizes() == x.sizes(),
                 "gate must be contiguous fp32 shaped like x");
     g = gate->data_ptr<float>();
   }
@@ -287,9 +287,9 @@ static void rowwise_bf16(int64_t rows, int64_t width, F f) {
 
 // gate_up [.., 2I] bf16 (gate then up) -> silu(gate) * up [.., I] bf16, rounded once
 torch::Tensor silu_mul_bf16(torch::Tensor gate_up) {
-  TORCH_CHECK(gate_up.scalar_type() == torch::kBFloat16 && gate_up.is_contiguous(), "gate_up must be contiguous bf16");
+  ARG_CHECK(gate_up.scalar_type() == torch::kBFloat16 && gate_up.is_contiguous(), "gate_up must be contiguous bf16");
   const int64_t I = gate_up.size(-1) / 2;
-  TORCH_CHECK(gate_up.size(-1) == 2 * I && I % 16 == 0, "gate_up's last dimension must be 2 x a multiple of 16");
+  ARG_CHECK(gate_up.size(-1) == 2 * I && I % 16 == 0, "gate_up's last dimension must be 2 x a multiple of 16");
   auto sizes = gate_up.sizes().vec();
   sizes.back() = I;
   auto out = torch::empty(sizes, gate_up.options());
@@ -304,9 +304,9 @@ torch::Tensor silu_mul_bf16(torch::Tensor gate_up) {
 
 // tanh-approximated GELU of a bf16 tensor (last dimension % 16 == 0), in place
 torch::Tensor gelu_tanh_bf16_(torch::Tensor x) {
-  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16");
+  ARG_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16");
   const int64_t W = x.size(-1);
-  TORCH_CHECK(W % 16 == 0, "x's last dimension must be a multiple of 16");
+  ARG_CHECK(W % 16 == 0, "x's last dimension must be a multiple of 16");
   uint16_t* p = reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>());
   const simd::vf k2 = simd::set1(2.0f * 0.7978845608028654f), c = simd::set1(0.044715f);
   rowwise_bf16(W ? x.numel() / W : 0, W, [&](int64_t r, int64_t col) {
@@ -348,13 +348,13 @@ static void conv_prompt_rows(const In* x, int64_t sb, int64_t sr, const float* p
 }
 
 torch::Tensor conv_prompt(torch::Tensor x, torch::Tensor past, torch::Tensor w_t) {
-  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "x: [B, T, C] with unit channel stride");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16, "x must be fp32 or bf16");
+  ARG_CHECK(x.dim() == 3 && x.stride(2) == 1, "x: [B, T, C] with unit channel stride");
+  ARG_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16, "x must be fp32 or bf16");
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), K = w_t.size(0);
-  TORCH_CHECK(C % 16 == 0, "the channels must be a multiple of 16");
-  TORCH_CHECK(w_t.scalar_type() == torch::kFloat && w_t.is_contiguous() && w_t.dim() == 2 && w_t.size(1) == C,
+  ARG_CHECK(C % 16 == 0, "the channels must be a multiple of 16");
+  ARG_CHECK(w_t.scalar_type() == torch::kFloat && w_t.is_contiguous() && w_t.dim() == 2 && w_t.size(1) == C,
               "w_t: contiguous [K, C] fp32");
-  TORCH_CHECK(past.scalar_type() == torch::kFloat && past.is_contiguous() && past.dim() == 3 && past.size(0) == B &&
+  ARG_CHECK(past.scalar_type() == torch::kFloat && past.is_contiguous() && past.dim() == 3 && past.size(0) == B &&
               past.size(1) == K - 1 && past.size(2) == C, "past: contiguous [B, K-1, C] fp32");
   auto y = torch::empty({B, T, C}, x.options().dtype(torch::kFloat));
   if (x.scalar_type() == torch::kFloat) {

@@ -198,9 +198,9 @@ void pack_values(const uint16_t* v, int64_t row, int64_t len, int64_t d, int64_t
 }
 
 void check_qkv(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4 && t.scalar_type() == torch::kBFloat16 && t.stride(3) == 1, name,
+  ARG_CHECK(t.dim() == 4 && t.scalar_type() == torch::kBFloat16 && t.stride(3) == 1, name,
               ": [N, L, H, d] bf16 with contiguous head dims");
-  TORCH_CHECK(t.stride(0) % 2 == 0 && t.stride(1) % 2 == 0 && t.stride(2) % 2 == 0, name,
+  ARG_CHECK(t.stride(0) % 2 == 0 && t.stride(1) % 2 == 0 && t.stride(2) % 2 == 0, name,
               ": strides must be even (the kernel reads head dims in pairs)");
 }
 
@@ -211,12 +211,12 @@ torch::Tensor bf16_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   check_qkv(q, "q");
   check_qkv(k, "k");
   check_qkv(v, "v");
-  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k and v must have one shape");
-  TORCH_CHECK(bf16_dot_ok(), "this CPU has no AVX512-BF16");
+  ARG_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k and v must have one shape");
+  ARG_CHECK(bf16_dot_ok(), "this CPU has no AVX512-BF16");
   const int64_t N = q.size(0), L = q.size(1), H = q.size(2), d = q.size(3);
-  TORCH_CHECK(L >= 1 && d % 2 == 0 && d <= 128, "head dims must be even and at most 128");
-  TORCH_CHECK(lengths.empty() || static_cast<int64_t>(lengths.size()) == N, "one key length per sequence");
-  for (int64_t n : lengths) TORCH_CHECK(n >= 1 && n <= L, "key lengths must be in 1..L");
+  ARG_CHECK(L >= 1 && d % 2 == 0 && d <= 128, "head dims must be even and at most 128");
+  ARG_CHECK(lengths.empty() || static_cast<int64_t>(lengths.size()) == N, "one key length per sequence");
+  for (int64_t n : lengths) ARG_CHECK(n >= 1 && n <= L, "key lengths must be in 1..L");
   const int64_t ND = (d + 15) / 16, DP = ND * 16, Lp = (L + KB - 1) / KB * KB, pairs = d / 2;
   // the packed operands, zero past L and past d
   std::unique_ptr<uint32_t[]> kp(new uint32_t[N * H * pairs * Lp]), vp(new uint32_t[N * H * (Lp / 2) * DP]);

@@ -365,7 +365,7 @@ void int4_block(const uint8_t* w, const uint32_t* sz, const Int4Activations& a, 
 int64_t walk_prefetch = PF_L1;
 
 void set_prefetch(int64_t mode) {
-  TORCH_CHECK(mode >= PF_OFF && mode <= PF_L2, "prefetch mode: 0 off, 1 into L1, 2 into L2");
+  ARG_CHECK(mode >= PF_OFF && mode <= PF_L2, "prefetch mode: 0 off, 1 into L1, 2 into L2");
   walk_prefetch = mode;
 }
 
@@ -383,10 +383,10 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
 }
 
 torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "w: contiguous [N, K] bf16");
+  ARG_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "w: contiguous [N, K] bf16");
   const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
   check_x(x, K);
-  TORCH_CHECK(K % 16 == 0, "K must be a multiple of 16");
+  ARG_CHECK(K % 16 == 0, "K must be a multiple of 16");
   auto y = torch::empty({M, N}, x.options());
   rows_mm(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), nullptr, x.data_ptr<float>(),
           y.data_ptr<float>(), K, N, M);
@@ -398,11 +398,11 @@ torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor w) {
 bool amx_rows_ok() { return amx_permitted(); }
 
 torch::Tensor bf16_amx_mm(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "w: contiguous [N, K] bf16");
+  ARG_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "w: contiguous [N, K] bf16");
   const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
   check_x(x, K);
-  TORCH_CHECK(K % 32 == 0 && M >= 1 && M <= 16, "K must be a multiple of 32 and rows 1..16");
-  TORCH_CHECK(amx_permitted(), "the OS refused the AMX tile state");
+  ARG_CHECK(K % 32 == 0 && M >= 1 && M <= 16, "K must be a multiple of 32 and rows 1..16");
+  ARG_CHECK(amx_permitted(), "the OS refused the AMX tile state");
   // [M, K] -> [K / 2][M][2] bf16 (round to nearest even): each k pair of each activation row side by side
   auto xp = torch::empty({K / 2, M, 2}, x.options().dtype(torch::kBFloat16));
   {
@@ -451,7 +451,7 @@ torch::Tensor int4_widen_t(torch::Tensor packed, torch::Tensor sz, int64_t group
                            bool bf16) {
   check_int4(packed, sz, group);
   const int64_t n_pad = packed.size(0), K = packed.size(1) * 2;
-  TORCH_CHECK(0 <= b0 && b0 < b1 && b1 * 64 <= n_pad, "block range out of the matrix");
+  ARG_CHECK(0 <= b0 && b0 < b1 && b1 * 64 <= n_pad, "block range out of the matrix");
   const int64_t G = K / group, cols = (b1 - b0) * 64;
   auto out = torch::empty({K, cols}, packed.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat));
   const uint8_t* wp = packed.data_ptr<uint8_t>();
