@@ -76,43 +76,45 @@ def _penalties(logits: torch.Tensor, rows: list, seen, outputs: list[list[int]])
     if all(p.repetition_penalty == 1 and not p.presence_penalty and not p.frequency_penalty for p in rows):
         return logits
     N, V = logits.shape
-    rep = torch.tensor([p.repetition_penalty for p in rows])
+    dev = logits.device
+    rep = torch.tensor([p.repetition_penalty for p in rows], device=dev)
     if (rep != 1).any():
         if callable(seen):
             seen = seen()
-        mask = torch.zeros(N, V, dtype=torch.bool)
+        mask = torch.zeros(N, V, dtype=torch.bool, device=dev)
         for i, ids in enumerate(seen):
             if rows[i].repetition_penalty != 1 and ids:
-                mask[i, torch.tensor(ids)] = True
+                mask[i, torch.tensor(ids, device=dev)] = True
         r = rep[:, None].to(logits.dtype)
         logits = torch.where(mask, torch.where(logits < 0, logits * r, logits / r), logits)
-    pres = torch.tensor([p.presence_penalty for p in rows], dtype=logits.dtype)
-    freq = torch.tensor([p.frequency_penalty for p in rows], dtype=logits.dtype)
+    pres = torch.tensor([p.presence_penalty for p in rows], dtype=logits.dtype, device=dev)
+    freq = torch.tensor([p.frequency_penalty for p in rows], dtype=logits.dtype, device=dev)
     if pres.any() or freq.any():
-        counts = torch.zeros(N, V, dtype=logits.dtype)
+        counts = torch.zeros(N, V, dtype=logits.dtype, device=dev)
         for i, ids in enumerate(outputs):
             if ids:
-                counts[i].index_add_(0, torch.tensor(ids), torch.ones(len(ids), dtype=logits.dtype))
+                ones = torch.ones(len(ids), dtype=logits.dtype, device=dev)
+                counts[i].index_add_(0, torch.tensor(ids, device=dev), ones)
         logits = logits - freq[:, None] * counts - pres[:, None] * (counts > 0)
     return logits
 
 
 def _filter(logits: torch.Tensor, rows: list) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p over the sampling rows [N, V] -> probabilities."""
-    V = logits.shape[-1]
-    logits = logits / torch.tensor([max(p.temperature, 1e-5) for p in rows], dtype=logits.dtype)[:, None]
-    ks = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in rows])
+    V, dev = logits.shape[-1], logits.device
+    logits = logits / torch.tensor([max(p.temperature, 1e-5) for p in rows], dtype=logits.dtype, device=dev)[:, None]
+    ks = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in rows], device=dev)
     if (ks < V).any():
         kth = torch.topk(logits, int(ks.max()), dim=-1).values.gather(1, (ks - 1)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    top_p = torch.tensor([p.top_p for p in rows], dtype=logits.dtype)
+    top_p = torch.tensor([p.top_p for p in rows], dtype=logits.dtype, device=dev)
     if (top_p < 1).any():
         ascending, order = torch.sort(logits, dim=-1)
         drop = ascending.softmax(-1).cumsum(-1) <= (1 - top_p)[:, None]
         drop[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
-    min_p = torch.tensor([p.min_p for p in rows], dtype=probs.dtype)
+    min_p = torch.tensor([p.min_p for p in rows], dtype=probs.dtype, device=dev)
     if min_p.any():
         probs = probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
     return probs

@@ -99,4 +99,4 @@ class GrammarConstraint:
             allowed[self.stop_token_ids] = True
         elif allowed[self.stop_token_ids].any():
             allowed[self.stop_token_ids] = True  # the value is complete: any stop token may end it
-        return logits.masked_fill(~allowed, float("-inf"))
+        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
