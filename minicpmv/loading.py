@@ -24,9 +24,11 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
-def pick_device(device: str | torch.device | None) -> torch.device:
+def pick_device(device: str | torch.device | None, cpu_options: bool = False) -> torch.device:
+    """None / "auto": a CUDA GPU when there is one, unless the load asks for CPU-only options
+    (`cpu_options`: a load-time weight format or an ISA level), which choose the CPU."""
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() and not cpu_options else "cpu")
     return torch.device(device)
 
 
@@ -79,7 +81,7 @@ def load_model(folder, dtype="auto", device=None, progress: bool = True, pack_pe
     folder = Path(folder)
     weights = check_weights(weights)
     config = json.loads((folder / "config.json").read_text())
-    device = pick_device(device)
+    device = pick_device(device, cpu_options=weights is not None or isa is not None)
     if weights is not None:
         if device.type != "cpu":
             raise ValueError(f"weights={weights!r} is a CPU format; on {device.type} load a GPTQ checkpoint instead")

@@ -115,6 +115,11 @@ def test_cuda_without_a_gpu(capsys, monkeypatch, ckpt):
     assert "not a device name" in one_error(capsys, ["chat", "--model", ckpt, "--device", "gpu0", "hi"])
 
 
+def test_a_cpu_weight_format_on_cuda(capsys, ckpt):
+    line = one_error(capsys, ["chat", "--model", ckpt, "--device", "cuda", "--weights", "int4", "hi"])
+    assert "--weights int4 is a CPU format" in line and "--device cpu" in line
+
+
 # -- the checkpoint ---------------------------------------------------------------------------
 
 def test_unsupported_model_type(capsys, tmp_path):

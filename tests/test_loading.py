@@ -75,6 +75,19 @@ def test_auto_dtype_on_cpu_keeps_an_fp32_checkpoint_fp32(tiny46_dir):
     assert model.lm_head.weight.dtype == torch.float32
 
 
+def test_auto_device_takes_the_cpu_for_cpu_only_options(tiny46_dir, monkeypatch):
+    """On a machine with a GPU, device "auto" means CUDA, unless the load asks for a CPU weight format
+    or an ISA level: then the CPU (a GPU machine's `minicpmv chat --weights int8` runs on its CPU)."""
+    from minicpmv.loading import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto").type == pick_device(None).type == "cuda"
+    assert pick_device("auto", cpu_options=True).type == pick_device(None, cpu_options=True).type == "cpu"
+    assert pick_device("cuda:1", cpu_options=True) == torch.device("cuda:1")  # an explicit device stays
+    model, _ = load_model(tiny46_dir, "bfloat16", None, progress=False, weights="int8")
+    assert next(model.parameters()).device.type == "cpu"
+
+
 def test_hub_id_is_downloaded_with_huggingface_hub(tiny46_dir, monkeypatch):
     import huggingface_hub
 

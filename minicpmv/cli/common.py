@@ -22,7 +22,8 @@ def add_model_args(p: argparse.ArgumentParser, dtype_help: str | None = None) ->
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help=dtype_help or "weights dtype (auto: bfloat16 on GPUs; on CPUs the checkpoint's own, computed "
                                       "in float32)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1, ... (auto: cuda when available; the CPU with --weights or --isa)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--weights", choices=list(WEIGHT_FORMATS),
                    help="CPU: quantize the text matrices, MoE experts and lm_head of a 16-bit checkpoint at load "
@@ -35,6 +36,10 @@ def add_model_args(p: argparse.ArgumentParser, dtype_help: str | None = None) ->
 def check_model_args(args) -> ModelInfo:
     """Torch-free checks of --model / --device (config.json read, family known, files present)."""
     check_device_name(args.device)
+    weights = getattr(args, "weights", None)
+    if weights and args.device.startswith("cuda"):
+        raise CliError(f"--weights {weights} is a CPU format (the CPU's {weights} kernels); it does not run on "
+                       f"{args.device}", "use --device cpu, or load a GPTQ checkpoint on the GPU")
     return inspect_model(args.model, getattr(args, "revision", None))
 
 
