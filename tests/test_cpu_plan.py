@@ -97,7 +97,7 @@ def test_avx512_bf16_without_amx_takes_bf16_text_matrices_where_the_extension_bu
     if native.unusable(bf16.cpu) is None:  # this host has the extension's flags too
         assert bf16.text16 == BF16 and bf16.bf16_dot and bf16.gemm_dtype == torch.bfloat16
         rows = dict(bf16.rows())
-        assert "vdpbf16ps" in rows["decode GEMVs"] and rows["decode layers"].startswith("one extension call")
+        assert "vdpbf16ps" in rows["decode GEMVs"] and rows["decode layers"].startswith("one call of the extension per layer")
         assert bf16.vision_flash and rows["vision attention"].startswith("the extension's vdpbf16ps kernel")
 
 

@@ -460,8 +460,14 @@ def test_a_matrix_in_tiles_gives_the_plain_matrixs_rows_bit_for_bit():
         mod.bf16_untile(t, torch.empty(n + 1, k, dtype=torch.bfloat16))
     w, b = (torch.randn(203, 96, generator=g) * 0.1).bfloat16(), torch.randn(203, generator=g)
     lin, twin = Bf16Linear.of(w, b), Bf16Linear.of(w, b)
-    tune_bf16(lin, plan, mod)
-    tune_bf16(twin, dataclasses.replace(plan, bf16_tiles=False), mod)
+    # the vdpbf16ps rows as the plan of an AVX512-BF16 CPU without AMX has them (on AMX ones too, which
+    # have the unit but keep the FMA rows)
+    dot = dataclasses.replace(plan, bf16_dot=True, bf16_dot_rows=96, bf16_tiles=True, amx_rows=0)
+    tune_bf16(lin, dot, mod)
+    tune_bf16(twin, dataclasses.replace(dot, bf16_tiles=False), mod)
+    both = Bf16Linear.of(w, b)  # a plan with AMX rows too: they read plain rows, so not the tiled matrix's
+    tune_bf16(both, dataclasses.replace(dot, amx_rows=5), mod)
+    assert both.tiles and both.amx_rows == 0
     assert lin.tiles and not twin.tiles and torch.equal(lin.plain_weight(), w) and torch.equal(twin.weight, w)
     weight_formats._scratch.__dict__.pop("buf", None)
     with torch.inference_mode():  # the untile scratch first made in inference mode (an engine's prompt),

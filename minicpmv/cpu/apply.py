@@ -77,11 +77,11 @@ def tune_bf16(m: Bf16Linear, plan: KernelPlan, kernels) -> None:
     if m.in_features % 32 == 0:
         m.bf16_dot = plan.bf16_dot and kernels.bf16_dot_ok()
         m.dot_rows = plan.bf16_dot_rows if m.bf16_dot else 0
-        if plan.amx_rows and kernels.amx_rows_ok():
-            m.amx_rows = plan.amx_rows
         if m.bf16_dot and plan.bf16_tiles:
             m.weight = nn.Parameter(kernels.bf16_tile(m.weight.detach()), requires_grad=False)
             m.tiles = True
+        if plan.amx_rows and kernels.amx_rows_ok() and not m.tiles:  # (the AMX rows read plain rows only)
+            m.amx_rows = plan.amx_rows
 
 
 def tied_embeddings(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
