@@ -76,6 +76,19 @@ def test_reasons_on_made_up_cpus(monkeypatch):
     assert rule_plan(cpu(FULL - {"avx512vbmi"})).native_kernels is False
 
 
+def test_each_torch_install_builds_in_its_own_folder(monkeypatch):
+    """Two environments with the same torch version share no build folder: torch's builder recompiles a
+    folder built for other include paths, so switching between them rebuilt the module inside each load
+    (a server ready after 88 s instead of ~25, its process tree at 8.3 GB with the compilers, 2026-12-04)."""
+    for ext in (native._AVX512, native._AVX2):
+        key = ext.key(HERE)
+        assert ext.key(HERE) == key
+        with monkeypatch.context() as m:
+            m.setattr(torch, "__file__", "/another/venv/lib/python3.11/site-packages/torch/__init__.py")
+            assert ext.key(HERE) != key
+        assert ext.key(dataclasses.replace(HERE, flags=HERE.flags | {"made_up"})) != key
+
+
 def test_builds_here_or_says_why():
     mod = kernels()
     if USABLE:

@@ -136,10 +136,18 @@ class _Extension:
         self.module, self.status = self._build(cpu, progress)
         return self.module
 
+    def key(self, cpu: CpuInfo) -> str:
+        """The build folder's key: the files, torch's version and where it is installed (two
+        environments with the same torch share no folder: torch's builder would recompile on every
+        switch between them, the compiler running inside the load), the CPU's flags, the compiler flags."""
+        source = b"".join(p.read_bytes() for p in self.files)
+        where = str(Path(torch.__file__).resolve().parent)
+        parts = (torch.__version__, where, " ".join(sorted(cpu.flags)), " ".join(self.flags))
+        return hashlib.sha256(source + "\n".join(parts).encode()).hexdigest()[:12]
+
     def _build(self, cpu: CpuInfo, progress: bool):
         """(module, status): the module built from its files (.cpp compiled, headers hashed) into
-        `<cache>/native-<hash>/`, keyed by the files, torch's version, the CPU's flags and the
-        compiler flags; a build that fails leaves (None, why)."""
+        `<cache>/native-<key>/` (`key`); a build that fails leaves (None, why)."""
         name, sources, flags, what = self.name, self.files, self.flags, self.what
         quiet = logging.getLogger("torch.utils.cpp_extension")  # its import warns about CUDA on CPU-only hosts
         level = quiet.level
@@ -151,9 +159,7 @@ class _Extension:
 
         from .calibrate import cache_dir
 
-        source = b"".join(p.read_bytes() for p in sources)
-        key = hashlib.sha256(source + torch.__version__.encode() + " ".join(sorted(cpu.flags)).encode()
-                             + " ".join(flags).encode()).hexdigest()[:12]
+        key = self.key(cpu)
         folder = cache_dir() / f"native-{key}"
         folder.mkdir(parents=True, exist_ok=True)
         fresh = not any(folder.glob("*.so"))
