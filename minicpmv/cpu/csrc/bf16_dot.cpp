@@ -115,7 +115,7 @@ torch::Tensor retile(const torch::Tensor& w, bool to_tiles, c10::optional<torch:
   const int64_t N = w.size(0), K = w.size(1);
   ARG_CHECK(K % 32 == 0, "tiles need K % 32 == 0, got ", N, " x ", K);
   ARG_CHECK(!into || (into->sizes() == w.sizes() && into->scalar_type() == torch::kBFloat16 && into->is_contiguous()),
-              "out: contiguous bf16 of w's shape");
+            "out: contiguous bf16 of w's shape");
   auto out = into ? *into : torch::empty_like(w);
   const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());

@@ -137,11 +137,11 @@ torch::Tensor delta_layer(torch::Tensor x, torch::Tensor in_norm_w, torch::Tenso
   const int64_t S = rec_pool.size(0), Hv = rec_pool.size(1), dk = rec_pool.size(2), dv = rec_pool.size(3);
   const int64_t C = conv_pool.size(1), K = conv_pool.size(2) + 1, V = Hv * dv;
   ARG_CHECK(Hk > 0 && Hv % Hk == 0 && C == 2 * Hk * dk + V && dv % 16 == 0 && dv <= 1024,
-              "the state pool does not fit the layer");
+            "the state pool does not fit the layer");
   ARG_CHECK(conv_w.numel() == C * K && conv_pool.size(0) == S, "conv weight [C, K] and windows [S, C, K-1]");
   ARG_CHECK(in_proj.out == C + V + 2 * Hv && out_proj.out == D, "in_proj / out_proj widths");
   ARG_CHECK(neg_a.numel() == Hv && dt_bias.numel() == Hv && o_norm_w.numel() == dv,
-              "decay rates and dt_bias per value head, the output norm over one head");
+            "decay rates and dt_bias per value head, the output norm over one head");
   for (int64_t s : slots) ARG_CHECK(s >= 0 && s < S, "slot ", s, " outside the pool's ", S);
 
   const torch::Tensor proj = in_proj(rms_norm(x, in_norm_w, eps, c10::nullopt));
@@ -232,8 +232,8 @@ torch::Tensor attn_layer(torch::Tensor x, torch::Tensor in_norm_w, torch::Tensor
   ARG_CHECK(R % 2 == 0 && R <= hd && cos.size(0) == B && sin.sizes() == cos.sizes(), "cos, sin: [B, R <= hd]");
   ARG_CHECK(q_norm_w.numel() == hd && k_norm_w.numel() == hd, "q / k norms over one head");
   ARG_CHECK(write_rows.scalar_type() == torch::kLong && write_rows.is_contiguous() && write_rows.numel() == B &&
-              read_rows.scalar_type() == torch::kLong && read_rows.is_contiguous() && read_rows.size(0) == B &&
-              static_cast<int64_t>(lengths.size()) == B, "one written row and one row list per sequence");
+            read_rows.scalar_type() == torch::kLong && read_rows.is_contiguous() && read_rows.size(0) == B &&
+            static_cast<int64_t>(lengths.size()) == B, "one written row and one row list per sequence");
   const int64_t *wr = write_rows.data_ptr<int64_t>(), *rr = read_rows.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     ARG_CHECK(lengths[b] >= 1 && lengths[b] <= L && wr[b] >= 0 && wr[b] < P, "rows outside the KV pool");

@@ -38,7 +38,7 @@ void conv_token(const float* window, float* next, const float* x, const float* w
 // K-1 cached inputs then x; y = silu(sum_j window_j w[c, j]); the new window drops the oldest.
 std::vector<torch::Tensor> conv_step(torch::Tensor window, torch::Tensor x, torch::Tensor w) {
   ARG_CHECK(window.scalar_type() == torch::kFloat && window.is_contiguous() && window.dim() == 3,
-              "window: contiguous [B, C, K-1] fp32");
+            "window: contiguous [B, C, K-1] fp32");
   const int64_t B = window.size(0), C = window.size(1), K = window.size(2) + 1;
   ARG_CHECK(K >= 2, "the conv window must hold at least one past input");
   ARG_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.numel() == B * C, "x: contiguous [B, C] fp32");
@@ -105,7 +105,7 @@ void delta_token(const float* q, const float* k, const float* v, float g, float 
 torch::Tensor delta_step(torch::Tensor y, torch::Tensor g, torch::Tensor beta, torch::Tensor state,
                          int64_t Hk, double scale, double eps) {
   ARG_CHECK(state.scalar_type() == torch::kFloat && state.is_contiguous() && state.dim() == 4,
-              "state: contiguous [n, Hv, dk, dv] fp32");
+            "state: contiguous [n, Hv, dk, dv] fp32");
   const int64_t n = state.size(0), Hv = state.size(1), dk = state.size(2), dv = state.size(3);
   ARG_CHECK(Hk > 0 && Hv % Hk == 0, "value heads must be a multiple of key heads");
   ARG_CHECK(dv % 16 == 0 && dv <= 1024, "dv must be a multiple of 16, at most 1024");
@@ -113,7 +113,7 @@ torch::Tensor delta_step(torch::Tensor y, torch::Tensor g, torch::Tensor beta, t
   ARG_CHECK(y.scalar_type() == torch::kFloat && y.is_contiguous() && y.numel() == n * C, "y: contiguous [n, C] fp32");
   ARG_CHECK(g.scalar_type() == torch::kFloat && g.is_contiguous() && g.numel() == n * Hv, "g: contiguous [n, Hv] fp32");
   ARG_CHECK(beta.scalar_type() == torch::kFloat && beta.is_contiguous() && beta.numel() == n * Hv,
-              "beta: contiguous [n, Hv] fp32");
+            "beta: contiguous [n, Hv] fp32");
   auto o = torch::empty({n, Hv, dv}, y.options());
   const float *yp = y.data_ptr<float>(), *gp = g.data_ptr<float>(), *bp = beta.data_ptr<float>();
   float *sp = state.data_ptr<float>(), *op = o.data_ptr<float>();
@@ -254,7 +254,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, c10::option
   const float* g = nullptr;
   if (gate.has_value()) {
     ARG_CHECK(gate->scalar_type() == torch::kFloat && gate->is_contiguous() && gate->sizes() == x.sizes(),
-                "gate must be contiguous fp32 shaped like x");
+              "gate must be contiguous fp32 shaped like x");
     g = gate->data_ptr<float>();
   }
   auto y = torch::empty_like(x);
@@ -353,9 +353,9 @@ torch::Tensor conv_prompt(torch::Tensor x, torch::Tensor past, torch::Tensor w_t
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), K = w_t.size(0);
   ARG_CHECK(C % 16 == 0, "the channels must be a multiple of 16");
   ARG_CHECK(w_t.scalar_type() == torch::kFloat && w_t.is_contiguous() && w_t.dim() == 2 && w_t.size(1) == C,
-              "w_t: contiguous [K, C] fp32");
+            "w_t: contiguous [K, C] fp32");
   ARG_CHECK(past.scalar_type() == torch::kFloat && past.is_contiguous() && past.dim() == 3 && past.size(0) == B &&
-              past.size(1) == K - 1 && past.size(2) == C, "past: contiguous [B, K-1, C] fp32");
+            past.size(1) == K - 1 && past.size(2) == C, "past: contiguous [B, K-1, C] fp32");
   auto y = torch::empty({B, T, C}, x.options().dtype(torch::kFloat));
   if (x.scalar_type() == torch::kFloat) {
     conv_prompt_rows(x.data_ptr<float>(), x.stride(0), x.stride(1), past.data_ptr<float>(), w_t.data_ptr<float>(),

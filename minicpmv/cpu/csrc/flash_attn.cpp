@@ -199,9 +199,9 @@ void pack_values(const uint16_t* v, int64_t row, int64_t len, int64_t d, int64_t
 
 void check_qkv(const torch::Tensor& t, const char* name) {
   ARG_CHECK(t.dim() == 4 && t.scalar_type() == torch::kBFloat16 && t.stride(3) == 1, name,
-              ": [N, L, H, d] bf16 with contiguous head dims");
+            ": [N, L, H, d] bf16 with contiguous head dims");
   ARG_CHECK(t.stride(0) % 2 == 0 && t.stride(1) % 2 == 0 && t.stride(2) % 2 == 0, name,
-              ": strides must be even (the kernel reads head dims in pairs)");
+            ": strides must be even (the kernel reads head dims in pairs)");
 }
 
 }  // namespace

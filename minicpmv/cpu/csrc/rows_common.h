@@ -70,7 +70,7 @@ inline float round_block32(const float* x, int8_t* a) {
 // refuses an x that is not a contiguous 2-D fp32 tensor of K columns
 inline void check_x(const torch::Tensor& x, int64_t K) {
   ARG_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
-              "x must be a contiguous 2-D fp32 tensor");
+            "x must be a contiguous 2-D fp32 tensor");
   ARG_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the matrix ", K);
 }
 
@@ -81,17 +81,17 @@ inline void check_int8(const torch::Tensor& x, const torch::Tensor& q, const tor
   check_x(x, q.size(1));
   ARG_CHECK(q.size(1) % 16 == 0, "K must be a multiple of 16");
   ARG_CHECK(scale.scalar_type() == torch::kBFloat16 && scale.is_contiguous() && scale.numel() == q.size(0),
-              "scale: [N] bf16");
+            "scale: [N] bf16");
 }
 
 // refuses an int4 matrix that is not packed [n_pad, K / 2] uint8 (n_pad % 64 == 0) with scale / offset
 // pairs [K / group, n_pad, 2] bf16, group a multiple of 32 dividing K
 inline void check_int4(const torch::Tensor& packed, const torch::Tensor& sz, int64_t group) {
   ARG_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kByte && packed.is_contiguous(),
-              "packed: contiguous [n_pad, K / 2] uint8");
+            "packed: contiguous [n_pad, K / 2] uint8");
   const int64_t n_pad = packed.size(0), K = packed.size(1) * 2;
   ARG_CHECK(n_pad % 64 == 0, "rows must be padded to a multiple of 64");
   ARG_CHECK(group > 0 && K % group == 0 && group % 32 == 0, "group must be a multiple of 32 dividing K");
   ARG_CHECK(sz.scalar_type() == torch::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == K / group &&
-              sz.size(1) == n_pad && sz.size(2) == 2, "scale_zero: [K / group, n_pad, 2] bf16");
+            sz.size(1) == n_pad && sz.size(2) == 2, "scale_zero: [K / group, n_pad, 2] bf16");
 }
