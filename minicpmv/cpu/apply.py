@@ -24,9 +24,9 @@ from .plan import BF16, FP16_PACKED, INT4_GROUP, PREFETCH, KernelPlan
 def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes: tuple[str, ...]) -> None:
     fused_decode.invalidate()  # the modules' kernels change below: decode calls read them again
     kernels = native.quant_kernels(plan.cpu) if plan.native_kernels else None
-    if kernels is not None:
-        kernels.set_prefetch(PREFETCH[plan.prefetch][0])
     ops = few_row_kernels(plan, kernels)  # the AVX-512 extension, else the AVX2 module: both hold the helpers
+    if ops is not None:
+        ops.set_prefetch(PREFETCH[plan.prefetch][0])
     for module in model.modules():
         if plan.fused_norm and isinstance(module, (RMSNorm, ZeroCenteredRMSNorm, GatedRMSNorm)):
             module.fused = True

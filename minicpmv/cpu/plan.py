@@ -76,7 +76,7 @@ class KernelPlan:
     # on a plain copy made per call
     bf16_tiles: bool = False
     # software prefetch ahead of the extension's decode streams (PREFETCH): the int8 / int4 one-row
-    # walks and the int8 / vdpbf16ps tiles of several rows. Into L1 lifted the AMX Xeon's streams
+    # walks and the int8 / vdpbf16ps tiles of several rows (the AVX2 module's int8 / int4 rows too). Into L1 lifted the AMX Xeon's streams
     # (10 -> 17-20 GB/s) and slowed the Zen 4's, where into L2 made int8 / int4 decode 1.16-1.24x
     # faster than none and batched 16-bit decode 1.45x faster than into L1
     prefetch: str = "l1"
@@ -190,7 +190,8 @@ class KernelPlan:
         extension = (f"{native.describe()}; int8 / int4 decode walks "
                      f"{PREFETCH[self.prefetch][1]}"
                      if self.native_kernels else f"off ({why or 'not chosen for this plan'})"
-                     + (f"; int8 / int4 rows on {native.describe_avx2()}" if self.avx2_gemv else ""))
+                     + (f"; int8 / int4 rows on {native.describe_avx2()}, {PREFETCH[self.prefetch][1]}"
+                        if self.avx2_gemv else ""))
         rows += [("RMSNorms", norms), ("C++ extension", extension)]
         return rows + [("denormals", denormals.describe() if self.flush_denormals else "kept (IEEE)")]
 

@@ -14,6 +14,16 @@
 torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scale);
 torch::Tensor int4_mm(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, int64_t group);
 
+// ---- software prefetch ahead of a decode product's weight streams, as the CPU plan says ----
+// (set_prefetch, decode_rows.cpp): into L1 (the AMX Xeon's choice), into L2 only (a Zen 4's: into L1
+// slowed its streams), or none. Each module's own decode walks call walk_ahead.
+enum Prefetch : int64_t { PF_OFF = 0, PF_L1 = 1, PF_L2 = 2 };
+extern int64_t walk_prefetch;
+inline void walk_ahead(const void* p) {
+  if (walk_prefetch == PF_L1) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+  else if (walk_prefetch == PF_L2) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
+}
+
 // ---- decode_rows.cpp: one decode token on raw rows ----
 // y = x / sqrt(mean(x^2) + eps) * w over the last dimension (fp32), times silu(gate) when given
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, c10::optional<torch::Tensor> gate);

@@ -368,8 +368,17 @@ torch::Tensor conv_prompt(torch::Tensor x, torch::Tensor past, torch::Tensor w_t
 }
 
 
+int64_t walk_prefetch = PF_L1;
+
+void set_prefetch(int64_t mode) {
+  ARG_CHECK(mode >= PF_OFF && mode <= PF_L2, "prefetch mode: 0 off, 1 into L1, 2 into L2");
+  walk_prefetch = mode;
+}
+
 void register_decode_rows(pybind11::module& m) {
   namespace py = pybind11;
+  m.def("set_prefetch", &set_prefetch,
+        "software prefetch in the module's decode weight walks: 0 off, 1 into L1, 2 into L2");
   m.def("conv_step", &conv_step, "one token of the depthwise causal conv + silu -> (y, next window)", released_gil());
   m.def("delta_rule_prompt", &delta_rule_prompt,
         "the gated delta rule over a prompt's conv outputs, the decode step's arithmetic, states in place -> o",

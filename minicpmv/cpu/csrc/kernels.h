@@ -1,6 +1,6 @@
 // What the AVX-512 extension's sources share beyond decode.h (cpu/native.py builds quant_gemv.cpp,
 // bf16_dot.cpp, flash_attn.cpp and the shared decode sources into one module): the bf16 products
-// and the software prefetch of the decode walks.
+// (the software prefetch of the decode walks is decode.h's).
 #pragma once
 #include "decode.h"
 
@@ -21,11 +21,3 @@ bool bf16_dot_ok();
 torch::Tensor bf16_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<int64_t> lengths,
                              double scale);
 
-// Software prefetch ahead of a decode product's weight streams, as the CPU plan says (set_prefetch):
-// into L1 (the AMX Xeon's choice), into L2 only (a Zen 4's: into L1 slowed its streams), or none.
-enum Prefetch : int64_t { PF_OFF = 0, PF_L1 = 1, PF_L2 = 2 };
-extern int64_t walk_prefetch;
-inline void walk_ahead(const void* p) {
-  if (walk_prefetch == PF_L1) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
-  else if (walk_prefetch == PF_L2) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
-}

@@ -362,13 +362,6 @@ void int4_block(const uint8_t* w, const uint32_t* sz, const Int4Activations& a, 
 
 }  // namespace
 
-int64_t walk_prefetch = PF_L1;
-
-void set_prefetch(int64_t mode) {
-  ARG_CHECK(mode >= PF_OFF && mode <= PF_L2, "prefetch mode: 0 off, 1 into L1, 2 into L2");
-  walk_prefetch = mode;
-}
-
 torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   check_int8(x, q, scale);
   const int64_t N = q.size(0), K = q.size(1), M = x.size(0);
@@ -517,7 +510,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_rows_ok", &amx_rows_ok, "whether this process may use the AMX tiles (asks the OS once)");
   m.def("bf16_mm", &bf16_mm, "x [M, K] fp32 @ w [N, K] bf16 ^T -> [M, N] fp32 (exact products, fp32 sums)",
         released_gil());
-  m.def("set_prefetch", &set_prefetch, "software prefetch in the single-stream int8 / int4 weight walks: 0 off, 1 into L1, 2 into L2");
   m.def("int4_mm", &int4_mm, "x [M, K] fp32 @ int4pack(packed, scale_zero, group)^T -> [M, n_pad] fp32",
         released_gil());
 }
