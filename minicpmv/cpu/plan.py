@@ -76,9 +76,11 @@ class KernelPlan:
     # on a plain copy made per call
     bf16_tiles: bool = False
     # software prefetch ahead of the extension's decode streams (PREFETCH): the int8 / int4 one-row
-    # walks and the int8 / vdpbf16ps tiles of several rows (the AVX2 module's int8 / int4 rows too). Into L1 lifted the AMX Xeon's streams
-    # (10 -> 17-20 GB/s) and slowed the Zen 4's, where into L2 made int8 / int4 decode 1.16-1.24x
-    # faster than none and batched 16-bit decode 1.45x faster than into L1
+    # walks and the int8 / vdpbf16ps tiles of several rows (and the AVX2 module's int8 / int4 rows).
+    # Into L1 lifted the AMX Xeon's streams (10 -> 17-20 GB/s) and slowed the Zen 4's, where into L2
+    # made int8 / int4 decode 1.16-1.24x faster than none and batched 16-bit decode 1.45x faster than
+    # into L1; on a Zen 3 the AVX2 module's int8 / int4 decode ran 1.11-1.12x faster into L2 than
+    # none (8 int8 sequences 1.27x)
     prefetch: str = "l1"
     # the vision tower's attention on the extension's vdpbf16ps kernel (cpu/csrc/flash_attn.cpp;
     # AVX512-BF16 without AMX: ~2x torch's bf16 SDPA on 1,024 patches on the Zen 4); else torch's SDPA

@@ -34,7 +34,7 @@ namespace {
 // the plan says (walk_ahead, decode.h): one stream per weight row (int8), one per block of 64 rows
 // (int4). On a Zen 3 (2 threads, the 4.6's matrices, alternated in one run, twice) into L2 at 2 / 4
 // KB ahead read 1.13-1.21x faster than none at one row (int8; int4 1.18-1.24x) and 1.4x at 8 int8
-// rows; 8 / 16 KB (the AVX-512 extension's) and 1 / 2 KB were no better, into L1 no better than L2.
+// rows; 1 / 2, 4 / 8 and 8 / 16 KB (the AVX-512 extension's) were no better, into L1 no better than L2.
 constexpr int64_t PF_ROWS = 2048, PF_INT4 = 4096;
 
 // Per row of x [M, K] and block of 32 inputs: the codes a, |a|, d, -8 sum a; per group the fp32 sum of x.
