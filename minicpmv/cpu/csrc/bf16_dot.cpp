@@ -44,8 +44,7 @@ __attribute__((target("avx512bf16"))) void dot_tile(const uint16_t* w, const uin
       for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MR; ++m) y[(m0 + m) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]);
+  store_sums<R, MR>(acc, y, N, n0, m0);
 }
 
 // One activation row (the usual decode step): weight rows one after another, each read front to
@@ -93,8 +92,7 @@ __attribute__((target("avx512bf16"))) void tiled_tile(const uint16_t* w, const u
       for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
     }
   }
-  for (int r = 0; r < 4; ++r)
-    for (int m = 0; m < MR; ++m) y[(m0 + m) * N + t * 4 + r] = _mm512_reduce_add_ps(acc[r][m]);
+  store_sums<4, MR>(acc, y, N, t * 4, m0);
 }
 
 __attribute__((target("avx512bf16"))) void tiled_rows(const uint16_t* w, const uint16_t* xb, float* y, int64_t K,

@@ -69,10 +69,9 @@ void rows_tile(const T* q, const uint16_t* scale, const float* x, float* y,
       for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_fmadd_ps(w, xv[m], acc[r][m]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const float s = scale ? bf16_to_float(scale[n0 + r]) : 1.0f;
-    for (int m = 0; m < MR; ++m) y[(m0 + m) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) * s;
-  }
+  float s[R];
+  for (int r = 0; r < R; ++r) s[r] = scale ? bf16_to_float(scale[n0 + r]) : 1.0f;
+  store_sums<R, MR>(acc, y, N, n0, m0, s);
 }
 
 template <int R, typename T>
@@ -158,10 +157,9 @@ void int8_tile(const int8_t* q, const uint16_t* scale, const Int8Activations& a,
     for (int m = 0; m < MR; ++m)
       for (int r = 0; r < R; ++r) acc[r][m] = int8_step(acc[r][m], u[r], a, (m0 + m) * K + k);
   }
-  for (int r = 0; r < R; ++r) {
-    const float s = bf16_to_float(scale[n0 + r]);
-    for (int m = 0; m < MR; ++m) y[(m0 + m) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) * s;
-  }
+  float s[R];
+  for (int r = 0; r < R; ++r) s[r] = bf16_to_float(scale[n0 + r]);
+  store_sums<R, MR>(acc, y, N, n0, m0, s);
 }
 
 // One activation row (the usual decode step): each weight row read front to back, one after
