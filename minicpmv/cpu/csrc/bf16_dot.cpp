@@ -24,11 +24,9 @@
 
 namespace {
 
-// `ahead`: prefetch the next tile (the first group of activation rows of a tile does; the groups
-// after it find this tile in L1, and their prefetches would only take load slots).
 template <int R, int MR>
 __attribute__((target("avx512bf16"))) void dot_tile(const uint16_t* w, const uint16_t* xb, float* y, int64_t K,
-                                                   int64_t N, int64_t n0, int64_t m0, bool ahead) {
+                                                   int64_t N, int64_t n0, int64_t m0) {
   __m512 acc[R][MR];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -41,7 +39,7 @@ __attribute__((target("avx512bf16"))) void dot_tile(const uint16_t* w, const uin
       // whole next tile, whatever K is (8 KB ahead fell inside this tile for K > 1,024: 8 rows of
       // the 4.6's out_proj and down_proj streamed at 23-24 GB/s, 27-31 this way); past the last
       // tile it names memory outside w, which a prefetch never faults on
-      if (ahead) walk_ahead(row + R * K);
+      walk_ahead(row + R * K);
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(row);
       for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
     }
@@ -66,21 +64,20 @@ template <int R>
 __attribute__((target("avx512bf16"))) void dot_rows(const uint16_t* w, const uint16_t* xb, float* y, int64_t K,
                                                    int64_t N, int64_t M, int64_t n0) {
   int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) dot_tile<R, 4>(w, xb, y, K, N, n0, m0, m0 == 0);
+  for (; m0 + 4 <= M; m0 += 4) dot_tile<R, 4>(w, xb, y, K, N, n0, m0);
   switch (M - m0) {
-    case 3: dot_tile<R, 3>(w, xb, y, K, N, n0, m0, m0 == 0); break;
-    case 2: dot_tile<R, 2>(w, xb, y, K, N, n0, m0, m0 == 0); break;
-    case 1: dot_tile<R, 1>(w, xb, y, K, N, n0, m0, m0 == 0); break;
+    case 3: dot_tile<R, 3>(w, xb, y, K, N, n0, m0); break;
+    case 2: dot_tile<R, 2>(w, xb, y, K, N, n0, m0); break;
+    case 1: dot_tile<R, 1>(w, xb, y, K, N, n0, m0); break;
     default: break;
   }
 }
 
 // Activation rows m0..m0+MR-1 against tile t (rows 4t..4t+3) of a tiled matrix; prefetches the same
-// place in the next tile (4 K weights on) when `ahead`, as dot_tile does (past the last tile: never
-// a fault).
+// place in the next tile (4 K weights on), as dot_tile does (past the last tile: never a fault).
 template <int MR>
 __attribute__((target("avx512bf16"))) void tiled_tile(const uint16_t* w, const uint16_t* xb, float* y, int64_t K,
-                                                     int64_t N, int64_t t, int64_t m0, bool ahead) {
+                                                     int64_t N, int64_t t, int64_t m0) {
   __m512 acc[4][MR];
   for (int r = 0; r < 4; ++r)
     for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -90,7 +87,7 @@ __attribute__((target("avx512bf16"))) void tiled_tile(const uint16_t* w, const u
     for (int m = 0; m < MR; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(xb + (m0 + m) * K + k);
     const uint16_t* block = tile + 4 * k;
     for (int r = 0; r < 4; ++r) {
-      if (ahead) walk_ahead(block + r * 32 + 4 * K);
+      walk_ahead(block + r * 32 + 4 * K);
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(block + r * 32);
       for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
     }
@@ -101,11 +98,11 @@ __attribute__((target("avx512bf16"))) void tiled_tile(const uint16_t* w, const u
 __attribute__((target("avx512bf16"))) void tiled_rows(const uint16_t* w, const uint16_t* xb, float* y, int64_t K,
                                                      int64_t N, int64_t M, int64_t t) {
   int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) tiled_tile<4>(w, xb, y, K, N, t, m0, m0 == 0);
+  for (; m0 + 4 <= M; m0 += 4) tiled_tile<4>(w, xb, y, K, N, t, m0);
   switch (M - m0) {
-    case 3: tiled_tile<3>(w, xb, y, K, N, t, m0, m0 == 0); break;
-    case 2: tiled_tile<2>(w, xb, y, K, N, t, m0, m0 == 0); break;
-    case 1: tiled_tile<1>(w, xb, y, K, N, t, m0, m0 == 0); break;
+    case 3: tiled_tile<3>(w, xb, y, K, N, t, m0); break;
+    case 2: tiled_tile<2>(w, xb, y, K, N, t, m0); break;
+    case 1: tiled_tile<1>(w, xb, y, K, N, t, m0); break;
     default: break;
   }
 }

@@ -141,11 +141,9 @@ inline __m512i int8_unsigned(const int8_t* p) {  // 64 codes w as w + 128
 // R weight rows against MR activation rows (several activation rows: batched decode). Tiles of 4 x 4:
 // per activation row and 64 inputs its codes, offsets and scales are loaded once for 4 weight rows
 // (2 x 8 tiles loaded them for 2: on a Zen 4 the 4 x 4 tiles ran 1.2-1.5x faster at 4 and 8 rows).
-// `ahead`: prefetch (the first group of activation rows of a weight tile does; the groups after it
-// find the rows in L1, and their prefetches would only take load slots).
 template <int R, int MR>
 void int8_tile(const int8_t* q, const uint16_t* scale, const Int8Activations& a, float* y,
-               int64_t K, int64_t N, int64_t n0, int64_t m0, bool ahead) {
+               int64_t K, int64_t N, int64_t n0, int64_t m0) {
   __m512 acc[R][MR];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -153,7 +151,7 @@ void int8_tile(const int8_t* q, const uint16_t* scale, const Int8Activations& a,
     __m512i u[R];
     for (int r = 0; r < R; ++r) {
       const int8_t* p = q + (n0 + r) * K + k;
-      if (ahead) walk_ahead(reinterpret_cast<const char*>(p) + PF_ROWS);
+      walk_ahead(reinterpret_cast<const char*>(p) + PF_ROWS);
       u[r] = int8_unsigned(p);
     }
     for (int m = 0; m < MR; ++m)
@@ -184,11 +182,11 @@ template <int R>
 void int8_rows(const int8_t* q, const uint16_t* scale, const Int8Activations& a, float* y,
                int64_t K, int64_t N, int64_t M, int64_t n0) {
   int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) int8_tile<R, 4>(q, scale, a, y, K, N, n0, m0, m0 == 0);
+  for (; m0 + 4 <= M; m0 += 4) int8_tile<R, 4>(q, scale, a, y, K, N, n0, m0);
   switch (M - m0) {
-    case 3: int8_tile<R, 3>(q, scale, a, y, K, N, n0, m0, m0 == 0); break;
-    case 2: int8_tile<R, 2>(q, scale, a, y, K, N, n0, m0, m0 == 0); break;
-    case 1: int8_tile<R, 1>(q, scale, a, y, K, N, n0, m0, m0 == 0); break;
+    case 3: int8_tile<R, 3>(q, scale, a, y, K, N, n0, m0); break;
+    case 2: int8_tile<R, 2>(q, scale, a, y, K, N, n0, m0); break;
+    case 1: int8_tile<R, 1>(q, scale, a, y, K, N, n0, m0); break;
     default: break;
   }
 }
