@@ -1,6 +1,6 @@
 // What the AVX-512 extension's sources share beyond decode.h (cpu/native.py builds quant_gemv.cpp,
 // bf16_dot.cpp, flash_attn.cpp and the shared decode sources into one module): the bf16 products
-// (the software prefetch of the decode walks is decode.h's).
+// and the sums of the 4 x 4 tiles (the software prefetch of the decode walks is decode.h's).
 #pragma once
 #include "decode.h"
 
