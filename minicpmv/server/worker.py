@@ -35,6 +35,9 @@ from .jobs import Job
 from .metrics import Metrics
 
 log = logging.getLogger("minicpmv.server")
+# how long the engine thread waits, once the last request ended, before its idle work takes the
+# cores: the event loop sends the last step's tokens first
+IDLE_GRACE_S = 0.02
 
 
 class RequestHandle:
@@ -155,24 +158,33 @@ class Worker:
             self._running = False
             self._fail_everything(ApiError(503, "the server is shutting down"))
 
-    def _wait(self, release_at: float | None) -> tuple[list, float | None]:
-        """The next message, blocking while the engine is idle; at `release_at` (monotonic) with none
-        come, the heap's free pages go back to the OS first (heap.idle_release_s: a burst's memory
-        returns, while the next request of a steady stream does not fault it all back in).
-        -> (messages, the release still due or None)."""
+    def _wait(self, idle_at: float | None, release_at: float | None) -> tuple[list, float | None, float | None]:
+        """The next message, blocking while the engine has nothing to run. With none come by `idle_at`
+        (monotonic), the engine's idle work runs (Engine.idle: state slots and KV blocks the next
+        prompts take are written off their path) and the heap's release is set
+        heap.idle_release_s() later; with none come by `release_at`, the heap's free pages go back
+        to the OS (a burst's memory returns, while the next request of a steady stream does not
+        fault it all back in). -> (messages, the idle work still due, the release still due)."""
         while True:
-            timeout = None if release_at is None else max(0.0, release_at - time.monotonic())
+            due = [t for t in (idle_at, release_at) if t is not None]
+            timeout = max(0.0, min(due) - time.monotonic()) if due else None
             try:
-                return [self._inbox.get(timeout=timeout)], release_at
+                return [self._inbox.get(timeout=timeout)], idle_at, release_at
             except queue.Empty:
-                heap.release()  # what the busiest step kept mapped (cpu/heap.py)
-                release_at = None
+                if idle_at is not None and idle_at <= time.monotonic():
+                    self._guarded(self.engine.idle)
+                    idle_at, release_at = None, time.monotonic() + heap.idle_release_s()
+                elif release_at is not None and release_at <= time.monotonic():
+                    heap.release()  # what the busiest step kept mapped (cpu/heap.py)
+                    release_at = None
 
     def _loop_forever(self) -> None:
         self._guarded(self.engine.idle)
-        was_busy, release_at = False, None
+        idle_at = release_at = None
         while True:
-            messages, release_at = self._wait(release_at) if not self.engine.has_work() else ([], release_at)
+            messages = []
+            if not self.engine.has_work():
+                messages, idle_at, release_at = self._wait(idle_at, release_at)
             while True:
                 try:
                     messages.append(self._inbox.get_nowait())
@@ -184,12 +196,8 @@ class Worker:
                 self._guarded(self._take, *message)
             self._snapshot = self.engine.metrics()
             if not self.engine.has_work():
-                if was_busy:
-                    self._guarded(self.engine.idle)
-                    release_at = time.monotonic() + heap.idle_release_s()
-                was_busy = False
                 continue
-            was_busy, release_at = True, None
+            idle_at = release_at = None
             try:
                 outputs = self.engine.step()
             except Exception as e:  # noqa: BLE001 - a fault the engine could not pin on one request
@@ -197,6 +205,8 @@ class Worker:
                 outputs = self.engine.fail_all(e)
             self._guarded(self._deliver, outputs)
             self._snapshot = self.engine.metrics()
+            if not self.engine.has_work():  # the last request ended: idle work once its tokens are out
+                idle_at = time.monotonic() + IDLE_GRACE_S
 
     def _guarded(self, fn, *args) -> None:
         try:
