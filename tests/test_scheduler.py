@@ -321,29 +321,40 @@ def test_sequences_take_low_slots_and_snapshots_high_ones():
     snap = slots.allocate(high=True)
     slots.release(a)
     assert (a, b, snap, slots.allocate()) == (0, 1, 5, 0)
+    ahead, low = slots.peek_many(3, high=True), slots.peek_many(9)
+    assert ahead == [slots.allocate(high=True) for _ in range(3)] == [4, 3, 2] and low == [2, 3, 4]
 
 
-def test_idle_writes_the_next_snapshot_slot_once_and_keeps_the_output(request):
-    """Engine.idle (the server's engine thread, queue empty) writes the slot the next prefix snapshot
-    takes (the highest free) when it was never written, so that snapshot copies into committed pages;
-    nothing when that slot was written before or no prefix cache is kept; outputs unchanged."""
+def test_idle_writes_the_next_snapshot_slots_once_and_keeps_the_output(request):
+    """Engine.idle (the server's engine thread, queue empty) writes the two slots the next prefix
+    snapshots take (the highest free) when they were never written: a request with a reuse boundary
+    inside its prompt takes two, one at the boundary and one when it ends, and both then copy into
+    committed pages. Nothing when the slots were written before or no prefix cache is kept; outputs
+    unchanged."""
     e = track(request, engine_for())
     pool, slots = e.manager.pool, e.manager.slots
-    top = slots.peek(high=True)
-    assert top == e.plan.num_slots - 1 and not pool.touched[top]
-    pool.recurrent[1][top].fill_(float("nan"))  # whatever an unwritten slot holds
+    top = slots.peek_many(2, high=True)
+    assert top == [e.plan.num_slots - 1, e.plan.num_slots - 2] and not any(pool.touched[s] for s in top)
+    for s in top:
+        pool.recurrent[1][s].fill_(float("nan"))  # whatever an unwritten slot holds
     e.idle()
-    assert pool.touched[top] and torch.equal(pool.recurrent[1][top], torch.zeros_like(pool.recurrent[1][top]))
-    assert e.manager.warm_snapshot_slot() is None  # written already
-    first = seq(prompt(5, 10), n=4)
+    for s in top:
+        assert pool.touched[s] and torch.equal(pool.recurrent[1][s], torch.zeros_like(pool.recurrent[1][s]))
+    assert e.manager.warm_snapshot_slots() == []  # written already
+    cold = []
+    copy = pool.copy_slot
+    pool.copy_slot = lambda src, dst: (cold.append(not pool.touched[dst]), copy(src, dst))
+    first = Sequence(prompt(5, 20), SamplingParams(max_new_tokens=4, stop_token_ids=[]), reuse_boundary=13)
     run(e, [first])
     assert first.output_ids == reference_tokens(first.prompt_ids, 4)
-    kept = [entry.slot for entry in e.manager.prefix.entries.values() if entry.slot is not None]
-    assert top in kept  # the snapshot took the slot idle wrote
-    nxt = slots.peek(high=True)
-    assert not pool.touched[nxt] and e.manager.warm_snapshot_slot() == nxt and pool.touched[nxt]
+    kept = sorted(entry.slot for entry in e.manager.prefix.entries.values() if entry.slot is not None)
+    assert kept == sorted(top)  # the boundary's and the end's snapshots took the slots idle wrote
+    assert cold == [False]  # the end's snapshot copied into a written slot
+    nxt = slots.peek_many(2, high=True)
+    assert not any(pool.touched[s] for s in nxt) and e.manager.warm_snapshot_slots() == nxt
+    assert all(pool.touched[s] for s in nxt)
     off = track(request, engine_for(enable_prefix_caching=False))
-    assert off.manager.warm_snapshot_slot() is None
+    assert off.manager.warm_snapshot_slots() == []
     assert not any(off.manager.pool.touched)
 
 

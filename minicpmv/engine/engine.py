@@ -110,9 +110,9 @@ class Engine:
     @torch.inference_mode()
     def idle(self) -> None:
         """Work for a moment with nothing to run (the server's engine thread calls it when the queue
-        empties): the next prefix snapshot's state slot and the next prompts' KV blocks are written
+        empties): the next prefix snapshots' state slots and the next prompts' KV blocks are written
         once, off any request's path."""
-        self.manager.warm_snapshot_slot()
+        self.manager.warm_snapshot_slots()
         self.manager.warm_blocks()
 
     # -- the loop -------------------------------------------------------------------------------

@@ -68,6 +68,10 @@ class SlotAllocator:
         """The slot allocate(high) would hand out next, or None when none is free."""
         return None if not self._free else self._free[-1] if high else self._free[0]
 
+    def peek_many(self, n: int, high: bool = False) -> list[int]:
+        """The (at most) n slots the next n calls of allocate(high) would hand out, in that order."""
+        return self._free[::-1][:n] if high else self._free[:n]
+
     def release(self, slot: int) -> None:
         assert self.used[slot], f"slot {slot} released twice"
         self.used[slot] = False

@@ -84,7 +84,7 @@ class StatePool:
             elif s is not None:  # None: a layer left out on purpose (one layer run alone)
                 raise TypeError(f"unknown state spec {s!r}")
         # slots written at least once: their pages are committed (an empty pool's are not, and the
-        # first write to one pays a page fault per 4 KB; StateManager.warm_snapshot_slot)
+        # first write to one pays a page fault per 4 KB; StateManager.warm_snapshot_slots)
         self.touched = [False] * plan.num_slots
         self.written_blocks = 0  # blocks [0, written_blocks) were written once by write_blocks
 
