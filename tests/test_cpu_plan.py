@@ -67,10 +67,11 @@ def test_rules_per_level():
     arm = rule_plan(cpu("neon_bf16", arch="aarch64"))
     assert arm.vision_bf16 and arm.text16 == BF16
     rows = dict(avx2.rows("int4"))
-    assert set(rows) == {"vision GEMMs", "vision attention", "prefill GEMMs", "decode GEMVs", "lm_head", "MoE experts", "RMSNorms",
-                         "decode layers", "prompt DeltaNet", "C++ extension", "denormals"}
+    assert set(rows) == {"vision GEMMs", "vision attention", "prefill GEMMs", "prompt attention", "decode GEMVs", "lm_head",
+                         "MoE experts", "RMSNorms", "decode layers", "prompt DeltaNet", "C++ extension", "denormals"}
     assert "MoE experts" not in dict(avx2.rows())
     assert dict(avx2.rows())["vision attention"] == "torch's SDPA in fp32" and not avx2.vision_flash
+    assert dict(avx2.rows())["prompt attention"] == "torch's SDPA" and not avx2.prompt_flash
     assert amx.fused_norm and bf16.fused_norm and not avx2.fused_norm
     assert "int4" in rows["decode GEMVs"] and "tied embedding" in rows["lm_head"]
 
@@ -78,8 +79,8 @@ def test_rules_per_level():
 def test_avx512_bf16_without_amx_takes_bf16_text_matrices_where_the_extension_builds():
     """With the extension (its flags on the described CPU and on this host), an AVX512-BF16 CPU without
     AMX keeps its text matrices bf16, one decode row on vdpbf16ps (`bf16_dot`), the vision tower's
-    attention on the extension's vdpbf16ps kernel (`vision_flash`) and the layers fused; without it,
-    fbgemm's fp16-packed GEMV (no fused layers) and torch's SDPA. AMX machines keep the exact FMA rows
+    attention and a prompt's on the extension's vdpbf16ps kernels (`vision_flash`, `prompt_flash`) and
+    the layers fused; without it, fbgemm's fp16-packed GEMV (no fused layers) and torch's SDPA. AMX machines keep the exact FMA rows
     and torch's SDPA (its bf16 products on the tiles)."""
     from minicpmv.cpu import native
 
@@ -89,6 +90,7 @@ def test_avx512_bf16_without_amx_takes_bf16_text_matrices_where_the_extension_bu
     plain = rule_plan(cpu("avx512_bf16"))  # no flags: the extension is out
     assert not amx.bf16_dot and not plain.bf16_dot and not plain.native_kernels
     assert not amx.vision_flash and not plain.vision_flash
+    assert not amx.prompt_flash and not plain.prompt_flash
     assert dict(amx.rows())["vision attention"] == dict(plain.rows())["vision attention"] == "torch's SDPA in bf16"
     if fp16_packed.available():
         assert plain.text16 == FP16_PACKED
@@ -99,6 +101,7 @@ def test_avx512_bf16_without_amx_takes_bf16_text_matrices_where_the_extension_bu
         rows = dict(bf16.rows())
         assert "vdpbf16ps" in rows["decode GEMVs"] and rows["decode layers"].startswith("one call of the extension per layer")
         assert bf16.vision_flash and rows["vision attention"].startswith("the extension's vdpbf16ps kernel")
+        assert bf16.prompt_flash and rows["prompt attention"].startswith("the extension's vdpbf16ps kernel")
 
 
 def test_software_prefetch_in_the_decode_walks_follows_the_vendor():

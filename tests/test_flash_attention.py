@@ -8,7 +8,13 @@ key counts not a multiple of its blocks of 64, several sequences with their own 
 past a length left out whatever they hold; every query row computed), q/k/v read through the strided
 views a fused qkv product gives. Bad shapes are refused with a message. A SiglipAttention the plan
 hands the kernel runs it from 64 keys on (the 2x2 windows of 4.6's merger stay on SDPA), with a
-mask only when it marks a prefix of each sequence, within the same tolerance of its SDPA path."""
+mask only when it marks a prefix of each sequence, within the same tolerance of its SDPA path.
+
+The text layers' causal kernel (`bf16_causal_attention`, the plan's `prompt_flash`) is held to the
+same 8e-3 against fp32 attention with the causal mask, for grouped key heads (1-8 query heads per
+key head), head dims up to 256, prompts after cached context, strided views; what a query must not
+see leaves its output bit for bit the same. The 4.6's prompt through the engine (chunks after a
+context included) runs it for every chunk, within the bf16 path's 3% of its prefill logits on SDPA."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +22,9 @@ import torch.nn.functional as F
 from minicpmv.cpu import native
 from minicpmv.cpu.isa import detect
 from minicpmv.cpu.plan import rule_plan
+from minicpmv.engine.engine import Engine
+from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sequence import Sequence
 from minicpmv.layers.weight_formats import Bf16Linear
 from minicpmv.models.siglip import SiglipAttention, key_lengths
 
@@ -142,3 +151,108 @@ def test_siglip_attention_takes_the_kernel_from_64_keys(L, prefix):
         got = attn(x, mask)
     assert calls == ([[L, L - 3]] if L >= native.FLASH_MIN_KEYS and prefix else [])
     assert (got - sdpa).abs().max() <= TOL * sdpa.abs().max()
+
+
+def causal_reference(q, k, v, offset):
+    """fp32 attention of q [T, H, d] over k / v [offset + T, Hkv, d], query t seeing keys <= offset + t."""
+    T, H, d = q.shape
+    g = H // k.shape[1]
+    qq, kk, vv = q.float().transpose(0, 1), *(t.float().transpose(0, 1).repeat_interleave(g, 0) for t in (k, v))
+    mask = torch.arange(offset + T)[None] <= (offset + torch.arange(T))[:, None]
+    return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=d ** -0.5).transpose(0, 1).reshape(T, H * d)
+
+
+@pytest.mark.parametrize("T,offset,H,Hkv,d", [
+    (2, 0, 8, 2, 256), (5, 0, 8, 2, 256), (70, 0, 8, 2, 256), (130, 37, 8, 2, 256), (64, 0, 4, 4, 72),
+    (33, 100, 6, 2, 32), (200, 5, 8, 1, 128), (9, 3, 16, 2, 18), (1, 300, 8, 8, 64), (300, 0, 32, 8, 128)])
+def test_the_causal_kernel_gives_fp32_attention_of_the_bf16_values(T, offset, H, Hkv, d):
+    mod = kernels()
+    if mod is None:
+        assert not PLAN.prompt_flash  # torch's SDPA runs a prompt's attention here
+        return
+    g = torch.Generator().manual_seed(T + d + offset)
+    # q as the model leaves it ([1, H, T, d] -> [T, H, d]: strided), k / v as gathered from the pool
+    q = (torch.randn(H, T, d, generator=g) * 1.5).bfloat16().transpose(0, 1)
+    k = (torch.randn(offset + T, Hkv, d, generator=g) * 1.5).bfloat16()
+    v = torch.randn(offset + T, Hkv, d, generator=g).bfloat16()
+    o = mod.bf16_causal_attention(q, k, v, offset, d ** -0.5)
+    assert o.dtype == torch.bfloat16 and o.shape == (T, H * d) and o.is_contiguous()
+    ref = causal_reference(q, k, v, offset)
+    assert (o.float() - ref).abs().max() <= TOL * ref.abs().max()
+    # the keys after a query's position do not reach it: query 0 keeps its bits whatever they hold
+    k2, v2 = k.clone(), v.clone()
+    k2[offset + 1:], v2[offset + 1:] = 1e4, -3e4
+    assert torch.equal(mod.bf16_causal_attention(q, k2, v2, offset, d ** -0.5)[0], o[0])
+
+
+def test_the_causal_kernel_refuses_bad_shapes_with_a_message():
+    mod = kernels()
+    if mod is None:
+        assert not PLAN.prompt_flash
+        return
+    q, k = torch.zeros(4, 8, 64, dtype=torch.bfloat16), torch.zeros(6, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="offset \\+ T keys"):
+        mod.bf16_causal_attention(q, k, k, 1, 0.1)
+    with pytest.raises(RuntimeError, match="multiple of the key heads"):
+        mod.bf16_causal_attention(torch.zeros(4, 6, 64, dtype=torch.bfloat16), torch.zeros(4, 4, 64, dtype=torch.bfloat16),
+                                  torch.zeros(4, 4, 64, dtype=torch.bfloat16), 0, 0.1)
+    with pytest.raises(RuntimeError, match="even and at most 256"):
+        big = torch.zeros(4, 2, 258, dtype=torch.bfloat16)
+        mod.bf16_causal_attention(big, big, big, 0, 0.1)
+    with pytest.raises(RuntimeError, match="strides must be even"):
+        odd = torch.zeros(4, 2, 7, dtype=torch.bfloat16)
+        mod.bf16_causal_attention(odd, odd, odd, 0, 0.1)
+    with pytest.raises(RuntimeError, match="bf16"):
+        mod.bf16_causal_attention(q.float(), k.float(), k.float(), 2, 0.1)
+    with pytest.raises(RuntimeError, match="one shape"):
+        mod.bf16_causal_attention(q, k, k[:, :1], 2, 0.1)
+    with pytest.raises(RuntimeError, match="q \\[T, H, d\\]"):
+        mod.bf16_causal_attention(q[None], k, k, 2, 0.1)
+
+
+def first_logits(model, ids, chunk):
+    """The logits the engine samples the first token from (prompt fed in chunks of `chunk` tokens)."""
+    seen = []
+    params = SamplingParams(max_new_tokens=1, stop_token_ids=[],
+                            logits_processors=[lambda out, logits: seen.append(logits.clone()) or logits])
+    engine = Engine(model, max_context=4096, max_num_batched_tokens=chunk, idle_budget_factor=1)
+    engine.add(Sequence(ids, params))
+    while engine.has_work():
+        engine.step()
+    return seen[0]
+
+
+@pytest.mark.parametrize("version,chunk", [("4.6", 512), ("4.6", 24), ("4.5", 24), ("4.0", 512)])
+def test_a_prompt_runs_the_causal_kernel_within_tolerance_of_sdpa(tiny46_dir, version, chunk):
+    """4.6's gated attention and 4.0 / 4.5's Llama-layout attention hand a 16-bit load's prompt to the
+    kernel, one call per layer per chunk; prefill logits within the bf16 path's 3% of SDPA's."""
+    from minicpmv.loading import load_model
+    from test_golden_v40_v45 import version_dir
+
+    model, _ = load_model(tiny46_dir if version == "4.6" else version_dir(version) / "model", "bfloat16", "cpu", progress=False)
+    layers = [m for m in model.modules() if hasattr(m, "prompt_flash")]
+    mod = layers[0].prompt_flash
+    assert layers and all(m.prompt_flash is mod for m in layers)
+    if mod is None:
+        assert not PLAN.prompt_flash or kernels() is None
+        return
+    assert PLAN.prompt_flash
+    calls = []
+
+    class Spy:
+        def bf16_causal_attention(self, q, k, v, offset, scale):
+            calls.append((q.shape[0], offset))
+            return mod.bf16_causal_attention(q, k, v, offset, scale)
+
+    ids = [(13 * i + 7) % 3000 + 10 for i in range(60)]
+    with torch.inference_mode():
+        for m in layers:
+            m.prompt_flash = None
+        sdpa = first_logits(model, ids, chunk).float()
+        for m in layers:
+            m.prompt_flash = Spy()
+        got = first_logits(model, ids, chunk).float()
+    starts = [0] if chunk >= 60 else [0, 24, 48]
+    assert sorted(set(calls), key=lambda c: c[1]) == [(min(chunk, 60 - s), s) for s in starts]  # each chunk after its context
+    assert len(calls) == len(starts) * len(layers)
+    assert (got - sdpa).abs().max() <= 0.03 * sdpa.abs().max()

@@ -34,6 +34,8 @@ def apply_plan(model: nn.Module, plan: KernelPlan, weights: str | None, prefixes
             module.native = ops
         if plan.flush_denormals and hasattr(module, "denormal_flush"):  # prompt chunks of DeltaNet
             module.denormal_flush = denormals.flushed
+        if hasattr(module, "prompt_flash") and plan.prompt_flash and kernels is not None and kernels.bf16_dot_ok():
+            module.prompt_flash = kernels  # a prompt's attention in bf16 (layers/attention.py)
     if plan.vision_bf16:  # vision matrices (everything not per-token) to bf16 GEMMs, q/k/v fused
         swap_linears(model, ("",), Bf16Linear.of, skip=prefixes,
                      accept=lambda lin: type(lin) is MixedLinear and lin.weight.dtype == torch.bfloat16)

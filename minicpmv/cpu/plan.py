@@ -85,6 +85,12 @@ class KernelPlan:
     # the vision tower's attention on the extension's vdpbf16ps kernel (cpu/csrc/flash_attn.cpp;
     # AVX512-BF16 without AMX: ~2x torch's bf16 SDPA on 1,024 patches on the Zen 4); else torch's SDPA
     vision_flash: bool = False
+    # a prompt's causal attention in the text layers (grouped key heads, head dims up to 256) on the
+    # extension's vdpbf16ps kernel in bf16, context and prompt keys in one pass; else torch's SDPA in
+    # fp32 (the 16-bit plans keep activations fp32). Zen 4, 2 threads, the 4.6's 8 query / 2 key heads
+    # of 256: 2.6-4.1x torch's fp32 SDPA on a fresh 512-2,048-token prompt, 1.4-2.8x its two flash calls
+    # for a chunk after 512-16,384 cached tokens (casts included); prefill of 8,192 tokens 1.23x
+    prompt_flash: bool = False
     # where the AVX-512 extension does not run: cpu/native.py's AVX2 module for few-row int8 / int4
     # products (and GPTQ int4; vpmaddubsw on activations rounded to int8 per 32 inputs), the norms,
     # the DeltaNet conv and rule, and the fused decode layers
@@ -175,7 +181,11 @@ class KernelPlan:
         # to int4), and fbgemm's fp16-packed matrices
         fused = helpers is not None and (weights in WEIGHT_FORMATS or gptq or self.text16 == FP16_PACKED
                                          or (self.native_kernels and self.text16 == BF16))
-        rows = [("vision GEMMs", vision), ("vision attention", attention), ("prefill GEMMs", prefill), ("decode GEMVs", decode), ("lm_head", head),
+        prompt_attention = ("the extension's vdpbf16ps kernel (bf16 in, fp32 softmax and sums; cached keys and the "
+                            "prompt's in one pass)" if self.prompt_flash and self.native_kernels else
+                            "torch's SDPA")
+        rows = [("vision GEMMs", vision), ("vision attention", attention), ("prefill GEMMs", prefill),
+                ("prompt attention", prompt_attention), ("decode GEMVs", decode), ("lm_head", head),
                 ("decode layers", f"one call of {helpers} per layer (norms, projections, conv + gated delta rule "
                  "or attention over the KV pool, MLP) for plain decode batches" if fused else "tensor ops"),
                 ("prompt DeltaNet", f"the gated delta rule token by token in {helpers} (the decode step's "
@@ -223,6 +233,8 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
     # the same unit for the vision tower's attention (torch's bf16 SDPA leaves it idle there); AMX
     # machines keep torch's SDPA, whose bf16 products run on the tiles (~2.7x its fp32 on the Xeon)
     rows["vision_flash"] = rows["bf16_dot"]
+    # ...and for a prompt's attention in the text layers (torch's SDPA on AMX machines, unmeasured there)
+    rows["prompt_flash"] = rows["bf16_dot"]
     # prefetch into L2 on AMD (measured on a Zen 4), into L1 elsewhere (measured on the AMX Xeon)
     rows["prefetch"] = "l2" if cpu.model.upper().startswith("AMD") else "l1"
     # no AVX-512 extension: the AVX2 module's int8 / int4 rows, 1.7-2.5x torch's kernels at 1-8 rows
@@ -243,6 +255,7 @@ def rule_plan(cpu: CpuInfo) -> KernelPlan:
                       native_kernels=rows["native_kernels"], flush_denormals=rows["flush_denormals"],
                       amx_rows=rows["amx_rows"], vision_prepacked=rows["vision_prepacked"], bf16_dot=rows["bf16_dot"],
                       bf16_dot_rows=rows["bf16_dot_rows"], prefetch=rows["prefetch"], vision_flash=rows["vision_flash"],
+                      prompt_flash=rows["prompt_flash"],
                       avx2_gemv=rows["avx2_gemv"], module_int8_rows=rows["module_int8_rows"],
                       module_int4_rows=rows["module_int4_rows"])
 

@@ -115,6 +115,7 @@ class RotaryEmbedding:
 
 class LlamaAttention(nn.Module):
     packed_fusions = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # see layers/fp16_packed.py
+    prompt_flash = None  # the extension where the CPU plan runs a prompt's attention on it in bf16 (cpu/apply.py)
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -146,7 +147,7 @@ class LlamaAttention(nn.Module):
         q, k = self.normalize_qk(q, k)
         cos, sin = rope
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
-        o = cached_attention(q, k, v, batch, layer_idx, self.head_dim ** -0.5)
+        o = cached_attention(q, k, v, batch, layer_idx, self.head_dim ** -0.5, self.prompt_flash)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
 

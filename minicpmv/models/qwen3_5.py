@@ -270,6 +270,7 @@ class GatedAttention(nn.Module):
     the second half of each head's q_proj rows."""
 
     packed_fusions = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # see layers/fp16_packed.py
+    prompt_flash = None  # the extension where the CPU plan runs a prompt's attention on it in bf16 (cpu/apply.py)
 
     def __init__(self, cfg: Qwen35TextConfig):
         super().__init__()
@@ -299,7 +300,7 @@ class GatedAttention(nn.Module):
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = cached_attention(q, k, v, batch, layer_idx, self.head_dim ** -0.5)
+        o = cached_attention(q, k, v, batch, layer_idx, self.head_dim ** -0.5, self.prompt_flash)
         o = o.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate.reshape(B, T, -1))
         return self.o_proj(o)
 

@@ -1,5 +1,6 @@
-// Attention of the vision tower in bf16 on AVX512-BF16 (vdpbf16ps), on CPUs with that unit and no
-// AMX (cpu/plan.py: `vision_flash`). torch's bf16 SDPA ran a 1,024-patch layer (16 heads of 72) at
+// Attention in bf16 on AVX512-BF16 (vdpbf16ps), on CPUs with that unit and no AMX: the vision tower's
+// (cpu/plan.py: `vision_flash`) and, at the end of this file, a prompt's causal attention in the text
+// layers (`prompt_flash`). torch's bf16 SDPA ran a 1,024-patch layer (16 heads of 72) at
 // ~127 GFLOP/s on a Zen 4 where vdpbf16ps GEMMs reach ~370: its products there are not on the unit.
 //
 // Per (sequence, head) the keys are laid out once as the instruction's B operand, one block of 64
@@ -248,5 +249,192 @@ torch::Tensor bf16_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
     case 7: attend<2, 7>(qp, qs, heads, op, N, L, H, d, sc); break;
     default: attend<2, 8>(qp, qs, heads, op, N, L, H, d, sc); break;
   }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Causal attention of one sequence's prompt in the text layers (grouped key / value heads, head dims
+// up to 256): query t sees keys 0 .. offset + t (the cached context, then the prompt so far). The
+// query heads sharing a key head are taken as rows of one block (4 rows: the 4 heads of a position
+// when 4 share a key head), so each key / value vector loaded feeds 4 products. Keys and values are
+// packed per key head as for the vision kernel; scores of 4 rows x 64 keys in 16 registers, an online
+// softmax per row with its own last key, then out += P V a group of 64 head dims at a time (16
+// accumulators; out waits in L1 between blocks), the probabilities rounded to bf16 once.
+namespace {
+
+template <int W>
+__attribute__((target("avx512bf16"))) inline void pv_group(float (*acc)[256], const __m512* alpha, int c0,
+                                                          const uint32_t (*pb)[KB / 2], const uint32_t* vp,
+                                                          int64_t DP, int64_t jp_end) {
+  __m512 o[4][W];
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < W; ++c) o[r][c] = _mm512_mul_ps(_mm512_load_ps(acc[r] + 16 * (c0 + c)), alpha[r]);
+  for (int64_t jp = 0; jp < jp_end; ++jp) {
+    const uint32_t* vv = vp + jp * DP + 16 * c0;
+    __m512bh vc[W];
+    for (int c = 0; c < W; ++c) vc[c] = (__m512bh)_mm512_loadu_si512(vv + 16 * c);
+    for (int r = 0; r < 4; ++r) {
+      const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int>(pb[r][jp]));
+      for (int c = 0; c < W; ++c) o[r][c] = _mm512_dpbf16_ps(o[r][c], pp, vc[c]);
+    }
+  }
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < W; ++c) _mm512_store_ps(acc[r] + 16 * (c0 + c), o[r][c]);
+}
+
+// One block of 4 query rows (copies of a real row where the block runs past the end; their results
+// are not stored), row r seeing keys 0 .. last[r]: its online softmax's state between key blocks.
+struct RowBlock {
+  const uint16_t* qrow[4];
+  uint16_t* orow[4];
+  int64_t last[4];
+  int64_t top_key;  // the last key any of its rows sees
+  alignas(64) float m[4][16], l[4][16];  // running max (log2 units) and sum per row, as vectors
+  alignas(64) float acc[4][256];         // out per row, unnormalised
+};
+
+void start_block(RowBlock& rb, int64_t nd) {
+  rb.top_key = 0;
+  for (int r = 0; r < 4; ++r) {
+    _mm512_store_ps(rb.m[r], _mm512_set1_ps(-1e30f));  // a finite floor: the first rescale is 2^-huge = 0
+    _mm512_store_ps(rb.l[r], _mm512_setzero_ps());
+    for (int64_t c = 0; c < nd; ++c) _mm512_store_ps(rb.acc[r] + 16 * c, _mm512_setzero_ps());
+    rb.top_key = std::max(rb.top_key, rb.last[r]);
+  }
+}
+
+// key block b (keys 64 b .. 64 b + 63) into a block's state
+__attribute__((target("avx512bf16"))) void causal_step(RowBlock& rb, int64_t b, const Heads& hd, int64_t d,
+                                                      float scale) {
+  const int64_t pairs = d / 2, ND = (d + 15) / 16, DP = ND * 16, j0 = b * KB;
+  const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f),  // log2 units
+                ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 s[4][4];
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < 4; ++c) s[r][c] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint32_t* kv = hd.kp + (b * pairs + p) * KB;
+    __m512bh kc[4];
+    for (int c = 0; c < 4; ++c) kc[c] = (__m512bh)_mm512_loadu_si512(kv + 16 * c);
+    for (int r = 0; r < 4; ++r) {
+      uint32_t qp;
+      std::memcpy(&qp, rb.qrow[r] + 2 * p, 4);
+      const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(qp));
+      for (int c = 0; c < 4; ++c) s[r][c] = _mm512_dpbf16_ps(s[r][c], qb, kc[c]);
+    }
+  }
+  __m512 alpha[4];
+  alignas(64) uint32_t pb[4][KB / 2];
+  for (int r = 0; r < 4; ++r) {
+    __m512 top = ninf;
+    __mmask16 live[4];
+    for (int c = 0; c < 4; ++c) {
+      const int64_t left = rb.last[r] + 1 - (j0 + 16 * c);  // keys this row sees in these 16
+      live[c] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+      s[r][c] = _mm512_mask_mul_ps(ninf, live[c], s[r][c], sc);
+      top = _mm512_max_ps(top, s[r][c]);
+    }
+    // a row whose last key is before this block: top = -inf, so mn = m, alpha = 1, all p = 0
+    const __m512 m = _mm512_load_ps(rb.m[r]), mn = _mm512_max_ps(m, all_max(top));
+    alpha[r] = exp2_fraction(_mm512_sub_ps(m, mn));
+    _mm512_store_ps(rb.m[r], mn);
+    __m512 sum = _mm512_setzero_ps();
+    for (int c = 0; c < 4; ++c) {
+      s[r][c] = _mm512_maskz_mov_ps(live[c], exp2_fraction(_mm512_sub_ps(s[r][c], mn)));
+      sum = _mm512_add_ps(sum, s[r][c]);
+    }
+    _mm512_store_ps(rb.l[r], _mm512_fmadd_ps(_mm512_load_ps(rb.l[r]), alpha[r], sum));
+    _mm512_store_si512(pb[r], (__m512i)_mm512_cvtne2ps_pbh(s[r][1], s[r][0]));
+    _mm512_store_si512(pb[r] + 16, (__m512i)_mm512_cvtne2ps_pbh(s[r][3], s[r][2]));
+  }
+  const int64_t jp_end = std::min<int64_t>(KB, rb.top_key - j0 + 2) / 2;  // pairs holding a key any row sees
+  const uint32_t* vp = hd.vp + (j0 / 2) * DP;
+  int c0 = 0;
+  for (; c0 + 4 <= ND; c0 += 4) pv_group<4>(rb.acc, alpha, c0, pb, vp, DP, jp_end);
+  switch (ND - c0) {
+    case 3: pv_group<3>(rb.acc, alpha, c0, pb, vp, DP, jp_end); break;
+    case 2: pv_group<2>(rb.acc, alpha, c0, pb, vp, DP, jp_end); break;
+    case 1: pv_group<1>(rb.acc, alpha, c0, pb, vp, DP, jp_end); break;
+    default: break;
+  }
+}
+
+__attribute__((target("avx512bf16"))) void finish_block(const RowBlock& rb, int64_t d) {
+  const int64_t ND = (d + 15) / 16;
+  for (int r = 0; r < 4; ++r) {
+    if (rb.orow[r] == nullptr) continue;
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_load_ps(rb.l[r])));
+    alignas(64) uint16_t out[256];
+    for (int64_t c = 0; c < ND; ++c)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(out + 16 * c),
+                         (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(rb.acc[r] + 16 * c), inv)));
+    std::memcpy(rb.orow[r], out, d * 2);
+  }
+}
+
+// Query blocks taken together: each key block is read from memory once for all of them (then from
+// the caches), not once per block of 4 rows; 8 blocks' states are ~37 KB
+constexpr int64_t GROUP = 8;
+
+}  // namespace
+
+torch::Tensor bf16_causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t offset,
+                                    double scale) {
+  ARG_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q [T, H, d], k and v [offset + T, Hkv, d]");
+  for (const auto* t : {&q, &k, &v}) {
+    ARG_CHECK(t->scalar_type() == torch::kBFloat16 && t->stride(2) == 1, "q, k, v: bf16 with contiguous head dims");
+    ARG_CHECK(t->stride(0) % 2 == 0 && t->stride(1) % 2 == 0, "strides must be even (the kernel reads head dims in pairs)");
+  }
+  ARG_CHECK(bf16_dot_ok(), "this CPU has no AVX512-BF16");
+  const int64_t T = q.size(0), H = q.size(1), d = q.size(2), S = k.size(0), Hkv = k.size(1);
+  ARG_CHECK(T >= 1 && offset >= 0 && S == offset + T, "k and v hold offset + T keys (the context, then the prompt)");
+  ARG_CHECK(v.sizes() == k.sizes() && k.size(2) == d, "k and v must have one shape, with q's head dims");
+  ARG_CHECK(Hkv >= 1 && H % Hkv == 0, "the query heads must be a multiple of the key heads");
+  ARG_CHECK(d % 2 == 0 && d <= 256, "head dims must be even and at most 256");
+  const int64_t g = H / Hkv, ND = (d + 15) / 16, DP = ND * 16, Sp = (S + KB - 1) / KB * KB, pairs = d / 2;
+  std::unique_ptr<uint32_t[]> kp(new uint32_t[Hkv * pairs * Sp]), vp(new uint32_t[Hkv * (Sp / 2) * DP]);
+  const uint16_t* kptr = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
+  const uint16_t* vptr = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  std::vector<Heads> heads(Hkv);
+  for (int64_t h = 0; h < Hkv; ++h) heads[h] = {kp.get() + h * pairs * Sp, vp.get() + h * (Sp / 2) * DP, S};
+  at::parallel_for(0, Hkv, 1, [&](int64_t a, int64_t b) {
+    for (int64_t h = a; h < b; ++h) {
+      pack_keys(kptr + h * k.stride(1), k.stride(0), S, pairs, Sp, kp.get() + h * pairs * Sp);
+      pack_values(vptr + h * v.stride(1), v.stride(0), S, d, Sp, DP,
+                  reinterpret_cast<uint16_t*>(vp.get() + h * (Sp / 2) * DP));
+    }
+  });
+  auto out = torch::empty({T, H * d}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
+  // rows of key head h: (t, head h g + i) in order of t, 4 to a block, GROUP blocks to a task; a
+  // task's cost grows with its t, so tasks are dealt cheap, dear, cheap, dear... and each thread's
+  // contiguous share costs about the same
+  const int64_t rows = T * g, per_head = (rows + 3) / 4, groups = (per_head + GROUP - 1) / GROUP, n = Hkv * groups;
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
+    std::unique_ptr<RowBlock[]> blocks(new RowBlock[GROUP]);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t f = t % 2 == 0 ? t / 2 : n - 1 - t / 2;  // in order of cost: group, then key head
+      const int64_t grp = f / Hkv, h = f % Hkv, first = grp * GROUP, count = std::min(GROUP, per_head - first);
+      int64_t top = 0;
+      for (int64_t i = 0; i < count; ++i) {
+        RowBlock& rb = blocks[i];
+        for (int r = 0; r < 4; ++r) {
+          const int64_t row = std::min((first + i) * 4 + r, rows - 1), pos = row / g, head = h * g + row % g;
+          rb.qrow[r] = qp + pos * qs0 + head * qs1;
+          rb.orow[r] = (first + i) * 4 + r < rows ? op + (pos * H + head) * d : nullptr;
+          rb.last[r] = offset + pos;
+        }
+        start_block(rb, ND);
+        top = std::max(top, rb.top_key);
+      }
+      for (int64_t b = 0; b <= top / KB; ++b)
+        for (int64_t i = 0; i < count; ++i)
+          if (blocks[i].top_key >= b * KB) causal_step(blocks[i], b, heads[h], d, sc);
+      for (int64_t i = 0; i < count; ++i) finish_block(blocks[i], d);
+    }
+  });
   return out;
 }

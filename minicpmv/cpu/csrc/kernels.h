@@ -20,6 +20,8 @@ bool bf16_dot_ok();
 // (flash_attn.cpp: vdpbf16ps, fp32 softmax and sums)
 torch::Tensor bf16_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<int64_t> lengths,
                              double scale);
+torch::Tensor bf16_causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t offset,
+                                    double scale);
 
 // ---- the sums of a tile's accumulators (bf16_dot.cpp's and quant_gemv.cpp's 4 x 4 tiles) ----
 // The 16 sums of acc[r][m] (4 weight rows x 4 activation rows) in one vector, 128 bits per

@@ -504,6 +504,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_attention", &bf16_attention, "softmax(q k^T scale) v of bf16 [N, L, H, d] q/k/v, keys past lengths[n] "
         "left out -> [N, L, H d] bf16 (AVX512-BF16 vdpbf16ps, fp32 softmax and sums)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lengths"), py::arg("scale"), released_gil());
+  m.def("bf16_causal_attention", &bf16_causal_attention, "causal attention of one prompt: bf16 q [T, H, d], k / v "
+        "[offset + T, Hkv, d] (H a multiple of Hkv), query t seeing keys 0 .. offset + t -> [T, H d] bf16 "
+        "(AVX512-BF16 vdpbf16ps, fp32 softmax and sums)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("offset"), py::arg("scale"), released_gil());
   m.def("bf16_dot_ok", &bf16_dot_ok, "whether this CPU has AVX512-BF16 (bf16_dot_mm)");
   m.def("amx_rows_ok", &amx_rows_ok, "whether this process may use the AMX tiles (asks the OS once)");
   m.def("bf16_mm", &bf16_mm, "x [M, K] fp32 @ w [N, K] bf16 ^T -> [M, N] fp32 (exact products, fp32 sums)",
