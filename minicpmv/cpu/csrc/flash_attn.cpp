@@ -54,6 +54,63 @@ struct Heads {  // one (sequence, head)'s operands, packed
   int64_t len;         // keys taken
 };
 
+// Scores of QB query rows against keys 64 b .. 64 b + 63 (s[r][c]: keys 16 c .. 16 c + 15), unscaled
+template <int QB>
+__attribute__((target("avx512bf16"), always_inline)) inline void block_scores(__m512 (&s)[QB][4],
+                                                                             const uint16_t* const* qrow,
+                                                                             const uint32_t* kp, int64_t b,
+                                                                             int64_t pairs) {
+  for (int r = 0; r < QB; ++r)
+    for (int c = 0; c < 4; ++c) s[r][c] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint32_t* kv = kp + (b * pairs + p) * KB;
+    __m512bh kc[4];
+    for (int c = 0; c < 4; ++c) kc[c] = (__m512bh)_mm512_loadu_si512(kv + 16 * c);
+    for (int r = 0; r < QB; ++r) {
+      uint32_t qp;
+      std::memcpy(&qp, qrow[r] + 2 * p, 4);
+      const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(qp));
+      for (int c = 0; c < 4; ++c) s[r][c] = _mm512_dpbf16_ps(s[r][c], qb, kc[c]);
+    }
+  }
+}
+
+// Which of keys j0 .. j0 + 63 a row that sees the first `seen` keys takes, 16 keys a mask
+inline void live_keys(int64_t seen, int64_t j0, __mmask16 (&live)[4]) {
+  for (int c = 0; c < 4; ++c) {
+    const int64_t left = seen - (j0 + 16 * c);
+    live[c] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+  }
+}
+
+// One row's online softmax step over its block of 64 scores, keys outside `live` left out: the
+// running max m (log2 units) and sum l updated, the probabilities rounded to bf16 into pb (each
+// 32-bit word a pair of neighbouring keys). Returns the rescale of what the row summed before. A row
+// that sees none of these keys: top = -inf, so m stays, the rescale is 1 and every probability 0.
+__attribute__((target("avx512bf16"), always_inline)) inline __m512 softmax_row(__m512 (&s)[4],
+                                                                              const __mmask16 (&live)[4],
+                                                                              __m512 sc, __m512& m, __m512& l,
+                                                                              uint32_t* pb) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 top = ninf;
+  for (int c = 0; c < 4; ++c) {
+    s[c] = _mm512_mask_mul_ps(ninf, live[c], s[c], sc);
+    top = _mm512_max_ps(top, s[c]);
+  }
+  const __m512 mn = _mm512_max_ps(m, all_max(top));
+  const __m512 alpha = exp2_fraction(_mm512_sub_ps(m, mn));
+  m = mn;
+  __m512 sum = _mm512_setzero_ps();
+  for (int c = 0; c < 4; ++c) {
+    s[c] = _mm512_maskz_mov_ps(live[c], exp2_fraction(_mm512_sub_ps(s[c], mn)));
+    sum = _mm512_add_ps(sum, s[c]);
+  }
+  l = _mm512_fmadd_ps(l, alpha, sum);
+  _mm512_store_si512(pb, (__m512i)_mm512_cvtne2ps_pbh(s[1], s[0]));
+  _mm512_store_si512(pb + 16, (__m512i)_mm512_cvtne2ps_pbh(s[3], s[2]));
+  return alpha;
+}
+
 // QB query rows (rows clamped to the sequence; results of the copies are not stored)
 template <int QB, int ND>
 __attribute__((target("avx512bf16"))) void query_block(const uint16_t* const* qrow, uint16_t* const* orow,
@@ -74,45 +131,11 @@ __attribute__((target("avx512bf16"))) void query_block(const uint16_t* const* qr
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t j0 = b * KB;
     __m512 s[QB][4];
-    for (int r = 0; r < QB; ++r)
-      for (int c = 0; c < 4; ++c) s[r][c] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < pairs; ++p) {
-      const uint32_t* kv = hd.kp + (b * pairs + p) * KB;
-      __m512bh kc[4];
-      for (int c = 0; c < 4; ++c) kc[c] = (__m512bh)_mm512_loadu_si512(kv + 16 * c);
-      for (int r = 0; r < QB; ++r) {
-        uint32_t qp;
-        std::memcpy(&qp, qrow[r] + 2 * p, 4);
-        const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(qp));
-        for (int c = 0; c < 4; ++c) s[r][c] = _mm512_dpbf16_ps(s[r][c], qb, kc[c]);
-      }
-    }
+    block_scores<QB>(s, qrow, hd.kp, b, pairs);
     __mmask16 live[4];
-    for (int c = 0; c < 4; ++c) {
-      const int64_t left = hd.len - (j0 + 16 * c);
-      live[c] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
-    }
-    const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f),  // log2 units
-                  ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int r = 0; r < QB; ++r) {
-      __m512 top = ninf;
-      for (int c = 0; c < 4; ++c) {
-        s[r][c] = _mm512_mask_mul_ps(ninf, live[c], s[r][c], sc);
-        top = _mm512_max_ps(top, s[r][c]);
-      }
-      const __m512 mn = _mm512_max_ps(m[r], all_max(top));
-      alpha[r] = exp2_fraction(_mm512_sub_ps(m[r], mn));
-      m[r] = mn;
-      __m512 sum = _mm512_setzero_ps();
-      for (int c = 0; c < 4; ++c) {
-        s[r][c] = _mm512_maskz_mov_ps(live[c], exp2_fraction(_mm512_sub_ps(s[r][c], mn)));
-        sum = _mm512_add_ps(sum, s[r][c]);
-      }
-      l[r] = _mm512_fmadd_ps(l[r], alpha[r], sum);
-      // keys j0..j0+63 in order as bf16: each 32-bit word a pair of neighbouring keys
-      _mm512_store_si512(pb[r], (__m512i)_mm512_cvtne2ps_pbh(s[r][1], s[r][0]));
-      _mm512_store_si512(pb[r] + 16, (__m512i)_mm512_cvtne2ps_pbh(s[r][3], s[r][2]));
-    }
+    live_keys(hd.len, j0, live);
+    const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f);  // log2 units
+    for (int r = 0; r < QB; ++r) alpha[r] = softmax_row(s[r], live, sc, m[r], l[r], pb[r]);
     __m512 o[QB][ND];
     for (int r = 0; r < QB; ++r) {
       for (int c = 0; c < ND; ++c) o[r][c] = _mm512_mul_ps(_mm512_load_ps(acc[r] + 16 * c), alpha[r]);
@@ -307,45 +330,18 @@ void start_block(RowBlock& rb, int64_t nd) {
 __attribute__((target("avx512bf16"))) void causal_step(RowBlock& rb, int64_t b, const Heads& hd, int64_t d,
                                                       float scale) {
   const int64_t pairs = d / 2, ND = (d + 15) / 16, DP = ND * 16, j0 = b * KB;
-  const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f),  // log2 units
-                ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f);  // log2 units
   __m512 s[4][4];
-  for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < 4; ++c) s[r][c] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    const uint32_t* kv = hd.kp + (b * pairs + p) * KB;
-    __m512bh kc[4];
-    for (int c = 0; c < 4; ++c) kc[c] = (__m512bh)_mm512_loadu_si512(kv + 16 * c);
-    for (int r = 0; r < 4; ++r) {
-      uint32_t qp;
-      std::memcpy(&qp, rb.qrow[r] + 2 * p, 4);
-      const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(qp));
-      for (int c = 0; c < 4; ++c) s[r][c] = _mm512_dpbf16_ps(s[r][c], qb, kc[c]);
-    }
-  }
+  block_scores<4>(s, rb.qrow, hd.kp, b, pairs);
   __m512 alpha[4];
   alignas(64) uint32_t pb[4][KB / 2];
   for (int r = 0; r < 4; ++r) {
-    __m512 top = ninf;
     __mmask16 live[4];
-    for (int c = 0; c < 4; ++c) {
-      const int64_t left = rb.last[r] + 1 - (j0 + 16 * c);  // keys this row sees in these 16
-      live[c] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
-      s[r][c] = _mm512_mask_mul_ps(ninf, live[c], s[r][c], sc);
-      top = _mm512_max_ps(top, s[r][c]);
-    }
-    // a row whose last key is before this block: top = -inf, so mn = m, alpha = 1, all p = 0
-    const __m512 m = _mm512_load_ps(rb.m[r]), mn = _mm512_max_ps(m, all_max(top));
-    alpha[r] = exp2_fraction(_mm512_sub_ps(m, mn));
-    _mm512_store_ps(rb.m[r], mn);
-    __m512 sum = _mm512_setzero_ps();
-    for (int c = 0; c < 4; ++c) {
-      s[r][c] = _mm512_maskz_mov_ps(live[c], exp2_fraction(_mm512_sub_ps(s[r][c], mn)));
-      sum = _mm512_add_ps(sum, s[r][c]);
-    }
-    _mm512_store_ps(rb.l[r], _mm512_fmadd_ps(_mm512_load_ps(rb.l[r]), alpha[r], sum));
-    _mm512_store_si512(pb[r], (__m512i)_mm512_cvtne2ps_pbh(s[r][1], s[r][0]));
-    _mm512_store_si512(pb[r] + 16, (__m512i)_mm512_cvtne2ps_pbh(s[r][3], s[r][2]));
+    live_keys(rb.last[r] + 1, j0, live);
+    __m512 m = _mm512_load_ps(rb.m[r]), l = _mm512_load_ps(rb.l[r]);
+    alpha[r] = softmax_row(s[r], live, sc, m, l, pb[r]);
+    _mm512_store_ps(rb.m[r], m);
+    _mm512_store_ps(rb.l[r], l);
   }
   const int64_t jp_end = std::min<int64_t>(KB, rb.top_key - j0 + 2) / 2;  // pairs holding a key any row sees
   const uint32_t* vp = hd.vp + (j0 / 2) * DP;
